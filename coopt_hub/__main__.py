@@ -1,0 +1,3 @@
+from coopt_hub.cli import main
+
+main()
