@@ -1,0 +1,93 @@
+"""`coopt-hub init`: publish the plan of a collaboration."""
+
+from __future__ import annotations
+
+import click
+
+from coopt_hub.cli.options import json_option, repo_argument, token_option
+from coopt_hub.cli.output import Output
+
+EXAMPLES = """
+\b
+Examples:
+  coopt-hub init org/tinyimagenet-coopt --source org/tinyimagenet --shards 8 --anchors 0.001
+  coopt-hub init org/digits-coopt --source org/digits --source-revision v1 --shards 3 --anchors 300 --dim 256
+"""
+
+
+def _anchors(value: str) -> int | float:
+    try:
+        number = float(value)
+    except ValueError as err:
+        raise click.BadParameter(f"{value!r} is not a number: pass a count (300) or a fraction (0.001).") from err
+    if number <= 0 or (number >= 1 and not number.is_integer()):
+        raise click.BadParameter("pass a whole count >= 1 (e.g. 300) or a fraction between 0 and 1 (e.g. 0.001).")
+    return int(number) if number >= 1 else number
+
+
+@click.command(epilog=EXAMPLES)
+@repo_argument()
+@click.option("--source", required=True, help="Source dataset repo id (unlabeled images, parquet).")
+@click.option("--source-revision", default=None, help="Branch, tag or commit of the source (pinned to its sha).")
+@click.option("--split", default="train", show_default=True, help="Split to optimize.")
+@click.option("--image-column", default="image", show_default=True, help="Column holding the images.")
+@click.option("--shards", type=click.IntRange(min=1), required=True, help="Number of shards K (participants).")
+@click.option("--anchors", required=True, help="Shared anchor subset S: a count (300) or a fraction < 1 (0.001).")
+@click.option("--dim", type=click.IntRange(min=1), default=256, show_default=True, help="Common target dimension N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for shards, anchors and projections.")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Uniformity temperature t (> 0).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@token_option
+@json_option
+def init(repo, source, source_revision, split, image_column, shards, anchors, dim, seed, temperature, private, token, as_json):
+    """Publish the plan: pin SOURCE to a commit, split it into shards, draw the anchors.
+
+    Re-running with the same arguments does nothing; different arguments are refused.
+    """
+    from coopt_hub.hub import Hub
+    from coopt_hub.publish import initialize
+
+    out = Output(as_json)
+    result = initialize(
+        Hub(token=token),
+        repo,
+        source=source,
+        source_revision=source_revision,
+        split=split,
+        image_column=image_column,
+        shards=shards,
+        anchors=_anchors(anchors),
+        dim=dim,
+        seed=seed,
+        temperature=temperature,
+        private=private,
+    )
+    plan = result.plan
+    sizes = [len(plan.shard_ids(k)) for k in range(plan.num_shards)]
+    if plan.granularity == "row":
+        out.warn(
+            "the source has too few row groups to split; shards are sets of rows and every participant "
+            "reads the whole source. Re-publish it with smaller row groups to let participants download only their shard."
+        )
+    if len(plan.anchor_ids) < plan.dim:
+        out.warn(
+            f"|S| = {len(plan.anchor_ids)} < dim = {plan.dim}: the alignment is under-determined and loses part "
+            "of the best prior's information. Prefer more anchors or a smaller --dim."
+        )
+    summary = {
+        "repo": repo,
+        "created": result.created,
+        "commit": result.commit,
+        "source": f"{plan.source_repo}@{plan.source_revision}",
+        "rows": plan.num_rows,
+        "shards": sizes,
+        "anchors": len(plan.anchor_ids),
+        "granularity": plan.granularity,
+        "plan_hash": plan.plan_hash,
+    }
+    verb = "Published" if result.created else "Unchanged (same plan already published)"
+    out.result(
+        summary,
+        f"{verb}: {repo} plans {plan.num_shards} shards of {plan.source_repo}@{plan.source_revision[:8]} "
+        f"({plan.num_rows} rows, {plan.granularity} granularity; shard sizes {sizes}; {len(plan.anchor_ids)} anchors).",
+    )

@@ -1,0 +1,198 @@
+"""The one place coopt-hub talks to a Hub, through huggingface_hub.
+
+Every write is one atomic `create_commit` pinned to the branch head it was built from
+(`parent_commit`), retried with exponential backoff and jitter when the Hub answers 409/412/429/5xx
+or the connection breaks. The commit's operations are rebuilt from the fresh head on every try, so a
+caller can look at what is there now (someone else's result, or its own commit that went through
+before the connection dropped) and decide again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from huggingface_hub import CommitOperation, HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from coopt_hub.errors import ConflictError
+
+logger = logging.getLogger(__name__)
+
+REPO_TYPE = "dataset"
+RETRY_STATUSES = frozenset({409, 412, 429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8
+    base_seconds: float = 0.25
+    max_seconds: float = 15.0
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter: concurrent participants retrying after the same conflict spread out.
+        return random.uniform(0, min(self.max_seconds, self.base_seconds * 2**attempt))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Errors worth retrying: conflicts, rate limits, server faults and broken connections."""
+    if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
+        return False
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(err.response, "status_code", None)
+        return status in RETRY_STATUSES
+    return _is_connection_error(err)
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "TimeoutException", "RemoteProtocolError"})
+
+
+class Hub:
+    """A dataset repo's view of the Hub: heads, atomic commits, tags and downloads."""
+
+    def __init__(self, token: str | None = None, endpoint: str | None = None, retry: RetryPolicy | None = None):
+        self.api = HfApi(endpoint=endpoint, token=token)
+        self.token = token
+        self.endpoint = self.api.endpoint
+        self.retry = retry or RetryPolicy()
+
+    def with_retries(self, what: str, call: Callable[[], T]) -> T:
+        for attempt in range(self.retry.attempts):
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 - filtered by is_transient
+                if not is_transient(err) or attempt == self.retry.attempts - 1:
+                    raise
+                delay = self.retry.delay(attempt)
+                logger.info("%s failed (%s); retrying in %.2fs", what, err, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # Reads -----------------------------------------------------------------------------------
+
+    def head(self, repo_id: str, revision: str = "main") -> str | None:
+        """The commit a branch or tag points to, or None when it does not exist."""
+        try:
+            info = self.with_retries(
+                f"read {repo_id}@{revision}",
+                lambda: self.api.repo_info(repo_id, revision=revision, repo_type=REPO_TYPE),
+            )
+        except RevisionNotFoundError:
+            return None
+        return info.sha
+
+    def refs(self, repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(branches, tags), each name -> commit sha."""
+        refs = self.with_retries(f"list refs of {repo_id}", lambda: self.api.list_repo_refs(repo_id, repo_type=REPO_TYPE))
+        return (
+            {ref.name: ref.target_commit for ref in refs.branches},
+            {ref.name: ref.target_commit for ref in refs.tags},
+        )
+
+    def list_files(self, repo_id: str, revision: str) -> list[str]:
+        return self.with_retries(
+            f"list files of {repo_id}@{revision}",
+            lambda: self.api.list_repo_files(repo_id, revision=revision, repo_type=REPO_TYPE),
+        )
+
+    def download(self, repo_id: str, path: str, revision: str, local_dir: Path | None = None) -> Path:
+        return Path(
+            self.with_retries(
+                f"download {repo_id}@{revision}/{path}",
+                lambda: hf_hub_download(
+                    repo_id,
+                    path,
+                    repo_type=REPO_TYPE,
+                    revision=revision,
+                    token=self.token,
+                    endpoint=self.endpoint,
+                    local_dir=local_dir,
+                ),
+            )
+        )
+
+    def read_json(self, repo_id: str, path: str, revision: str) -> dict[str, Any] | None:
+        """A JSON file's content, or None when the file (or the revision) does not exist."""
+        try:
+            local = self.download(repo_id, path, revision)
+        except (EntryNotFoundError, RevisionNotFoundError):
+            return None
+        return json.loads(local.read_text())
+
+    # Writes ----------------------------------------------------------------------------------
+
+    def ensure_repo(self, repo_id: str, private: bool = False) -> None:
+        self.with_retries(
+            f"create {repo_id}",
+            lambda: self.api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True),
+        )
+
+    def ensure_branch(self, repo_id: str, branch: str, start: str = "main") -> None:
+        self.with_retries(
+            f"create branch {branch} of {repo_id}",
+            lambda: self.api.create_branch(repo_id, branch=branch, revision=start, repo_type=REPO_TYPE, exist_ok=True),
+        )
+
+    def commit(
+        self,
+        repo_id: str,
+        branch: str,
+        build: Callable[[str | None], Sequence[CommitOperation] | None],
+        message: str,
+        description: str = "",
+    ) -> str | None:
+        """Commit what `build(head)` returns on top of `head`, atomically; return the new commit id.
+
+        `build` is called again with the fresh head after a conflict or a dropped connection. It
+        returns None (or nothing) when the branch already holds what it wants: then no commit is
+        made and the current head is returned.
+        """
+        for attempt in range(self.retry.attempts):
+            parent = self.head(repo_id, branch)
+            operations = build(parent)
+            if not operations:
+                return parent
+            try:
+                info = self.api.create_commit(
+                    repo_id,
+                    list(operations),
+                    commit_message=message,
+                    commit_description=description,
+                    revision=branch,
+                    parent_commit=parent,
+                    repo_type=REPO_TYPE,
+                )
+            except Exception as err:  # noqa: BLE001 - filtered by is_transient
+                if not is_transient(err) or attempt == self.retry.attempts - 1:
+                    raise
+                delay = self.retry.delay(attempt)
+                logger.info("commit to %s@%s failed (%s); retrying in %.2fs", repo_id, branch, err, delay)
+                time.sleep(delay)
+                continue
+            return info.oid
+        raise AssertionError("unreachable")
+
+    def create_tag(self, repo_id: str, tag: str, revision: str, message: str) -> None:
+        try:
+            self.api.create_tag(repo_id, tag=tag, revision=revision, tag_message=message, repo_type=REPO_TYPE)
+        except HfHubHTTPError as err:
+            if getattr(err.response, "status_code", None) == 409:
+                raise ConflictError(
+                    f"Tag {tag} already exists in {repo_id}.",
+                    hint="Pass another --tag, or omit it to take the next free vN.",
+                ) from err
+            raise

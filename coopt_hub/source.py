@@ -1,0 +1,209 @@
+"""The source dataset: pinned to a commit, split into storage units, read unit by unit.
+
+A source split is a list of parquet files (what `push_to_hub` and the Hub's parquet conversion
+write). Its storage units are the files' row groups: a participant fetches only the byte ranges of
+its own units through HfFileSystem range reads, never the whole dataset. Sample ids are row
+indices of the split at the pinned commit, in file order, so they never change.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from coopt_hub.errors import BadImageError, SourceError
+from coopt_hub.plan import Plan, Unit
+
+REPO_TYPE = "dataset"
+# Range-read granularity: small enough that a participant's bytes stay close to its share, large
+# enough that a row group's column chunk comes back in a few requests.
+READ_BLOCK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    repo: str
+    revision: str
+    split: str
+    image_column: str
+    files: tuple[str, ...]
+    units: tuple[Unit, ...]
+    num_rows: int
+    features: dict[str, Any]
+    splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    card_data: dict[str, Any] = field(default_factory=dict)
+
+
+def _filesystem(token: str | None = None):
+    from huggingface_hub import HfFileSystem
+
+    return HfFileSystem(token=token)
+
+
+def repo_path(repo: str, revision: str, file: str) -> str:
+    return f"datasets/{repo}@{revision}/{file}"
+
+
+def pin_revision(repo: str, revision: str | None, token: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The commit sha `revision` points to now, and the repo's card data."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(token=token).dataset_info(repo, revision=revision or "main")
+    except RepositoryNotFoundError as err:
+        raise SourceError(
+            f"Source dataset {repo} not found.",
+            hint="Check the repo id and HF_ENDPOINT; a private source needs HF_TOKEN with read access.",
+        ) from err
+    except RevisionNotFoundError as err:
+        raise SourceError(
+            f"Revision {revision!r} not found in source dataset {repo}.",
+            hint="Pass an existing branch, tag or commit with --source-revision.",
+        ) from err
+    card = info.card_data.to_dict() if info.card_data is not None else {}
+    return info.sha, card
+
+
+def split_files(repo: str, revision: str, token: str | None = None) -> tuple[dict[str, tuple[str, ...]], dict[str, Any]]:
+    """Every split's parquet files (paths in the repo) at `revision`, resolved the way
+    `load_dataset` resolves them, and the declared features (empty when not declared)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(repo, revision=revision, token=token)
+    except Exception as err:  # datasets raises many types here; all mean "not loadable"
+        raise SourceError(
+            f"Cannot read source dataset {repo}@{revision}: {err}",
+            hint="The source must load with `datasets.load_dataset`; check the repo id, revision and its files.",
+        ) from err
+    if builder.name != "parquet":
+        raise SourceError(
+            f"Source dataset {repo} is stored as {builder.name!r}, not parquet.",
+            hint="Re-publish it as parquet (`Dataset.push_to_hub` does), or point --source at the Hub's "
+            "parquet conversion (revision refs/convert/parquet).",
+        )
+    prefix = f"hf://datasets/{repo}@{revision}/"
+    splits: dict[str, tuple[str, ...]] = {}
+    for split, urls in (builder.config.data_files or {}).items():
+        splits[str(split)] = tuple(url[len(prefix) :] if url.startswith(prefix) else url for url in urls)
+    features = builder.info.features.to_dict() if builder.info.features is not None else {}
+    return splits, features
+
+
+def parquet_units(repo: str, revision: str, files: tuple[str, ...], token: str | None = None) -> list[Unit]:
+    """One Unit per row group, in file order; reads only the files' footers."""
+    fs = _filesystem(token)
+    units: list[Unit] = []
+    start = 0
+    for file in files:
+        with fs.open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
+            metadata = pq.ParquetFile(handle).metadata
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            if rows:
+                units.append(Unit(file=file, row_group=group, start=start, num_rows=rows))
+                start += rows
+    return units
+
+
+def resolve_source(
+    repo: str, revision: str | None, split: str, image_column: str, token: str | None = None
+) -> SourceLayout:
+    """Pin the source to a commit and describe the split's storage units."""
+    sha, card = pin_revision(repo, revision, token)
+    splits, features = split_files(repo, sha, token)
+    if split not in splits:
+        raise SourceError(
+            f"Source dataset {repo} has no split {split!r} (it has: {', '.join(sorted(splits)) or 'none'}).",
+            hint="Pass one of those with --split.",
+        )
+    files = splits[split]
+    schema = _schema(repo, sha, files[0], token)
+    if image_column not in schema.names:
+        raise SourceError(
+            f"Split {split!r} of {repo} has no column {image_column!r} (columns: {', '.join(schema.names)}).",
+            hint="Pass the column that holds the images with --image-column.",
+        )
+    units = parquet_units(repo, sha, files, token)
+    return SourceLayout(
+        repo=repo,
+        revision=sha,
+        split=split,
+        image_column=image_column,
+        files=files,
+        units=tuple(units),
+        num_rows=sum(unit.num_rows for unit in units),
+        features=features,
+        splits=splits,
+        card_data=card,
+    )
+
+
+def _schema(repo: str, revision: str, file: str, token: str | None) -> pa.Schema:
+    with _filesystem(token).open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
+        return pq.ParquetFile(handle).schema_arrow
+
+
+def read_unit(
+    repo: str, revision: str, unit: Unit, columns: list[str] | None = None, token: str | None = None
+) -> pa.Table:
+    """The rows of one storage unit, fetched with range reads of that row group only."""
+    with _filesystem(token).open(repo_path(repo, revision, unit.file), "rb", block_size=READ_BLOCK_SIZE) as handle:
+        parquet = pq.ParquetFile(handle)
+        table = parquet.read_row_group(unit.row_group, columns=columns) if unit.row_group is not None else parquet.read(
+            columns=columns
+        )
+    if table.num_rows != unit.num_rows:
+        raise SourceError(
+            f"{unit.file} row group {unit.row_group} has {table.num_rows} rows, the plan says {unit.num_rows}.",
+            hint="The source changed under its pinned commit; re-run `coopt-hub init` on a new repo.",
+        )
+    return table
+
+
+def read_plan_unit(plan: Plan, unit: Unit, columns: list[str] | None = None, token: str | None = None) -> pa.Table:
+    return read_unit(plan.source_repo, plan.source_revision, unit, columns, token)
+
+
+def iter_source_batches(
+    repo: str, revision: str, files: tuple[str, ...] | list[str], columns: list[str] | None = None, token: str | None = None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first id, batch) over the given files in id order, one row group at a time."""
+    fs = _filesystem(token)
+    start = 0
+    for file in files:
+        with fs.open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.metadata.num_row_groups):
+                for batch in parquet.read_row_group(group, columns=columns).to_batches():
+                    if batch.num_rows:
+                        yield start, batch
+                        start += batch.num_rows
+
+
+def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
+    """A PIL image (RGB) from a datasets Image cell ({"bytes", "path"}) or raw bytes."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not data:
+        raise BadImageError(
+            f"Sample {sample_id} has no embedded image bytes.",
+            ids=[sample_id] if sample_id is not None else [],
+            hint="Publish the source with embedded images (datasets' Image feature does by default).",
+        )
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadImageError(
+            f"Sample {sample_id} is not a decodable image ({err}).",
+            ids=[sample_id] if sample_id is not None else [],
+            hint="Fix or drop that row in the source, or pass --on-bad-image skip to record and leave it out.",
+        ) from err
+    return image.convert("RGB")
