@@ -1,0 +1,175 @@
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from coopt_hub.errors import ShardFileError
+from coopt_hub.storage import (ANCHORS_FILE, TARGETS_FILE, AnchorOutputs, ShardHeader, ShardResult, read_shard,
+                               remote_paths, shard_branch, shard_prefix, write_shard)
+
+ROWS, DIM, OUTPUT_DIM, ANCHORS = 12, 8, 6, 4
+
+
+def make_pair(rows: int = ROWS) -> tuple[ShardResult, AnchorOutputs]:
+    rng = np.random.default_rng(0)
+    header = ShardHeader(
+        shard=1, plan_hash="ab" * 32, source_revision="cd" * 20, prior={"model": "ViT-S-32", "seed": 0},
+        preprocessing={"image_size": [32, 32]}, fingerprint="ef" * 32, output_dim=OUTPUT_DIM, dim=DIM,
+        uniformity=-2.5, reference=None, residual=0.0, num_rows=rows, tool_version="0.1.0", checksums={},
+    )
+    raw = rng.standard_normal((rows, DIM)).astype(np.float32)
+    result = ShardResult(header=header, ids=np.arange(0, 2 * rows, 2), raw=raw, aligned=raw * 2)
+    features = rng.standard_normal((ANCHORS, OUTPUT_DIM))
+    anchors = AnchorOutputs(ids=np.array([1, 5, 7, 30]), features=features,
+                            projected=rng.standard_normal((ANCHORS, DIM)))
+    return result, anchors
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    write_shard(tmp_path, *make_pair())
+    return tmp_path
+
+
+def rewrite(path: Path, fix_checksums: bool = False, header_changes: dict | None = None, **tensors) -> dict:
+    """Rewrite one shard file with some tensors replaced (None: removed); returns its new header."""
+    with safe_open(str(path), framework="numpy") as stored:
+        header = json.loads(stored.metadata()["coopt"])
+        arrays = {name: stored.get_tensor(name) for name in stored.keys()}
+    for name, value in tensors.items():
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value
+    group = "targets" if path.name == TARGETS_FILE else "anchors"
+    if fix_checksums:
+        for name, array in arrays.items():
+            header["checksums"][f"{group}/{name}"] = hashlib.sha256(
+                np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
+    header.update(header_changes or {})
+    save_file(arrays, str(path), metadata={"coopt": json.dumps(header)})
+    return header
+
+
+def tamper_consistently(directory: Path, file: str, **tensors) -> None:
+    """Replace tensors as a buggy writer would: checksums match and both headers agree."""
+    header = rewrite(directory / file, fix_checksums=True, **tensors)
+    other = ANCHORS_FILE if file == TARGETS_FILE else TARGETS_FILE
+    rewrite(directory / other, header_changes={"checksums": header["checksums"]})
+
+
+def test_remote_layout():
+    assert shard_branch(3) == "shard/3" and shard_prefix(3) == "shards/3"
+    paths = remote_paths(3)
+    assert tuple(paths) == ("shards/3/targets.safetensors", "shards/3/anchors.safetensors", "shards/3/report.json")
+    assert paths.targets == "shards/3/targets.safetensors"
+
+
+def test_round_trip(tmp_path: Path):
+    result, anchors = make_pair()
+    written = write_shard(tmp_path / "out", result, anchors)
+    assert [p.name for p in written] == [TARGETS_FILE, ANCHORS_FILE]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([TARGETS_FILE, ANCHORS_FILE])
+    assert len(result.header.checksums) == 6
+    back, back_anchors = read_shard(tmp_path / "out")
+    assert back.header == result.header
+    assert back.ids.dtype == np.int64 and back.raw.dtype == np.float16 and back.aligned.dtype == np.float16
+    np.testing.assert_array_equal(back.ids, result.ids)
+    np.testing.assert_allclose(back.raw, result.raw, atol=1e-2)
+    assert back_anchors.features.dtype == np.float32 and back_anchors.projected.shape == (ANCHORS, DIM)
+    np.testing.assert_allclose(back_anchors.features, anchors.features, rtol=1e-6)
+
+
+def test_rewriting_replaces_the_files(shard_dir: Path):
+    result, anchors = make_pair(rows=5)
+    write_shard(shard_dir, result, anchors)
+    assert read_shard(shard_dir)[0].ids.shape == (5,)
+    assert sorted(p.name for p in shard_dir.iterdir()) == sorted([TARGETS_FILE, ANCHORS_FILE])
+
+
+def test_missing_file(shard_dir: Path):
+    (shard_dir / ANCHORS_FILE).unlink()
+    with pytest.raises(ShardFileError, match=f"{ANCHORS_FILE} is missing") as info:
+        read_shard(shard_dir)
+    assert info.value.hint
+
+
+def test_truncated_file(shard_dir: Path):
+    path = shard_dir / TARGETS_FILE
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ShardFileError, match=f"{TARGETS_FILE} is not a readable safetensors file"):
+        read_shard(shard_dir)
+
+
+def test_damaged_bytes_fail_the_checksum(shard_dir: Path):
+    path = shard_dir / TARGETS_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data, not the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardFileError, match="does not match its checksum"):
+        read_shard(shard_dir)
+    read_shard(shard_dir, verify=False)
+
+
+def test_missing_tensor(shard_dir: Path):
+    tamper_consistently(shard_dir, TARGETS_FILE, aligned=None)
+    with pytest.raises(ShardFileError, match=r"lacks the tensor\(s\) \['aligned'\]"):
+        read_shard(shard_dir)
+
+
+def test_wrong_dtype(shard_dir: Path):
+    tamper_consistently(shard_dir, TARGETS_FILE, raw=np.zeros((ROWS, DIM), np.float32))
+    with pytest.raises(ShardFileError, match="'raw' is float32, expected float16"):
+        read_shard(shard_dir)
+
+
+@pytest.mark.parametrize("file, tensors, words", [
+    (TARGETS_FILE, dict(ids=np.arange(ROWS - 1, dtype=np.int64)), "'ids' has shape"),
+    (TARGETS_FILE, dict(aligned=np.zeros((ROWS, DIM + 1), np.float16)), "'aligned' has shape"),
+    (ANCHORS_FILE, dict(projected=np.zeros((ANCHORS, DIM - 1), np.float32)), "'projected' has shape"),
+    (ANCHORS_FILE, dict(features=np.zeros((ANCHORS + 1, OUTPUT_DIM), np.float32)), "'features' has shape"),
+])
+def test_shape_mismatch(shard_dir: Path, file, tensors, words):
+    rewrite(shard_dir / file, **tensors)
+    with pytest.raises(ShardFileError, match=words):
+        read_shard(shard_dir, verify=False)
+
+
+def test_headers_of_the_pair_must_agree(shard_dir: Path):
+    rewrite(shard_dir / ANCHORS_FILE, header_changes={"fingerprint": "00" * 32})
+    with pytest.raises(ShardFileError, match="different runs"):
+        read_shard(shard_dir)
+
+
+@pytest.mark.parametrize("file, tensors, words", [
+    (TARGETS_FILE, dict(aligned=np.full((ROWS, DIM), np.nan, np.float16)), "'aligned' holds NaN"),
+    (ANCHORS_FILE, dict(features=np.full((ANCHORS, OUTPUT_DIM), np.inf, np.float32)), "'features' holds NaN or inf"),
+    (TARGETS_FILE, dict(ids=np.arange(ROWS, dtype=np.int64)[::-1].copy()), "not sorted"),
+    (ANCHORS_FILE, dict(ids=np.array([1, 5, 5, 30], np.int64)), "not sorted, unique"),
+])
+def test_bad_values_with_valid_checksums(shard_dir: Path, file, tensors, words):
+    tamper_consistently(shard_dir, file, **tensors)
+    with pytest.raises(ShardFileError, match=words):
+        read_shard(shard_dir)
+
+
+def test_bad_header(shard_dir: Path):
+    rewrite(shard_dir / TARGETS_FILE, header_changes={"unexpected": 1})
+    with pytest.raises(ShardFileError, match="unreadable coopt header"):
+        read_shard(shard_dir)
+
+
+def test_write_refuses_what_could_not_be_read_back(tmp_path: Path):
+    result, anchors = make_pair()
+    result.raw[0, 0] = 1e6  # beyond fp16
+    with pytest.raises(ShardFileError, match=r"\(not written\): tensor 'raw' holds NaN or infinite"):
+        write_shard(tmp_path, result, anchors)
+    result, anchors = make_pair()
+    result.header.num_rows = ROWS + 1
+    with pytest.raises(ShardFileError, match="'ids' has shape"):
+        write_shard(tmp_path, result, anchors)
+    assert list(tmp_path.iterdir()) == []
