@@ -1,0 +1,317 @@
+"""Training data: images pre-decoded once into a uint8 tensor, targets joined on the sample id.
+
+The datasets this trains on are small-image sets (digits, CIFAR, Tiny-ImageNet sizes), so the whole
+split fits in memory (and on the GPU) as one [N, 3, S, S] uint8 tensor; a batch is then an index
+into it, with no per-sample decoding or worker processes in the training loop.
+
+Targets are read from `targets/train.safetensors` (ids, aligned, raw) and joined on `id`, never
+by row position and never from the parquet `target` list column, which is two orders of
+magnitude slower to materialise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+from coopt_hub.errors import CoOptError
+
+# The merged dataset's layout on main (docs/design.md, "Hub layout of a CoOpt repo").
+MANIFEST_PATH = "coopt/manifest.json"
+TARGETS_PATH = "targets/train.safetensors"
+MERGED_IMAGE_COLUMN = "image"
+TARGET_KINDS = ("aligned", "raw")
+
+
+class TrainingDataError(CoOptError):
+    """The merged dataset lacks something training needs (manifest, targets, labels, images)."""
+
+
+class MissingTargetsError(TrainingDataError):
+    """Rows whose id has no target; `ids` names them."""
+
+    def __init__(self, message: str, ids: list[int], hint: str | None = None):
+        super().__init__(message, hint)
+        self.ids = ids
+
+
+@dataclass(frozen=True)
+class TargetTable:
+    """Targets keyed by sample id: row i of `aligned` (and `raw`) belongs to `ids[i]`."""
+
+    ids: np.ndarray  # int64 [N]
+    aligned: np.ndarray  # float16 [N, dim], aligned to the best prior
+    raw: np.ndarray | None = None  # float16 [N, dim], W-projected but unaligned
+
+    @property
+    def dim(self) -> int:
+        return int(self.aligned.shape[1])
+
+
+def read_targets_file(path: str | Path) -> TargetTable:
+    """Read `targets/train.safetensors` as numpy arrays (no torch round trip, no parquet)."""
+    with safe_open(str(path), framework="np") as f:
+        names = set(f.keys())
+        missing = {"ids", "targets"} - names
+        if missing:
+            raise TrainingDataError(
+                f"{path} has no tensor(s) {sorted(missing)}; it holds {sorted(names)}",
+                hint="Point at the merged dataset's targets/train.safetensors, written by `coopt-hub merge`.",
+            )
+        ids = f.get_tensor("ids").astype(np.int64, copy=False)
+        aligned = f.get_tensor("targets")
+        raw = f.get_tensor("raw") if "raw" in names else None
+    if aligned.ndim != 2 or aligned.shape[0] != ids.shape[0] or (raw is not None and raw.shape != aligned.shape):
+        raise TrainingDataError(
+            f"{path}: ids {ids.shape}, targets {aligned.shape}, raw {None if raw is None else raw.shape} "
+            "do not line up",
+            hint="The file is damaged or was not written by `coopt-hub merge`; rerun the merge.",
+        )
+    return TargetTable(ids=ids, aligned=aligned, raw=raw)
+
+
+def join_on_id(row_ids: np.ndarray, table: TargetTable) -> TargetTable:
+    """Reorder `table` so that its row i holds the targets of `row_ids[i]`.
+
+    Raises MissingTargetsError naming the ids that have no target, rather than silently training
+    on a neighbour's target (the failure mode of keying by row position).
+    """
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    if np.array_equal(row_ids, table.ids):
+        return table  # the common case: the merge wrote both in the same order
+    order = np.argsort(table.ids, kind="stable")
+    sorted_ids = table.ids[order]
+    if sorted_ids.size > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
+        duplicates = np.unique(sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]])
+        raise TrainingDataError(
+            f"the targets file lists {duplicates.size} id(s) more than once, e.g. {duplicates[:5].tolist()}",
+            hint="Rerun `coopt-hub merge`; a merged targets file holds each sample once.",
+        )
+    position = np.searchsorted(sorted_ids, row_ids)
+    found = position < sorted_ids.size
+    found[found] = sorted_ids[position[found]] == row_ids[found]
+    if not found.all():
+        missing = row_ids[~found]
+        raise MissingTargetsError(
+            f"{missing.size} of {row_ids.size} rows have no target, e.g. ids {missing[:10].tolist()}",
+            ids=missing.tolist(),
+            hint="The targets file and the train split come from different merges: load both at the "
+            "same --revision (a vN tag), or rerun `coopt-hub merge`.",
+        )
+    rows = order[position]
+    return TargetTable(
+        ids=row_ids,
+        aligned=table.aligned[rows],
+        raw=None if table.raw is None else table.raw[rows],
+    )
+
+
+@dataclass
+class LabeledImages:
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    labels: torch.Tensor  # int64 [N]
+
+
+@dataclass
+class TrainingData:
+    """Everything a training run reads, row-aligned: images[i], targets[k][i], labels[i] share ids[i]."""
+
+    ids: torch.Tensor  # int64 [N]
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    targets: dict[str, torch.Tensor]  # "aligned" / "raw" -> float16 [N, dim]
+    labels: torch.Tensor | None  # int64 [N]; None when the source has no label column
+    test: LabeledImages | None  # the linear probe's test split
+    num_classes: int | None
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+def decode_images(images: Iterable[Image.Image], count: int, size: int) -> torch.Tensor:
+    """Decode PIL images into one uint8 [count, 3, size, size] tensor.
+
+    Images of another size are resized on the shorter side and centre-cropped (antialiased PIL
+    bicubic), once, here; the training loop then only indexes.
+    """
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    n = 0
+    for image in images:
+        if n == count:
+            raise TrainingDataError(f"more than the expected {count} images", hint="Report this; it is a bug.")
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+        out[n] = np.asarray(image)
+        n += 1
+    if n != count:
+        raise TrainingDataError(f"expected {count} images, read {n}", hint="Report this; it is a bug.")
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _column_images(dataset, column: str, batch_size: int = 1024) -> Iterable[Image.Image]:
+    if column not in dataset.column_names:
+        raise TrainingDataError(
+            f"no image column {column!r}; columns are {dataset.column_names}",
+            hint="Check the manifest's source.image_column, or pass image_column=.",
+        )
+    for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+        yield from batch[column]
+
+
+def _labels(dataset, column: str) -> np.ndarray:
+    if column not in dataset.column_names:
+        raise TrainingDataError(
+            f"no label column {column!r}; columns are {dataset.column_names}",
+            hint="Pass the label column's name, or train without labels (coopt/byol without a probe).",
+        )
+    return np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+
+
+def _num_classes(dataset, column: str, labels: list[np.ndarray]) -> int:
+    feature = dataset.features.get(column)
+    if getattr(feature, "num_classes", None):
+        return int(feature.num_classes)
+    return int(max(int(x.max()) for x in labels if x.size) + 1)
+
+
+def prepare_training_data(
+    train,
+    targets: TargetTable,
+    test=None,
+    *,
+    image_column: str = MERGED_IMAGE_COLUMN,
+    test_image_column: str | None = None,
+    label_column: str | None = "label",
+    image_source=None,
+    image_size: int = 32,
+) -> TrainingData:
+    """Build TrainingData from `datasets.Dataset` objects (in memory or loaded from the Hub).
+
+    train: rows with an `id` column (and images in `image_column` unless `image_source` is given).
+    targets: the targets file's table; joined to `train` on `id`.
+    test: the labeled split for the linear probe, or None.
+    image_source: with `--images reference` merges, the source split at its pinned revision;
+        the image of sample `id` is its row `id`.
+    """
+    if "id" not in train.column_names:
+        raise TrainingDataError(
+            f"the train split has no `id` column; columns are {train.column_names}",
+            hint="Train on a dataset written by `coopt-hub merge` (its rows carry the source row id).",
+        )
+    ids = np.asarray(train.select_columns(["id"]).with_format("numpy")["id"], dtype=np.int64)
+    joined = join_on_id(ids, targets)
+    if image_source is not None:
+        if ids.size and (ids.min() < 0 or ids.max() >= len(image_source)):
+            raise TrainingDataError(
+                f"ids reach {int(ids.max())} but the image source has {len(image_source)} rows",
+                hint="The merge and the source revision disagree; check the manifest's source.revision.",
+            )
+        images = decode_images(_column_images(image_source.select(ids), image_column), ids.size, image_size)
+    else:
+        images = decode_images(_column_images(train, image_column), ids.size, image_size)
+
+    labels = test_set = num_classes = None
+    if label_column is not None:
+        train_labels = _labels(train, label_column)
+        if test is not None:
+            test_labels = _labels(test, label_column)
+            test_images = decode_images(
+                _column_images(test, test_image_column or image_column), len(test), image_size
+            )
+            test_set = LabeledImages(images=test_images, labels=torch.from_numpy(test_labels))
+        num_classes = _num_classes(train, label_column, [train_labels] + ([test_set.labels.numpy()] if test_set else []))
+        labels = torch.from_numpy(train_labels)
+    tensors = {"aligned": torch.from_numpy(np.ascontiguousarray(joined.aligned))}
+    if joined.raw is not None:
+        tensors["raw"] = torch.from_numpy(np.ascontiguousarray(joined.raw))
+    return TrainingData(
+        ids=torch.from_numpy(ids), images=images, targets=tensors, labels=labels, test=test_set, num_classes=num_classes
+    )
+
+
+def _split_files(repo: str, revision: str, token: str | None) -> dict[str, list[str]]:
+    """The data files of each split, resolved (pinned to `revision`) without downloading them."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(repo, revision=revision, token=token)
+    return {split: list(files) for split, files in (builder.config.data_files or {}).items()}
+
+
+def _load_split(files: list[str], columns: list[str] | None, token: str | None):
+    from datasets import load_dataset
+
+    # Loading one split's files through the parquet builder reads only the listed columns, so the
+    # `target` list column is never decoded and other splits are not prepared.
+    return load_dataset("parquet", data_files={"split": files}, split="split", columns=columns, token=token)
+
+
+def load_training_data(
+    repo: str,
+    revision: str | None = None,
+    *,
+    image_size: int = 32,
+    test_split: str = "test",
+    token: str | None = None,
+) -> TrainingData:
+    """Load a merged CoOpt dataset from the Hub (HF_ENDPOINT / HF_TOKEN) for training.
+
+    Reads `coopt/manifest.json`, the train split's id/label (and image) columns, the targets file,
+    and the test split; for `images: reference` merges the images (and the test split) come from
+    the source dataset at its pinned revision, joined on id (= row index in the source split).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        manifest_file = hf_hub_download(repo, MANIFEST_PATH, repo_type="dataset", revision=revision, token=token)
+        targets_file = hf_hub_download(repo, TARGETS_PATH, repo_type="dataset", revision=revision, token=token)
+    except EntryNotFoundError as err:
+        raise TrainingDataError(
+            f"{repo}@{revision or 'main'} is not a merged CoOpt dataset: {err.__class__.__name__}",
+            hint="Train on a revision written by `coopt-hub merge` (e.g. --revision v1); "
+            "`coopt-hub status REPO` shows what the repo holds.",
+        ) from err
+    manifest = json.loads(Path(manifest_file).read_text())
+    source = manifest["source"]
+    label_column = manifest.get("label_column")
+    reference = manifest.get("images") == "reference"
+
+    merged_splits = _split_files(repo, revision, token)
+    if "train" not in merged_splits:
+        raise TrainingDataError(
+            f"{repo}@{revision or 'main'} has no train split", hint="Rerun `coopt-hub merge`."
+        )
+    columns = ["id"] + ([] if reference else [MERGED_IMAGE_COLUMN]) + ([label_column] if label_column else [])
+    train = _load_split(merged_splits["train"], columns, token)
+
+    image_source = None
+    test = None
+    if reference:
+        source_splits = _split_files(source["repo"], source["revision"], token)
+        image_source = _load_split(source_splits[source["split"]], [source["image_column"]], token)
+        if label_column and test_split in source_splits:
+            test = _load_split(source_splits[test_split], [source["image_column"], label_column], token)
+    elif label_column and test_split in merged_splits:
+        test = _load_split(merged_splits[test_split], [source["image_column"], label_column], token)
+
+    return prepare_training_data(
+        train,
+        read_targets_file(targets_file),
+        test,
+        image_column=source["image_column"] if reference else MERGED_IMAGE_COLUMN,
+        test_image_column=source["image_column"],
+        label_column=label_column,
+        image_source=image_source,
+        image_size=image_size,
+    )
