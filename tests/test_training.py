@@ -4,19 +4,22 @@ The targets are synthetic but honest about what they carry: a fixed random proje
 one-hot label plus Gaussian noise, i.e. what a good prior's embedding of a digit looks like up to a
 linear map. The "raw" targets imitate an unaligned merge: half of the rows (one "participant")
 have their targets rotated by a random orthogonal matrix. Nothing here touches the network; the
-Hub path is exercised once the local hub server fixture exists.
+Hub test writes the merged layout by hand (docs/design.md, "Hub layout") to the suite's local
+server, so it checks this library's reading side on its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
@@ -33,6 +36,7 @@ from coopt_hub.training import (
     evaluate_probe,
     format_table,
     join_on_id,
+    load_training_data,
     prepare_training_data,
     read_targets_file,
     train,
@@ -184,3 +188,53 @@ def test_config_errors_say_what_to_do(data):
     unlabeled = dataclasses.replace(data, labels=None, test=None, num_classes=None)
     with pytest.raises(ConfigError, match="needs labels"):
         train(_config(objective="supervised"), unlabeled)
+
+
+def _parquet(dataset: datasets.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dataset.to_parquet(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("images", ["copy", "reference"])
+def test_load_training_data_from_the_hub(digits, hf_api, new_repo_id, images):
+    from huggingface_hub import CommitOperationAdd
+
+    rows = 64
+    source_train, source_test = digits["train"].select(range(rows)), digits["test"].select(range(32))
+    source = new_repo_id("source")
+    hf_api.create_repo(source, repo_type="dataset")
+    pinned = hf_api.create_commit(
+        source, [CommitOperationAdd("data/train-00000-of-00001.parquet", _parquet(source_train.remove_columns("id"))),
+                 CommitOperationAdd("data/test-00000-of-00001.parquet", _parquet(source_test.remove_columns("id")))],
+        commit_message="source", repo_type="dataset",
+    ).oid
+
+    # A partial merge (one shard missing: odd ids absent), with the targets file in reverse id order.
+    ids = np.arange(0, rows, 2)
+    merged_train = source_train.select(ids).add_column("target", [[0.0] * DIM] * ids.size).add_column("shard", [0] * ids.size)
+    if images == "reference":
+        merged_train = merged_train.remove_columns("image")
+    table = digits["table"]
+    manifest = {"images": images, "dim": DIM, "label_column": "label",
+                "source": {"repo": source, "revision": pinned, "split": "train", "image_column": "image"}}
+    operations = [
+        CommitOperationAdd("data/train-00000-of-00001.parquet", _parquet(merged_train)),
+        CommitOperationAdd("targets/train.safetensors", save(
+            {"ids": ids[::-1].copy(), "targets": table.aligned[ids[::-1]], "raw": table.raw[ids[::-1]]})),
+        CommitOperationAdd("coopt/manifest.json", json.dumps(manifest).encode()),
+    ]
+    if images == "copy":
+        operations.append(CommitOperationAdd("data/test-00000-of-00001.parquet", _parquet(source_test)))
+    repo = new_repo_id("merged")
+    hf_api.create_repo(repo, repo_type="dataset")
+    hf_api.create_commit(repo, operations, commit_message="merge", repo_type="dataset")
+    hf_api.create_tag(repo, tag="v1", repo_type="dataset")
+
+    data = load_training_data(repo, "v1", image_size=SIZE)
+    np.testing.assert_array_equal(data.ids.numpy(), ids)
+    np.testing.assert_array_equal(data.targets["aligned"].numpy(), table.aligned[ids])
+    np.testing.assert_array_equal(data.labels.numpy(), np.asarray(source_train["label"])[ids])
+    expected = np.stack([np.asarray(source_train[int(i)]["image"].convert("RGB")) for i in ids]).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(data.images.numpy(), expected)
+    assert data.test.images.shape == (32, 3, SIZE, SIZE) and data.num_classes == 10

@@ -26,7 +26,6 @@ from coopt_hub.errors import CoOptError
 # The merged dataset's layout on main (docs/design.md, "Hub layout of a CoOpt repo").
 MANIFEST_PATH = "coopt/manifest.json"
 TARGETS_PATH = "targets/train.safetensors"
-MERGED_IMAGE_COLUMN = "image"
 TARGET_KINDS = ("aligned", "raw")
 
 
@@ -190,8 +189,7 @@ def prepare_training_data(
     targets: TargetTable,
     test=None,
     *,
-    image_column: str = MERGED_IMAGE_COLUMN,
-    test_image_column: str | None = None,
+    image_column: str = "image",
     label_column: str | None = "label",
     image_source=None,
     image_size: int = 32,
@@ -226,9 +224,7 @@ def prepare_training_data(
         train_labels = _labels(train, label_column)
         if test is not None:
             test_labels = _labels(test, label_column)
-            test_images = decode_images(
-                _column_images(test, test_image_column or image_column), len(test), image_size
-            )
+            test_images = decode_images(_column_images(test, image_column), len(test), image_size)
             test_set = LabeledImages(images=test_images, labels=torch.from_numpy(test_labels))
         num_classes = _num_classes(train, label_column, [train_labels] + ([test_set.labels.numpy()] if test_set else []))
         labels = torch.from_numpy(train_labels)
@@ -269,6 +265,7 @@ def load_training_data(
     Reads `coopt/manifest.json`, the train split's id/label (and image) columns, the targets file,
     and the test split; for `images: reference` merges the images (and the test split) come from
     the source dataset at its pinned revision, joined on id (= row index in the source split).
+    With `images: copy` the merged splits keep the source's image column name.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -284,6 +281,7 @@ def load_training_data(
         ) from err
     manifest = json.loads(Path(manifest_file).read_text())
     source = manifest["source"]
+    image_column = source["image_column"]
     label_column = manifest.get("label_column")
     reference = manifest.get("images") == "reference"
 
@@ -292,25 +290,24 @@ def load_training_data(
         raise TrainingDataError(
             f"{repo}@{revision or 'main'} has no train split", hint="Rerun `coopt-hub merge`."
         )
-    columns = ["id"] + ([] if reference else [MERGED_IMAGE_COLUMN]) + ([label_column] if label_column else [])
+    columns = ["id"] + ([] if reference else [image_column]) + ([label_column] if label_column else [])
     train = _load_split(merged_splits["train"], columns, token)
 
     image_source = None
     test = None
     if reference:
         source_splits = _split_files(source["repo"], source["revision"], token)
-        image_source = _load_split(source_splits[source["split"]], [source["image_column"]], token)
+        image_source = _load_split(source_splits[source["split"]], [image_column], token)
         if label_column and test_split in source_splits:
-            test = _load_split(source_splits[test_split], [source["image_column"], label_column], token)
+            test = _load_split(source_splits[test_split], [image_column, label_column], token)
     elif label_column and test_split in merged_splits:
-        test = _load_split(merged_splits[test_split], [source["image_column"], label_column], token)
+        test = _load_split(merged_splits[test_split], [image_column, label_column], token)
 
     return prepare_training_data(
         train,
         read_targets_file(targets_file),
         test,
-        image_column=source["image_column"] if reference else MERGED_IMAGE_COLUMN,
-        test_image_column=source["image_column"],
+        image_column=image_column,
         label_column=label_column,
         image_source=image_source,
         image_size=image_size,
