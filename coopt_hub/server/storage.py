@@ -1,0 +1,649 @@
+"""On-disk storage: one bare git repository per Hub repo, plus its LFS objects.
+
+Layout under the root:
+    repos/{models|datasets|spaces}/{namespace}/{name}.git   bare git repo (dulwich)
+        coopt-hub.json                                      repo settings (private, createdAt)
+        coopt-hub.lock                                      flock held by every writer
+        lfs/objects/{oid[:2]}/{oid[2:4]}/{oid}              LFS content, addressed by sha256
+    trash/                                                  deleted repos, removed right after the move
+
+Git holds LFS files as pointer blobs, as the Hub does. Every write (commit, branch, tag, delete)
+happens under the repo's flock, so threads and processes sharing a root are serialized; objects
+are written first and the ref is moved last with compare-and-swap, so a crash leaves at most
+unreferenced objects behind, never a partial commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dulwich.errors import NotTreeError
+from dulwich.file import FileLocked
+from dulwich.objects import Blob, Commit, Tag, Tree
+from dulwich.object_store import tree_lookup_path
+from dulwich.repo import Repo
+
+from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found, revision_not_found
+from coopt_hub.server.names import PLURALS, RepoId, is_valid_ref_name
+
+DEFAULT_BRANCH = "main"
+
+# Which files go through LFS. Preupload answers "lfs" for files above the threshold, files
+# whose name ends with one of these suffixes (data, weights, archives, media), and files whose
+# first bytes contain a NUL byte; the initial .gitattributes records the same suffixes.
+LFS_THRESHOLD = 10 * 1024 * 1024
+LFS_SUFFIXES = (
+    ".7z", ".arrow", ".bin", ".bz2", ".ckpt", ".flac", ".gif", ".gz", ".h5", ".jpeg", ".jpg", ".joblib",
+    ".model", ".mp3", ".mp4", ".msgpack", ".npy", ".npz", ".onnx", ".parquet", ".pickle", ".pkl", ".png",
+    ".pt", ".pth", ".safetensors", ".tar", ".tfrecord", ".tflite", ".wav", ".webp", ".xz", ".zip", ".zst",
+)
+
+_LFS_POINTER = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n$")
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_POINTER_SIZE = 200
+_DIR_MODE = 0o040000
+_FILE_MODE = 0o100644
+
+
+def wants_lfs(path: str, size: int, sample: bytes) -> bool:
+    return size > LFS_THRESHOLD or path.lower().endswith(LFS_SUFFIXES) or b"\x00" in sample
+
+
+def lfs_pointer(oid: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+def is_sha256(oid: object) -> bool:
+    return isinstance(oid, str) and bool(_SHA256.match(oid))
+
+
+def iso_date(timestamp: float) -> str:
+    """The one date format huggingface_hub's parse_datetime reads."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file or folder of a commit's tree, in the shape of the Hub's tree entries."""
+
+    path: str
+    type: str  # "file" | "directory"
+    oid: str  # git object id: blob sha1 (the LFS pointer's, for LFS files) or tree sha1
+    size: int  # the real content size; 0 for folders
+    lfs_oid: str | None = None
+    pointer_size: int = 0
+
+    def to_json(self) -> dict:
+        data: dict = {"type": self.type, "oid": self.oid, "size": self.size, "path": self.path}
+        if self.lfs_oid is not None:
+            data["lfs"] = {"oid": self.lfs_oid, "size": self.size, "pointerSize": self.pointer_size}
+        return data
+
+    @property
+    def etag(self) -> str:
+        return self.lfs_oid or self.oid
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    id: str
+    title: str
+    message: str
+    author: str
+    timestamp: int
+
+
+@dataclass(frozen=True)
+class Ref:
+    name: str  # "main", "shard/3", "v1", "refs/pr/1"
+    ref: str  # "refs/heads/main"
+    target: str  # the commit it points at (tags are peeled)
+
+
+@dataclass(frozen=True)
+class AddFile:
+    path: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class AddLfsFile:
+    path: str
+    oid: str
+    size: int | None  # absent when the client copies an LFS file
+
+
+@dataclass(frozen=True)
+class DeleteFile:
+    path: str
+
+
+@dataclass(frozen=True)
+class DeleteFolder:
+    path: str
+
+
+Operation = AddFile | AddLfsFile | DeleteFile | DeleteFolder
+
+
+class _BlobSummaries:
+    """(size, lfs oid, lfs size) per blob id, shared by all repos: blobs are content-addressed."""
+
+    def __init__(self, capacity: int = 200_000):
+        self._capacity = capacity
+        self._items: OrderedDict[bytes, tuple[int, str | None, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha: bytes) -> tuple[int, str | None, int] | None:
+        with self._lock:
+            item = self._items.get(sha)
+            if item is not None:
+                self._items.move_to_end(sha)
+            return item
+
+    def put(self, sha: bytes, item: tuple[int, str | None, int]) -> None:
+        with self._lock:
+            self._items[sha] = item
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+_SUMMARIES = _BlobSummaries()
+
+
+class GitRepo:
+    """One Hub repo: reads are lock-free (git objects never change), writes take the repo lock."""
+
+    def __init__(self, path: Path, repo_id: RepoId):
+        self.path = path
+        self.repo_id = repo_id
+        self.git = Repo(str(path))
+
+    # ---- settings --------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict:
+        return json.loads((self.path / "coopt-hub.json").read_text())
+
+    @property
+    def private(self) -> bool:
+        return bool(self.settings.get("private"))
+
+    def update_settings(self, **changes: object) -> None:
+        with self.locked():
+            _write_json_atomic(self.path / "coopt-hub.json", {**self.settings, **changes})
+
+    # ---- revisions and refs ----------------------------------------------------------------
+
+    def resolve(self, revision: str) -> str:
+        """Branch, then tag, then full commit id (`refs/...` names are taken literally)."""
+        names = [revision] if revision.startswith("refs/") else [f"refs/heads/{revision}", f"refs/tags/{revision}"]
+        for name in names:
+            if not _is_safe_ref(name):
+                continue
+            try:
+                sha = self.git.refs[name.encode()]
+            except KeyError:
+                continue
+            return self._peel(sha)
+        if _HEX40.match(revision) and self._is_commit(revision.encode()):
+            return revision
+        raise revision_not_found(revision)
+
+    def branch_head(self, revision: str) -> str:
+        """Commits go to branches only: a tag or commit id is RevisionNotFound here."""
+        head = self._read_ref(_branch_ref(revision))
+        if head is None:
+            raise revision_not_found(revision)
+        return head
+
+    def refs(self) -> dict[str, list[Ref]]:
+        groups: dict[str, list[Ref]] = {"branches": [], "tags": [], "converts": [], "pullRequests": []}
+        prefixes = [("refs/heads/", "branches"), ("refs/tags/", "tags"), ("refs/convert/", "converts"),
+                    ("refs/pr/", "pullRequests")]
+        for raw_name in sorted(self.git.refs.allkeys()):
+            name = raw_name.decode()
+            for prefix, group in prefixes:
+                if name.startswith(prefix):
+                    short = name[len(prefix):] if group in ("branches", "tags") else name
+                    try:
+                        target = self._peel(self.git.refs[raw_name])
+                    except KeyError:
+                        break
+                    groups[group].append(Ref(short, name, target))
+                    break
+        return groups
+
+    def _peel(self, sha: bytes) -> str:
+        obj = self.git.object_store[sha]
+        while isinstance(obj, Tag):
+            obj = self.git.object_store[obj.object[1]]
+        if not isinstance(obj, Commit):
+            raise bad_request("Revision does not point at a commit.")
+        return obj.id.decode()
+
+    def _is_commit(self, sha: bytes) -> bool:
+        try:
+            return isinstance(self.git.object_store[sha], Commit)
+        except KeyError:
+            return False
+
+    def commit_info(self, sha: str) -> CommitInfo:
+        commit = self.git.object_store[sha.encode()]
+        text = commit.message.decode("utf-8", "replace")
+        title, _, body = text.partition("\n")
+        author = commit.author.decode("utf-8", "replace").split(" <", 1)[0]
+        return CommitInfo(sha, title.strip(), body.strip("\n"), author, commit.commit_time)
+
+    def history(self, sha: str) -> Iterator[CommitInfo]:
+        """Newest first."""
+        for walk_entry in self.git.get_walker(include=[sha.encode()]):
+            yield self.commit_info(walk_entry.commit.id.decode())
+
+    def last_commit_touching(self, sha: str, path: str) -> CommitInfo:
+        """The newest commit, from `sha` back, that changed `path` (for expanded tree entries)."""
+        for walk_entry in self.git.get_walker(include=[sha.encode()], paths=[path.encode()], max_entries=1):
+            return self.commit_info(walk_entry.commit.id.decode())
+        return self.commit_info(sha)
+
+    # ---- trees and files -------------------------------------------------------------------
+
+    def entry(self, commit: str, path: str) -> Entry | None:
+        tree_id = self.git.object_store[commit.encode()].tree
+        if not path:
+            return Entry("", "directory", tree_id.decode(), 0)
+        try:
+            mode, sha = tree_lookup_path(self.git.object_store.__getitem__, tree_id, path.encode())
+        except (KeyError, NotTreeError):
+            return None
+        return self._entry(path, mode, sha)
+
+    def list_dir(self, commit: str, path: str, recursive: bool) -> list[Entry]:
+        """Entries under the folder `path` ("" for the root); raises EntryNotFound if it is not a folder."""
+        folder = self.entry(commit, path)
+        if folder is None or folder.type != "directory":
+            raise entry_not_found(path, commit)
+        return list(self._walk(folder.oid.encode(), path, recursive))
+
+    def files(self, commit: str) -> list[Entry]:
+        return [e for e in self.list_dir(commit, "", recursive=True) if e.type == "file"]
+
+    def _walk(self, tree_id: bytes, prefix: str, recursive: bool) -> Iterator[Entry]:
+        for item in self.git.object_store[tree_id].iteritems():
+            if item.mode == 0o160000:  # submodules never come from the Hub API
+                continue
+            path = f"{prefix}/{item.path.decode()}" if prefix else item.path.decode()
+            entry = self._entry(path, item.mode, item.sha)
+            yield entry
+            if recursive and entry.type == "directory":
+                yield from self._walk(item.sha, path, recursive)
+
+    def _entry(self, path: str, mode: int, sha: bytes) -> Entry:
+        if stat.S_ISDIR(mode):
+            return Entry(path, "directory", sha.decode(), 0)
+        size, lfs_oid, lfs_size = self._blob_summary(sha)
+        if lfs_oid is not None:
+            return Entry(path, "file", sha.decode(), lfs_size, lfs_oid, size)
+        return Entry(path, "file", sha.decode(), size)
+
+    def _blob_summary(self, sha: bytes) -> tuple[int, str | None, int]:
+        summary = _SUMMARIES.get(sha)
+        if summary is None:
+            size = self._loose_blob_size(sha)
+            if size is None or size <= _MAX_POINTER_SIZE:
+                data = self.git.object_store[sha].as_raw_string()
+                size = len(data)
+                match = _LFS_POINTER.match(data) if size <= _MAX_POINTER_SIZE else None
+                summary = (size, match.group(1).decode(), int(match.group(2))) if match else (size, None, 0)
+            else:
+                summary = (size, None, 0)
+            _SUMMARIES.put(sha, summary)
+        return summary
+
+    def _loose_blob_size(self, sha: bytes) -> int | None:
+        """Read the size from a loose object's header without inflating the whole blob."""
+        hexsha = sha.decode()
+        try:
+            with open(self.path / "objects" / hexsha[:2] / hexsha[2:], "rb") as f:
+                head = zlib.decompressobj().decompress(f.read(64), 64)
+        except (OSError, zlib.error):
+            return None
+        kind, _, rest = head.partition(b" ")
+        size, sep, _ = rest.partition(b"\0")
+        return int(size) if kind == b"blob" and sep and size.isdigit() else None
+
+    def read_blob(self, oid: str) -> bytes:
+        return self.git.object_store[oid.encode()].as_raw_string()
+
+    # ---- LFS objects -----------------------------------------------------------------------
+
+    def lfs_path(self, oid: str) -> Path:
+        return self.path / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+
+    def has_lfs(self, oid: str, size: int | None = None) -> bool:
+        try:
+            actual = self.lfs_path(oid).stat().st_size
+        except FileNotFoundError:
+            return False
+        return size is None or actual == size
+
+    def receive_lfs(self, oid: str, size: int, chunks: Iterable[bytes]) -> None:
+        """Store an upload only if its bytes hash to `oid`: content-addressed, so never overwritten wrongly."""
+        tmp_dir = self.path / "lfs" / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f"{oid}.{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    received += len(chunk)
+                    f.write(chunk)
+            if received != size:
+                raise bad_request(f"LFS upload of {oid} has {received} bytes, expected {size}.")
+            if digest.hexdigest() != oid:
+                raise bad_request(f"LFS upload does not match its oid {oid} (got sha256 {digest.hexdigest()}).")
+            final = self.lfs_path(oid)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive per-repo lock across threads and processes (flock on a fresh descriptor)."""
+        fd = os.open(self.path / "coopt-hub.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not (self.path / "HEAD").exists():  # deleted while we waited
+                raise repo_not_found(self.repo_id.id)
+            yield
+        finally:
+            os.close(fd)
+
+    def commit(self, revision: str, operations: list[Operation], summary: str, description: str,
+               parent_commit: str | None, author: str) -> str:
+        with self.locked():
+            head = self.branch_head(revision)
+            if parent_commit is not None and parent_commit != head:
+                raise HubError(412, "A commit has happened since. Please refresh and try again.", "PreconditionFailed")
+            for op in operations:
+                if isinstance(op, AddLfsFile) and not self.has_lfs(op.oid, op.size):
+                    raise bad_request(f"LFS object {op.oid} for {op.path!r} was not uploaded (or has another size).")
+            root = _MutableTree(self, self.git.object_store[head.encode()].tree)
+            for op in operations:
+                self._apply(root, op, revision)
+            tree_id = root.write()
+            message = summary if not description else f"{summary}\n\n{description}"
+            commit = _new_commit(tree_id, [head.encode()], message, author)
+            self._add_object(commit)
+            self._move_ref(_branch_ref(revision), head, commit.id.decode())
+            return commit.id.decode()
+
+    def _apply(self, root: _MutableTree, op: Operation, revision: str) -> None:
+        if isinstance(op, AddFile):
+            blob = Blob.from_string(op.content)
+            self._add_object(blob)
+            root.put(op.path, blob.id)
+        elif isinstance(op, AddLfsFile):
+            size = op.size if op.size is not None else self.lfs_path(op.oid).stat().st_size
+            blob = Blob.from_string(lfs_pointer(op.oid, size))
+            self._add_object(blob)
+            root.put(op.path, blob.id)
+        elif isinstance(op, DeleteFile):
+            root.remove(op.path, folder=False, revision=revision)
+        else:
+            root.remove(op.path, folder=True, revision=revision)
+
+    def create_branch(self, branch: str, target: str) -> None:
+        ref = f"refs/heads/{branch}"
+        with self.locked():
+            self._check_ref_free(ref, f"Branch {branch!r}")
+            self._move_ref(ref, None, target)
+
+    def delete_branch(self, branch: str) -> None:
+        if branch == DEFAULT_BRANCH:
+            raise HubError(403, f"The default branch {DEFAULT_BRANCH!r} cannot be deleted.", "Forbidden")
+        self._delete_ref(f"refs/heads/{branch}", branch)
+
+    def create_tag(self, tag: str, target: str, message: str | None, author: str) -> None:
+        ref = f"refs/tags/{tag}"
+        with self.locked():
+            self._check_ref_free(ref, f"Tag {tag!r}")
+            sha = target
+            if message:  # an annotated tag keeps the message, as `git tag -m` does
+                tag_object = Tag()
+                tag_object.name = tag.encode()
+                tag_object.object = (Commit, target.encode())
+                tag_object.message = message.encode() + (b"" if message.endswith("\n") else b"\n")
+                tag_object.tagger = _identity(author)
+                tag_object.tag_time = int(time.time())
+                tag_object.tag_timezone = 0
+                self._add_object(tag_object)
+                sha = tag_object.id.decode()
+            self._move_ref(ref, None, sha)
+
+    def delete_tag(self, tag: str) -> None:
+        self._delete_ref(f"refs/tags/{tag}", tag)
+
+    def _delete_ref(self, ref: str, name: str) -> None:
+        with self.locked():
+            current = self._read_ref(ref)
+            if current is None:
+                raise revision_not_found(name)
+            if not self.git.refs.remove_if_equals(ref.encode(), current.encode()):
+                raise HubError(409, f"{name!r} moved while being deleted; retry.", "Conflict")
+
+    def _read_ref(self, ref: str) -> str | None:
+        if not _is_safe_ref(ref):
+            return None
+        try:
+            return self.git.refs[ref.encode()].decode()
+        except KeyError:
+            return None
+
+    def _check_ref_free(self, ref: str, what: str) -> None:
+        """git cannot hold both `shard` and `shard/3`: one would be a file, the other a folder."""
+        if self._read_ref(ref) is not None:
+            raise HubError(409, f"{what} already exists.", "Conflict")
+        for existing in self.git.refs.allkeys():
+            other = existing.decode()
+            if other.startswith(ref + "/") or ref.startswith(other + "/"):
+                raise HubError(409, f"{what} conflicts with the existing ref {other!r}.", "Conflict")
+
+    def _move_ref(self, ref: str, old: str | None, new: str) -> None:
+        """Compare-and-swap; a stale lock file can only be a crashed writer's since we hold the repo lock."""
+        for attempt in range(2):
+            try:
+                if old is None:
+                    moved = self.git.refs.add_if_new(ref.encode(), new.encode())
+                else:
+                    moved = self.git.refs.set_if_equals(ref.encode(), old.encode(), new.encode())
+                break
+            except FileLocked:
+                if attempt:
+                    raise
+                _remove_stale_lock(self.path / ref)
+        if not moved:
+            raise HubError(409, f"{ref} moved concurrently; retry.", "Conflict")
+
+    def _add_object(self, obj: Blob | Tree | Commit | Tag) -> None:
+        try:
+            self.git.object_store.add_object(obj)
+        except FileLocked:
+            hexsha = obj.id.decode()
+            _remove_stale_lock(self.path / "objects" / hexsha[:2] / hexsha[2:])
+            self.git.object_store.add_object(obj)
+
+
+class _MutableTree:
+    """A folder being edited for one commit; untouched subfolders keep their tree ids."""
+
+    def __init__(self, repo: GitRepo, tree_id: bytes | None):
+        self.repo = repo
+        self.entries: dict[bytes, tuple[int, bytes] | _MutableTree] = {}
+        if tree_id is not None:
+            for item in repo.git.object_store[tree_id].iteritems():
+                self.entries[item.path] = (item.mode, item.sha)
+
+    def put(self, path: str, blob_id: bytes) -> None:
+        *folders, name = path.encode().split(b"/")
+        node = self._folder(folders, create=True, path=path)
+        existing = node.entries.get(name)
+        if isinstance(existing, _MutableTree) or (existing is not None and stat.S_ISDIR(existing[0])):
+            raise bad_request(f"Cannot add file {path!r}: a folder with that path exists.")
+        node.entries[name] = (_FILE_MODE, blob_id)
+
+    def remove(self, path: str, folder: bool, revision: str) -> None:
+        *folders, name = path.encode().split(b"/")
+        node = self._folder(folders, create=False, path=path)
+        existing = node.entries.get(name) if node is not None else None
+        if existing is None:
+            raise entry_not_found(path, revision)
+        is_folder = isinstance(existing, _MutableTree) or stat.S_ISDIR(existing[0])
+        if is_folder != folder:
+            kind = "a folder" if is_folder else "a file"
+            raise bad_request(f"Cannot delete {path!r} as a {'folder' if folder else 'file'}: it is {kind}.")
+        del node.entries[name]
+
+    def _folder(self, parts: list[bytes], create: bool, path: str) -> _MutableTree | None:
+        node = self
+        for part in parts:
+            child = node.entries.get(part)
+            if child is None:
+                if not create:
+                    return None
+                child = _MutableTree(self.repo, None)
+            elif not isinstance(child, _MutableTree):
+                if not stat.S_ISDIR(child[0]):
+                    raise bad_request(f"Cannot use {path!r}: {part.decode()!r} is a file, not a folder.")
+                child = _MutableTree(self.repo, child[1])
+            node.entries[part] = child
+            node = child
+        return node
+
+    def write(self) -> bytes:
+        """Write changed folders bottom-up; folders left empty disappear, as git has no empty folders."""
+        tree = Tree()
+        for name, value in self.entries.items():
+            if isinstance(value, _MutableTree):
+                if not value.entries:
+                    continue
+                tree.add(name, _DIR_MODE, value.write())
+            else:
+                tree.add(name, value[0], value[1])
+        self.repo._add_object(tree)
+        return tree.id
+
+
+class HubStorage:
+    """All repos under one root directory."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.repos_dir = self.root / "repos"
+        self.trash_dir = self.root / "trash"
+        self.repos_dir.mkdir(parents=True, exist_ok=True)
+        self.trash_dir.mkdir(exist_ok=True)
+        for leftover in self.trash_dir.iterdir():  # deletions or creations a crash interrupted
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def repo_path(self, repo_id: RepoId) -> Path:
+        return self.repos_dir / PLURALS[repo_id.type] / repo_id.namespace / f"{repo_id.name}.git"
+
+    def open(self, repo_id: RepoId) -> GitRepo:
+        path = self.repo_path(repo_id)
+        if not (path / "coopt-hub.json").is_file():
+            raise repo_not_found(repo_id.id)
+        return GitRepo(path, repo_id)
+
+    def create(self, repo_id: RepoId, private: bool, author: str) -> None:
+        """Build the repo in trash/ and rename it into place: it appears whole or not at all."""
+        final = self.repo_path(repo_id)
+        if final.exists():
+            raise _repo_exists(repo_id)
+        staging = self.trash_dir / f"new-{uuid.uuid4().hex}"
+        git = Repo.init_bare(str(staging), mkdir=True, default_branch=DEFAULT_BRANCH.encode())
+        attributes = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
+        blob = Blob.from_string(attributes.encode())
+        tree = Tree()
+        tree.add(b".gitattributes", _FILE_MODE, blob.id)
+        commit = _new_commit(tree.id, [], "initial commit", author)
+        for obj in (blob, tree, commit):
+            git.object_store.add_object(obj)
+        git.refs[f"refs/heads/{DEFAULT_BRANCH}".encode()] = commit.id
+        _write_json_atomic(staging / "coopt-hub.json", {"private": bool(private), "createdAt": iso_date(time.time())})
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staging, final)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _repo_exists(repo_id) from err
+
+    def delete(self, repo_id: RepoId) -> None:
+        repo = self.open(repo_id)
+        doomed = self.trash_dir / f"deleted-{uuid.uuid4().hex}"
+        with repo.locked():
+            os.rename(repo.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _repo_exists(repo_id: RepoId) -> HubError:
+    return HubError(409, f"You already created this {repo_id.type} repo: {repo_id.id}.", "RepoExists")
+
+
+def _branch_ref(revision: str) -> str:
+    return revision if revision.startswith("refs/pr/") else f"refs/heads/{revision}"
+
+
+def _is_safe_ref(ref: str) -> bool:
+    for prefix in ("refs/heads/", "refs/tags/", "refs/pr/", "refs/convert/"):
+        if ref.startswith(prefix):
+            return is_valid_ref_name(ref[len(prefix):])
+    return False
+
+
+def _identity(user: str) -> bytes:
+    return f"{user} <{user}@users.noreply.coopt-hub>".encode()
+
+
+def _new_commit(tree_id: bytes, parents: list[bytes], message: str, author: str) -> Commit:
+    commit = Commit()
+    commit.tree = tree_id
+    commit.parents = parents
+    commit.author = commit.committer = _identity(author)
+    commit.author_time = commit.commit_time = int(time.time())
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.encoding = b"UTF-8"
+    commit.message = message.encode()
+    return commit
+
+
+def _remove_stale_lock(target: Path) -> None:
+    Path(f"{target}.lock").unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)

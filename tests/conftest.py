@@ -1,0 +1,81 @@
+"""Suite-wide setup: one embedded Hub server, and every client cache pointed at a temp dir.
+
+huggingface_hub and datasets read HF_ENDPOINT and their cache paths when they are imported, so the
+environment is set in pytest_configure, before any test module imports them. Keep this file free
+of heavy imports (torch, open_clip): collection must stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from coopt_hub.server import HubServer
+
+HUB_TOKEN = "coopt-test-write-token"
+_SERVER = pytest.StashKey[HubServer]()
+_TMP = pytest.StashKey[Path]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    imported = [name for name in ("huggingface_hub", "datasets") if name in sys.modules]
+    if imported:
+        raise pytest.UsageError(
+            f"{', '.join(imported)} was imported before tests/conftest.py could point it at the test server; "
+            "a plugin or an early import is to blame."
+        )
+    tmp = Path(tempfile.mkdtemp(prefix="coopt-hub-tests-"))
+    server = HubServer(tmp / "hub", tokens=[HUB_TOKEN]).start()
+    os.environ.update(server.env())
+    os.environ.update({
+        "HF_HOME": str(tmp / "hf-home"),
+        "HF_DATASETS_CACHE": str(tmp / "datasets-cache"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "COOPT_HUB_HOME": str(tmp / "coopt-home"),
+    })
+    config.stash[_SERVER] = server
+    config.stash[_TMP] = tmp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(_SERVER, None)
+    if server is not None:
+        server.stop()
+    tmp = config.stash.get(_TMP, None)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hub_server(pytestconfig: pytest.Config) -> HubServer:
+    """The session's running server; `hub_server.root` is its storage, `.token` a write token."""
+    return pytestconfig.stash[_SERVER]
+
+
+@pytest.fixture
+def hf_api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+@pytest.fixture
+def new_repo_id():
+    """Factory of repo ids unique in the session: new_repo_id("digits") -> "org/digits-1a2b3c4d5e6f"."""
+
+    def make(name: str = "repo", namespace: str = "org") -> str:
+        return f"{namespace}/{name}-{uuid.uuid4().hex[:12]}"
+
+    return make
+
+
+@pytest.fixture
+def repo_id(new_repo_id) -> str:
+    """A fresh, not yet created repo id for this test."""
+    return new_repo_id()

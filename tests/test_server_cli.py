@@ -1,0 +1,108 @@
+"""The server as a process: `coopt-hub hub serve`, the `hf` CLI against it, restarts, two processes on one root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+
+from coopt_hub.server import HubServer
+
+BIN = Path(sys.executable).parent
+
+
+def _run_hf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_COLOR": "1"}
+    result = subprocess.run([str(BIN / "hf"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_hf_cli_upload_and_download(hf_api, repo_id, tmp_path):
+    hf_api.create_repo(repo_id, repo_type="dataset")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "hello.txt").write_text("hello from hf")
+    (tmp_path / "up" / "blob.parquet").write_bytes(os.urandom(5000))
+    _run_hf("upload", repo_id, "up", "remote", "--repo-type", "dataset", cwd=tmp_path)
+    assert {"remote/hello.txt", "remote/blob.parquet"} <= set(hf_api.list_repo_files(repo_id, repo_type="dataset"))
+    _run_hf("download", repo_id, "--repo-type", "dataset", "--local-dir", "down", cwd=tmp_path)
+    assert (tmp_path / "down" / "remote" / "hello.txt").read_text() == "hello from hf"
+    assert (tmp_path / "down" / "remote" / "blob.parquet").read_bytes() == (tmp_path / "up" / "blob.parquet").read_bytes()
+
+
+@pytest.fixture
+def serve_process(tmp_path):
+    """Start `coopt-hub hub serve` on a fresh root; yields (start function, root)."""
+    root = tmp_path / "root"
+    token_file = tmp_path / "tokens.txt"
+    token_file.write_text("# writers\nproc-token\n")
+    processes: list[subprocess.Popen] = []
+
+    def start() -> dict[str, str]:
+        process = subprocess.Popen(
+            [str(BIN / "coopt-hub"), "hub", "serve", "--root", str(root), "--port", "0", "--token-file",
+             str(token_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        processes.append(process)
+        lines = [process.stdout.readline() for _ in range(3)]
+        env = dict(line.removeprefix("export ").strip().split("=", 1) for line in lines)
+        return env
+
+    yield start, root
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_serve_prints_the_environment_and_survives_a_restart(serve_process, new_repo_id):
+    start, root = serve_process
+    env = start()
+    assert env["HF_TOKEN"] == "proc-token" and env["HF_HUB_DISABLE_XET"] == "1"
+    api = HfApi(endpoint=env["HF_ENDPOINT"], token=env["HF_TOKEN"])
+    repo = new_repo_id("restart")
+    api.create_repo(repo, repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"\x00kept", path_in_repo="a.bin", repo_id=repo, repo_type="dataset")
+    api.create_branch(repo, branch="shard/1", repo_type="dataset")
+    api.create_tag(repo, tag="v1", repo_type="dataset")
+    sha = api.dataset_info(repo).sha
+
+    with HubServer(root, tokens=["other"]) as again:  # a second start on the same root
+        reopened = HfApi(endpoint=again.endpoint, token="other")
+        assert reopened.dataset_info(repo, revision="v1").sha == sha
+        refs = reopened.list_repo_refs(repo, repo_type="dataset")
+        assert {b.name for b in refs.branches} == {"main", "shard/1"}
+        path = reopened.hf_hub_download(repo, "a.bin", repo_type="dataset", local_dir=root.parent / "dl")
+        assert Path(path).read_bytes() == b"\x00kept"
+
+
+def test_two_processes_on_one_root_lose_no_commit(serve_process, new_repo_id):
+    start, root = serve_process
+    env = start()
+    process_api = HfApi(endpoint=env["HF_ENDPOINT"], token=env["HF_TOKEN"])
+    repo = new_repo_id("two-procs")
+    process_api.create_repo(repo, repo_type="dataset")
+    with HubServer(root, tokens=["local"]) as local:
+        apis = [process_api, HfApi(endpoint=local.endpoint, token="local")]
+        errors: list[Exception] = []
+
+        def write(i: int) -> None:
+            try:
+                apis[i % 2].upload_file(path_or_fileobj=str(i).encode(), path_in_repo=f"{i}.txt", repo_id=repo,
+                                        repo_type="dataset", commit_message=f"writer {i}")
+            except Exception as err:  # noqa: BLE001 - collected and asserted below
+                errors.append(err)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    titles = {c.title for c in process_api.list_repo_commits(repo, repo_type="dataset")}
+    assert {f"writer {i}" for i in range(8)} <= titles
