@@ -1,0 +1,68 @@
+"""`coopt-hub merge`: publish the verified, aligned shards as a versioned dataset on main."""
+
+from __future__ import annotations
+
+import click
+
+from coopt_hub.cli.options import json_option, repo_argument, token_option
+from coopt_hub.cli.output import Output
+
+EXAMPLES = """
+\b
+Examples:
+  coopt-hub merge org/digits-coopt
+  coopt-hub merge org/imagenet-coopt --images reference --tag v3
+  coopt-hub merge org/digits-coopt --allow-partial --json
+"""
+
+
+@click.command(epilog=EXAMPLES)
+@repo_argument()
+@click.option("--tag", default=None, help="Version tag of the merge (default: the next free vN); must not exist yet.")
+@click.option(
+    "--images",
+    type=click.Choice(["copy", "reference"]),
+    default="copy",
+    show_default=True,
+    help="copy: the parquet files carry the images; reference: ids only, recipes join with the pinned source.",
+)
+@click.option("--allow-partial", is_flag=True, help="Merge even if some shards were not pushed (recorded in the card).")
+@token_option
+@json_option
+def merge(repo, tag, images, allow_partial, token, as_json):
+    """Verify every shard branch of REPO, align them to the best prior, and publish main as a new version.
+
+    Nothing is written unless every check passes; main changes in one commit, which is tagged.
+    Running it again without new shards does nothing.
+    """
+    from coopt_hub.hub import Hub
+    from coopt_hub.merge import merge as merge_shards
+
+    out = Output(as_json)
+    result = merge_shards(Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, progress=out.info)
+    manifest = result.manifest
+    realigned = [shard.shard for shard in manifest.shards if shard.realigned]
+    train = manifest.splits[manifest.source.split]
+    summary = {
+        "repo": repo,
+        "tag": result.tag,
+        "commit": result.commit,
+        "created": result.created,
+        "rows": train.num_rows,
+        "shards": [shard.shard for shard in manifest.shards],
+        "missing": list(manifest.missing),
+        "reference": manifest.reference.shard,
+        "realigned": realigned,
+        "images": manifest.images,
+    }
+    if not result.created:
+        text = f"Unchanged: main of {repo} already holds this merge as {result.tag} ({result.commit[:8]})."
+    else:
+        text = (
+            f"Published {repo}@{result.tag} ({result.commit[:8]}): {train.num_rows} rows from shards "
+            f"{', '.join(str(s) for s in summary['shards'])}, aligned to shard {manifest.reference.shard}"
+            + (f"; re-aligned shards {', '.join(map(str, realigned))}" if realigned else "")
+            + (f"; PARTIAL, missing shards {', '.join(map(str, manifest.missing))}" if manifest.missing else "")
+            + f".\nLoad it with load_dataset({repo!r}, revision={result.tag!r})."
+        )
+    out.result(summary, text)
