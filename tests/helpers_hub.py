@@ -1,0 +1,166 @@
+"""Building a realistic collaboration on the embedded hub, for tests that need one.
+
+The source is scikit-learn's digits as RGB PNGs (train/test, 100-row row groups), the plan is
+published by `initialize` exactly as `coopt-hub init` does, and participants are synthetic but
+faithful: each prior is a different random linear map (with its own output size) of one latent
+vector per sample, so the priors disagree the way real ones do while sharing the information that
+alignment recovers. Their outputs go through the real projection, uniformity, alignment and
+storage code, and each shard is pushed to its branch in one commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coopt_hub import __version__
+from coopt_hub.align import apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.hub import Hub
+from coopt_hub.plan import Plan
+from coopt_hub.publish import initialize
+from coopt_hub.sample_data import publish_digits
+from coopt_hub.storage import AnchorOutputs, ShardHeader, ShardResult, remote_paths, shard_branch, write_shard
+
+LATENT_DIM = 24
+
+
+@dataclass(frozen=True)
+class FakePrior:
+    """A prior that sees only the first `rank` latent dimensions: fewer means a more collapsed, worse prior."""
+
+    name: str
+    output_dim: int
+    rank: int = LATENT_DIM
+    seed: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.name}:{self.output_dim}:{self.rank}:{self.seed}".encode()).hexdigest()
+
+    def spec(self) -> dict:
+        return {"model": self.name, "pretrained": None, "checkpoint": None, "seed": self.seed, "image_size": None}
+
+    def encode(self, latent: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.output_dim, self.rank])
+        mixing = rng.standard_normal((self.rank, self.output_dim))
+        return normalize(latent[:, : self.rank] @ mixing)
+
+
+@dataclass
+class Collaboration:
+    hub: Hub
+    repo: str
+    source: str
+    plan: Plan
+    latent: np.ndarray  # [num_rows, LATENT_DIM], the information every prior sees part of
+
+    def projected(self, prior: FakePrior, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features = prior.encode(self.latent[ids])
+        return features, features @ self.plan.projection(prior.output_dim)
+
+    def uniformity(self, prior: FakePrior) -> float:
+        features, _ = self.projected(prior, np.asarray(self.plan.anchor_ids))
+        return uniformity(features, self.plan.temperature)
+
+    def shard_files(
+        self,
+        shard: int,
+        prior: FakePrior,
+        directory: Path,
+        reference: tuple[int, FakePrior, str] | None = None,
+        edit: Callable[[ShardResult, AnchorOutputs], None] | None = None,
+    ) -> tuple[ShardResult, AnchorOutputs]:
+        """Label shard `shard` with `prior`, aligned to `reference` = (shard, prior, commit), or to itself.
+
+        `edit` may change the result before it is written, to make a shard that is wrong but well-formed.
+        """
+        plan = self.plan
+        ids = plan.shard_ids(shard)
+        anchor_ids = np.asarray(plan.anchor_ids, dtype=np.int64)
+        _, raw = self.projected(prior, ids)
+        anchor_features, anchor_projected = self.projected(prior, anchor_ids)
+        if reference is None:
+            target, header_reference = anchor_projected, None
+        else:
+            ref_shard, ref_prior, ref_commit = reference
+            target = self.projected(ref_prior, anchor_ids)[1]
+            header_reference = {
+                "shard": ref_shard,
+                "branch": shard_branch(ref_shard),
+                "commit": ref_commit,
+                "fingerprint": ref_prior.fingerprint,
+            }
+        transform, residual = fit_alignment(anchor_projected, target)
+        header = ShardHeader(
+            shard=shard,
+            plan_hash=plan.plan_hash,
+            source_revision=plan.source_revision,
+            prior=prior.spec(),
+            preprocessing={},
+            fingerprint=prior.fingerprint,
+            output_dim=prior.output_dim,
+            dim=plan.dim,
+            uniformity=self.uniformity(prior),
+            reference=header_reference,
+            residual=residual,
+            num_rows=len(ids),
+            tool_version=__version__,
+            checksums={},
+        )
+        result = ShardResult(header=header, ids=ids, raw=raw, aligned=apply_alignment(raw, transform))
+        anchors = AnchorOutputs(ids=anchor_ids, features=anchor_features, projected=anchor_projected)
+        if edit is not None:
+            edit(result, anchors)
+        write_shard(directory, result, anchors)
+        report = {"prior": prior.spec(), "fingerprint": prior.fingerprint, "uniformity": header.uniformity,
+                  "reference": header_reference, "residual": residual, "counts": {"rows": len(ids)}}
+        (directory / "report.json").write_text(json.dumps(report))
+        return result, anchors
+
+    def push(
+        self,
+        shard: int,
+        prior: FakePrior,
+        reference: tuple[int, FakePrior, str] | None = None,
+        edit: Callable[[ShardResult, AnchorOutputs], None] | None = None,
+        tamper: Callable[[Path], None] | None = None,
+    ) -> str:
+        """Label and push shard `shard` in one commit; `tamper(directory)` may damage the written files."""
+        from huggingface_hub import CommitOperationAdd
+
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = Path(scratch)
+            self.shard_files(shard, prior, directory, reference, edit)
+            if tamper is not None:
+                tamper(directory)
+            branch = shard_branch(shard)
+            self.hub.ensure_branch(self.repo, branch)
+            paths = remote_paths(shard)
+            local = {paths.targets: "targets.safetensors", paths.anchors: "anchors.safetensors",
+                     paths.report: "report.json"}
+            operations = [CommitOperationAdd(path, (directory / name).read_bytes()) for path, name in local.items()]
+            return self.hub.commit(self.repo, branch, lambda head: operations, message=f"shard {shard} by {prior.name}")
+
+
+def start_collaboration(
+    hub: Hub, repo: str, source: str, *, shards: int = 3, anchors: int = 96, dim: int = 16, seed: int = 0
+) -> Collaboration:
+    """Publish a plan over `source` (already on the hub) and draw the latent every prior sees."""
+    result = initialize(
+        hub, repo, source=source, source_revision=None, split="train", image_column="image",
+        shards=shards, anchors=anchors, dim=dim, seed=seed, temperature=2.0,
+    )
+    latent = np.random.default_rng(seed).standard_normal((result.plan.num_rows, LATENT_DIM))
+    return Collaboration(hub=hub, repo=repo, source=source, plan=result.plan, latent=latent)
+
+
+def digits_source(repo: str, token: str | None = None) -> str:
+    """Publish the digits source to `repo`; returns the repo id."""
+    publish_digits(repo, image_size=16, token=token)
+    return repo
