@@ -73,7 +73,8 @@ def fit_alignment(source, target, ridge: float | None = None) -> tuple[np.ndarra
     x = _matrix(source, "source").astype(np.float64)
     y = _matrix(target, "target").astype(np.float64)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"source and target must have the same rows (the anchors), got {x.shape[0]} and {y.shape[0]}.")
+        raise ValueError(f"source and target must have the same rows (the anchors), "
+                         f"got {x.shape[0]} and {y.shape[0]}.")
     _require_finite(x, "source")
     _require_finite(y, "target")
     target_norm = float(np.linalg.norm(y))

@@ -51,6 +51,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class Plan:
+    """The platform's split of one pinned source split into K shards plus the shared anchors S."""
+
     source_repo: str
     source_revision: str
     split: str
@@ -71,7 +73,8 @@ class Plan:
         _check_settings(self.num_shards, self.dim, self.temperature, self.seed)
         if self.schema_version != SCHEMA_VERSION:
             raise PlanError(
-                f"Plan schema version {self.schema_version} is not supported (this coopt-hub reads {SCHEMA_VERSION}).",
+                f"Plan schema version {self.schema_version} is not supported "
+                f"(this coopt-hub reads {SCHEMA_VERSION}).",
                 hint="Upgrade coopt-hub to the version that wrote the plan.",
             )
         if not _COMMIT_SHA.fullmatch(self.source_revision):
@@ -232,8 +235,8 @@ def _check_settings(num_shards: int, dim: int, temperature: float, seed: int) ->
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"The uniformity temperature must be positive, got {temperature}.",
                           hint="The usual value is 2 (Wang & Isola 2020).")
-    if seed < 0:
-        raise ConfigError(f"The seed must be a non-negative integer, got {seed}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"The seed must be a non-negative integer, got {seed!r}.", hint="Pass --seed 0 or above.")
 
 
 def _check_units(units: tuple[Unit, ...], num_rows: int | None) -> int:

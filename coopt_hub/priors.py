@@ -118,17 +118,16 @@ class Prior(ABC):
 class OpenClipPrior(Prior):
     """The image tower of an open_clip model, in eval mode, weights in fp32 (autocast for bf16/fp16)."""
 
-    def __init__(self, spec: PriorSpec, visual: torch.nn.Module, preprocessing: Preprocessing,
+    def __init__(self, spec: PriorSpec, visual: torch.nn.Module, preprocessing: Preprocessing, output_dim: int,
                  fingerprint: str, device: torch.device, precision: str):
         self.spec = spec
         self.preprocessing = preprocessing
+        self.output_dim = output_dim
         self.fingerprint = fingerprint
         self.random_init = spec.random_init
         self.device = device
         self.precision = precision
         self._visual = visual
-        height, width = preprocessing.image_size
-        self.output_dim = self.encode_batch(torch.zeros(1, 3, height, width)).shape[1]
 
     def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         height, width = self.preprocessing.image_size
@@ -155,7 +154,19 @@ def load_prior(spec: PriorSpec, device: str = "cpu", precision: str = "fp32") ->
         resize_mode=config["resize_mode"], fill_color=config.get("fill_color", 0),
     )
     fingerprint = _fingerprint(visual)  # before the move, so fp32 CPU weights are hashed on every machine
-    return OpenClipPrior(spec, visual.to(torch_device), preprocessing, fingerprint, torch_device, precision)
+    visual = visual.to(torch_device)
+    try:
+        # Not every open_clip tower exposes its output size (timm ones do not); one probe forward
+        # finds it, and shows now rather than mid-shard that the model runs at this input size.
+        with torch.inference_mode(), _autocast(torch_device, precision):
+            probe = visual(torch.zeros(1, 3, *preprocessing.image_size, device=torch_device))
+    except RuntimeError as err:
+        raise PriorError(
+            f"{spec.model} does not run on {preprocessing.image_size[0]}x{preprocessing.image_size[1]} images: "
+            f"{_first_lines(err)}",
+            hint="Pick another --image-size (at least the model's patch size), or leave it at the model's default.",
+        ) from err
+    return OpenClipPrior(spec, visual, preprocessing, probe.shape[-1], fingerprint, torch_device, precision)
 
 
 def _create_open_clip_model(spec: PriorSpec) -> torch.nn.Module:
@@ -188,8 +199,10 @@ def _create_open_clip_model(spec: PriorSpec) -> torch.nn.Module:
     except Exception as err:  # open_clip reports every failure as RuntimeError/OSError/ValueError and kin
         reason = _first_lines(err)
         if spec.checkpoint:
-            raise PriorError(f"The checkpoint {spec.checkpoint} does not fit {spec.model}: {reason}",
-                             hint=f"The file must hold a state dict of the whole open_clip {spec.model} model.") from err
+            raise PriorError(
+                f"The checkpoint {spec.checkpoint} does not fit {spec.model}: {reason}",
+                hint=f"The file must hold a state dict of the whole open_clip {spec.model} model.",
+            ) from err
         if spec.pretrained:
             hub_file = open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("hf_hub", "").rstrip("/")
             raise PriorError(

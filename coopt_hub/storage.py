@@ -29,7 +29,8 @@ HEADER_KEY = "coopt"
 # Tensor name -> stored dtype, per file.
 _TARGET_TENSORS = {"ids": np.int64, "raw": np.float16, "aligned": np.float16}
 _ANCHOR_TENSORS = {"ids": np.int64, "features": np.float32, "projected": np.float32}
-_REFRESH_HINT = "Run `coopt-hub optimize` for this shard again (finished chunks are kept) or download the branch again."
+_REFRESH_HINT = ("Run `coopt-hub optimize` for this shard again (finished chunks are kept), "
+                 "or download the branch again.")
 
 
 def shard_branch(k: int) -> str:

@@ -106,6 +106,8 @@ def test_projection_is_shared_by_equal_output_sizes():
     (dict(anchors=1.5), PlanError, "fraction"),
     (dict(anchors=0.0), PlanError, "fraction"),
     (dict(dim=0), ConfigError, "dimension"),
+    (dict(seed=-1), ConfigError, "seed"),
+    (dict(seed=1.5), ConfigError, "seed"),
     (dict(temperature=0.0), ConfigError, "temperature"),
     (dict(temperature=float("nan")), ConfigError, "temperature"),
     (dict(source_revision="main"), PlanError, "commit sha"),

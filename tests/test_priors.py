@@ -89,6 +89,12 @@ def test_unknown_model_points_to_the_list():
     assert "open_clip.list_models()" in info.value.hint
 
 
+def test_input_size_the_model_cannot_take():
+    with pytest.raises(PriorError, match="ViT-S-32 does not run on 16x16 images") as info:
+        load_prior(PriorSpec(model="ViT-S-32", image_size=16))
+    assert "--image-size" in info.value.hint
+
+
 def test_pretrained_weights_that_cannot_be_downloaded():
     with pytest.raises(PriorError, match="could not be downloaded") as info:
         load_prior(PriorSpec(model="ViT-B-32", pretrained="openai"))
