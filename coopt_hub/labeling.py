@@ -1,0 +1,366 @@
+"""Reader -> prior -> writer: encode a participant's chunks of images, resumably.
+
+A job is cut into chunks (one per storage unit of the shard, plus fixed-size slices of the anchors).
+Chunk i belongs to rank i % world_size, and a chunk's batches are cut from the chunk alone, so every
+image meets the prior in the same batch whatever the number of processes: the outputs do not depend
+on how the job was distributed.
+
+Each finished chunk is written to the ChunkStore, data first and its completion marker after, both
+by atomic rename; a rerun skips chunks that have a marker. Reading, decoding and preprocessing run
+on background threads while the calling thread runs the forward pass, and a writer thread stores
+finished chunks, so the prior is never left waiting on I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+from tqdm.auto import tqdm
+
+from coopt_hub.align import normalize
+from coopt_hub.errors import BadImageError, PriorError, ShardFileError
+from coopt_hub.priors import Prior
+from coopt_hub.source import decode_image
+
+T = TypeVar("T")
+
+# Anchors are cut into slices of this many rows, so that S is spread over the processes too and an
+# interrupted run keeps most of it.
+ANCHOR_CHUNK_ROWS = 256
+
+
+class Collective(Protocol):
+    """The few collective operations a distributed job needs; every rank calls each in the same order."""
+
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
+
+    def all_gather(self, value: T) -> list[T]: ...
+
+    def broadcast(self, value: T | None, src: int) -> T: ...
+
+
+@dataclass(frozen=True)
+class SingleProcess:
+    """The collective of a job that runs in one process."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        return None
+
+    def all_gather(self, value: T) -> list[T]:
+        return [value]
+
+    def broadcast(self, value: T | None, src: int) -> T:
+        return value
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """One unit of resumable work: `load()` returns the image cells of `ids`, in that order."""
+
+    name: str
+    ids: np.ndarray
+    load: Callable[[], Sequence[Any]] = field(repr=False)
+
+
+@dataclass
+class ChunkOutput:
+    name: str
+    ids: np.ndarray  # int64, the encoded rows in chunk order (undecodable ones left out)
+    features: np.ndarray  # float32 [len(ids), output_dim], L2-normalised prior outputs
+    bad_ids: np.ndarray  # int64, rows whose image could not be decoded
+
+
+@dataclass
+class LabelingStats:
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    images: int = 0  # images encoded by this call
+    seconds: float = 0.0
+    bad_ids: list[int] = field(default_factory=list)  # over this rank's finished chunks, reused ones included
+
+
+class ChunkStore:
+    """Chunk outputs under one directory: `chunks/{name}.safetensors`, completed by `done/{name}.json`."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.chunks = self.directory / "chunks"
+        self.markers = self.directory / "done"
+
+    def data_path(self, name: str) -> Path:
+        return self.chunks / f"{name}.safetensors"
+
+    def marker_path(self, name: str) -> Path:
+        return self.markers / f"{name}.json"
+
+    def marker(self, name: str) -> dict[str, Any] | None:
+        """The completion marker, or None while the chunk is unfinished."""
+        try:
+            return json.loads(self.marker_path(name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def is_complete(self, name: str) -> bool:
+        return self.marker_path(name).is_file() and self.data_path(name).is_file()
+
+    def write(self, output: ChunkOutput) -> None:
+        data = save_tensors(
+            {
+                "ids": np.ascontiguousarray(output.ids, dtype=np.int64),
+                "features": np.ascontiguousarray(output.features, dtype=np.float32),
+                "bad_ids": np.ascontiguousarray(output.bad_ids, dtype=np.int64),
+            }
+        )
+        marker = {"sha256": hashlib.sha256(data).hexdigest(), "rows": int(len(output.ids)),
+                  "bad_ids": [int(i) for i in output.bad_ids]}
+        self.put(output.name, data, marker)
+
+    def put(self, name: str, data: bytes, marker: dict[str, Any]) -> None:
+        """Store a chunk's bytes, then its marker: a marker never points at missing or partial data."""
+        _write_atomically(self.data_path(name), data)
+        _write_atomically(self.marker_path(name), json.dumps(marker, sort_keys=True).encode())
+
+    def export(self, name: str) -> tuple[bytes, dict[str, Any]]:
+        """The chunk as it travels between machines: its bytes and its marker."""
+        marker = self.marker(name)
+        if marker is None:
+            raise ShardFileError(f"Chunk {name} is not finished in {self.directory}.")
+        return self.data_path(name).read_bytes(), marker
+
+    def read(self, name: str) -> ChunkOutput:
+        data, marker = self.export(name)
+        if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+            # Forget the damaged chunk so the next run computes it again instead of failing here again.
+            self.marker_path(name).unlink(missing_ok=True)
+            raise ShardFileError(
+                f"Chunk file {self.data_path(name)} is damaged (checksum mismatch); it has been discarded.",
+                hint="Rerun the same command: only that chunk is computed again.",
+            )
+        tensors = load_tensors(data)
+        return ChunkOutput(name=name, ids=tensors["ids"], features=tensors["features"], bad_ids=tensors["bad_ids"])
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique per process and thread: ranks sharing a work directory never write the same temp file.
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def rank_chunks(chunks: Sequence[Chunk], rank: int, world_size: int) -> list[Chunk]:
+    """The chunks rank `rank` encodes: chunk i goes to rank i % world_size."""
+    return list(chunks[rank::world_size])
+
+
+@dataclass
+class _Batch:
+    chunk: Chunk
+    last: bool
+    prepared: Future  # -> (pixels | None, kept ids, bad ids)
+
+
+@dataclass
+class _ReaderFailed:
+    error: BaseException
+
+
+_END = object()
+
+
+def _prepare(prior: Prior, cells: Sequence[Any], ids: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray, list[int]]:
+    """Decode and preprocess one batch; undecodable images are reported, not raised."""
+    tensors, kept, bad = [], [], []
+    for cell, sample_id in zip(cells, ids):
+        try:
+            image = decode_image(cell, int(sample_id))
+        except BadImageError:
+            bad.append(int(sample_id))
+            continue
+        tensors.append(prior.preprocess(image))
+        kept.append(int(sample_id))
+    pixels = torch.stack(tensors) if tensors else None
+    return pixels, np.asarray(kept, dtype=np.int64), bad
+
+
+def _encode(prior: Prior, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        output = prior.encode_batch(pixels)
+    features = output.detach().to(device="cpu", dtype=torch.float32).numpy()
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():
+        bad = [int(i) for i in ids[~finite]]
+        raise PriorError(
+            f"The prior produced NaN or infinite outputs for {len(bad)} sample(s): ids {_id_list(bad)}.",
+            hint="Check the checkpoint; with --precision fp16 try bf16 or fp32, which do not overflow.",
+        )
+    return normalize(features)
+
+
+def _id_list(ids: Sequence[int], limit: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def label_chunks(
+    prior: Prior,
+    chunks: Sequence[Chunk],
+    store: ChunkStore,
+    *,
+    batch_size: int,
+    workers: int,
+    stop_on_bad_image: bool = False,
+    progress: bool = False,
+) -> LabelingStats:
+    """Encode every chunk that `store` does not hold yet, and store it.
+
+    `workers` threads decode and preprocess batches ahead of the prior. With `stop_on_bad_image`,
+    the first chunk that holds an undecodable image is still stored (nothing is lost) and then no
+    further chunk is started, so a broken source is reported early.
+    """
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}.")
+    stats = LabelingStats()
+    todo: list[Chunk] = []
+    for chunk in chunks:
+        marker = store.marker(chunk.name) if store.is_complete(chunk.name) else None
+        if marker is None:
+            todo.append(chunk)
+            continue
+        stats.reused.append(chunk.name)
+        stats.bad_ids.extend(marker["bad_ids"])
+        if stop_on_bad_image and marker["bad_ids"]:
+            return stats
+    if not todo:
+        return stats
+
+    started = time.perf_counter()
+    stop = threading.Event()
+    # Room for one batch being encoded and one ready per worker: enough to keep the prior fed,
+    # few enough that prefetched pixels stay a small multiple of one batch.
+    batches: queue.Queue = queue.Queue(maxsize=workers + 1)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coopt-write")
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                batches.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in todo:
+                if stop.is_set():
+                    return
+                cells = chunk.load()
+                if len(cells) != len(chunk.ids):
+                    raise ShardFileError(f"Chunk {chunk.name} loaded {len(cells)} images for {len(chunk.ids)} ids.")
+                starts = range(0, len(chunk.ids), batch_size)
+                for start in starts:
+                    stop_at = start + batch_size
+                    future = pool.submit(_prepare, prior, cells[start:stop_at], chunk.ids[start:stop_at])
+                    if not offer(_Batch(chunk, last=stop_at >= len(chunk.ids), prepared=future)):
+                        return
+            offer(_END)
+        except BaseException as err:  # noqa: BLE001 - handed to the encoding thread, which raises it
+            offer(_ReaderFailed(err))
+
+    reader = threading.Thread(target=read, name="coopt-read", daemon=True)
+    writes: list[Future] = []
+    bar = tqdm(total=int(sum(len(c.ids) for c in todo)), unit="img", desc="encoding", disable=not progress,
+               dynamic_ncols=True)
+    reader.start()
+    try:
+        ids_parts: list[np.ndarray] = []
+        feature_parts: list[np.ndarray] = []
+        bad_ids: list[int] = []
+        while True:
+            item = batches.get()
+            if item is _END:
+                break
+            if isinstance(item, _ReaderFailed):
+                raise item.error
+            pixels, kept, bad = item.prepared.result()
+            if pixels is not None:
+                feature_parts.append(_encode(prior, pixels, kept))
+                ids_parts.append(kept)
+                stats.images += len(kept)
+            bad_ids.extend(bad)
+            bar.update(len(kept) + len(bad))
+            if not item.last:
+                continue
+            output = ChunkOutput(
+                name=item.chunk.name,
+                ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64),
+                features=np.concatenate(feature_parts) if feature_parts else np.zeros((0, prior.output_dim), np.float32),
+                bad_ids=np.asarray(bad_ids, dtype=np.int64),
+            )
+            writes.append(writer.submit(store.write, output))
+            stats.computed.append(item.chunk.name)
+            stats.bad_ids.extend(bad_ids)
+            if stop_on_bad_image and bad_ids:
+                break
+            ids_parts, feature_parts, bad_ids = [], [], []
+            # Surface a failed write now rather than after the whole shard.
+            for done in [w for w in writes if w.done()]:
+                done.result()
+    finally:
+        stop.set()
+        reader.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
+        bar.close()
+    for write in writes:
+        write.result()
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def collect_chunks(store: ChunkStore, names: Sequence[str], collective: Collective, root: int = 0) -> None:
+    """Bring every chunk in `names` into `root`'s store, from whichever rank holds it.
+
+    Nothing travels when the ranks share the work directory. Otherwise each missing chunk is
+    broadcast by one rank that has it, one chunk at a time, so no message exceeds one chunk.
+    """
+    held = collective.all_gather(sorted(name for name in names if store.is_complete(name)))
+    held_sets = [set(names_of_rank) for names_of_rank in held]
+    for name in names:
+        if name in held_sets[root]:
+            continue
+        owner = next((rank for rank, names_of_rank in enumerate(held_sets) if name in names_of_rank), None)
+        if owner is None:
+            raise ShardFileError(f"No process holds a finished chunk {name}.", hint="Rerun the same command.")
+        payload = collective.broadcast(store.export(name) if collective.rank == owner else None, src=owner)
+        if collective.rank == root:
+            store.put(name, *payload)
