@@ -1,0 +1,86 @@
+"""Command-line options of the training recipes, defined once for every script that trains."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from coopt_hub.training.data import TARGET_KINDS
+from coopt_hub.training.objectives import OBJECTIVES, ByolConfig
+from coopt_hub.training.probe import ProbeConfig
+from coopt_hub.training.trainer import PRECISIONS, TrainConfig
+
+DEFAULTS = TrainConfig(epochs=1)  # read for its defaults only; the run length is the user's
+
+
+def _model_kwarg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers, booleans, lists; anything else stays a string
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="merged CoOpt dataset repo, e.g. org/digits-coopt")
+    parser.add_argument("--revision", default=None, help="tag, branch or commit of the merge (e.g. v1)")
+    parser.add_argument("--image-size", type=int, default=32, help="images are decoded once at this size")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, objective: bool = True) -> None:
+    """Options shared by the recipes; `objective=False` leaves out the ones a comparison varies."""
+    if objective:
+        parser.add_argument("--objective", choices=OBJECTIVES, default=DEFAULTS.objective)
+        parser.add_argument("--targets", choices=TARGET_KINDS, default=DEFAULTS.targets,
+                            help="coopt only: aligned targets, or the raw (unaligned) ones")
+    parser.add_argument("--arch", default=DEFAULTS.arch, help="any timm architecture name")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds of training (probe and checkpoints excluded)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="per process")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULTS.precision)
+    parser.add_argument("--eval-points", type=int, default=DEFAULTS.eval_points,
+                        help="linear-probe evaluations spread over the run (time-to-accuracy)")
+    parser.add_argument("--probe-epochs", type=int, default=ProbeConfig().epochs)
+    parser.add_argument("--output", default=None, metavar="DIR", help="checkpoint directory")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                        help="default: at the end of every epoch")
+    parser.add_argument("--small-stem", action=argparse.BooleanOptionalAction, default=None,
+                        help="small-image stem (default: on at 64 px and below)")
+    parser.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    parser.add_argument("--model-kwarg", type=_model_kwarg, action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to timm.create_model, e.g. --model-kwarg patch_size=4 (repeatable)")
+    parser.add_argument("--byol-hidden-dim", type=int, default=ByolConfig().hidden_dim)
+    parser.add_argument("--byol-projection-dim", type=int, default=ByolConfig().projection_dim)
+
+
+def config_from_arguments(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
+    values = dict(
+        arch=args.arch,
+        epochs=args.epochs,
+        time_budget=args.time_budget,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        precision=args.precision,
+        eval_points=args.eval_points,
+        output_dir=args.output,
+        checkpoint_every=args.checkpoint_every,
+        resume=getattr(args, "resume", False),
+        small_stem=args.small_stem,
+        pretrained=args.pretrained,
+        model_kwargs=dict(args.model_kwarg),
+        probe=ProbeConfig(epochs=args.probe_epochs),
+        byol=ByolConfig(hidden_dim=args.byol_hidden_dim, projection_dim=args.byol_projection_dim),
+    )
+    if hasattr(args, "objective"):
+        values.update(objective=args.objective, targets=args.targets)
+    values.update(overrides)
+    return TrainConfig(**values)
