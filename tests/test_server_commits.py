@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -160,3 +162,42 @@ def test_upload_folder(hf_api, dataset, tmp_path):
     hf_api.upload_folder(folder_path=tmp_path, repo_id=dataset, repo_type="dataset", path_in_repo="up")
     files = set(hf_api.list_repo_files(dataset, repo_type="dataset"))
     assert {"up/data.parquet", *(f"up/sub/{i}.txt" for i in range(5))} <= files
+
+
+CRASH_MID_COMMIT = """
+import os, sys
+from coopt_hub.server.names import RepoId
+from coopt_hub.server.storage import AddFile, GitRepo, HubStorage
+
+def killed_while_moving_the_ref(self, ref, old, new):
+    (self.path / (ref + ".lock")).write_text(new)
+    os._exit(3)
+
+GitRepo._move_ref = killed_while_moving_the_ref
+namespace, name = sys.argv[2].split("/")
+repo = HubStorage(sys.argv[1]).open(RepoId("dataset", namespace, name))
+repo.commit("main", [AddFile("half.txt", b"never visible")], "crashing", "", None, "coopt")
+"""
+
+
+def test_a_writer_killed_mid_commit_leaves_no_trace(hf_api, dataset, hub_server):
+    hf_api.upload_file(path_or_fileobj=b"before", path_in_repo="a.txt", repo_id=dataset, repo_type="dataset")
+    before = [c.commit_id for c in hf_api.list_repo_commits(dataset, repo_type="dataset")]
+    crashed = subprocess.run([sys.executable, "-c", CRASH_MID_COMMIT, str(hub_server.root), dataset], timeout=60)
+    assert crashed.returncode == 3
+    assert [c.commit_id for c in hf_api.list_repo_commits(dataset, repo_type="dataset")] == before
+    assert "half.txt" not in hf_api.list_repo_files(dataset, repo_type="dataset")
+    after = hf_api.upload_file(path_or_fileobj=b"after", path_in_repo="b.txt", repo_id=dataset, repo_type="dataset")
+    assert hf_api.list_repo_commits(dataset, repo_type="dataset")[1].commit_id == before[0]
+    assert hf_api.dataset_info(dataset).sha == after.oid
+
+
+def test_unicode_and_special_paths(hf_api, dataset):
+    names = ["données/été.txt", "with space/a+b=c.txt", "hash#and%percent.txt", "日本/語.json"]
+    hf_api.create_commit(dataset, repo_type="dataset", commit_message="names",
+                         operations=[CommitOperationAdd(name, name.encode()) for name in names])
+    assert set(names) <= set(hf_api.list_repo_files(dataset, repo_type="dataset"))
+    for name in names:
+        assert _read(dataset, name) == name.encode()
+    assert hf_api.file_exists(dataset, names[0], repo_type="dataset")
+    assert not hf_api.file_exists(dataset, "données/absent.txt", repo_type="dataset")

@@ -134,6 +134,9 @@ class HubHTTPServer(ThreadingHTTPServer):
 class HubRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses connections
     server_version = "coopt-hub"
+    # Seconds a connection may stay silent (idle keep-alive, stalled upload) before it is dropped,
+    # so vanished clients do not pin threads forever.
+    timeout = 300
     server: HubHTTPServer
 
     def do_GET(self) -> None:

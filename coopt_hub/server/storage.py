@@ -58,6 +58,7 @@ _LFS_POINTER = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid 
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_POINTER_SIZE = 200
+_ABANDONED_AFTER_S = 3600
 _DIR_MODE = 0o040000
 _FILE_MODE = 0o100644
 
@@ -565,8 +566,21 @@ class HubStorage:
         self.trash_dir = self.root / "trash"
         self.repos_dir.mkdir(parents=True, exist_ok=True)
         self.trash_dir.mkdir(exist_ok=True)
-        for leftover in self.trash_dir.iterdir():  # deletions or creations a crash interrupted
-            shutil.rmtree(leftover, ignore_errors=True)
+        self._sweep_trash()
+
+    def _sweep_trash(self) -> None:
+        """Finish deletions and drop creations a crash interrupted.
+
+        Another process may share this root and be creating a repo right now, so a staging dir is
+        removed only once it is clearly abandoned; removing a deleted repo twice is harmless.
+        """
+        for leftover in self.trash_dir.iterdir():
+            try:
+                abandoned = time.time() - leftover.stat().st_mtime > _ABANDONED_AFTER_S
+            except FileNotFoundError:
+                continue
+            if leftover.name.startswith("deleted-") or abandoned:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def repo_path(self, repo_id: RepoId) -> Path:
         return self.repos_dir / PLURALS[repo_id.type] / repo_id.namespace / f"{repo_id.name}.git"
