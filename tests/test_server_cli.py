@@ -32,7 +32,8 @@ def test_hf_cli_upload_and_download(hf_api, repo_id, tmp_path):
     assert {"remote/hello.txt", "remote/blob.parquet"} <= set(hf_api.list_repo_files(repo_id, repo_type="dataset"))
     _run_hf("download", repo_id, "--repo-type", "dataset", "--local-dir", "down", cwd=tmp_path)
     assert (tmp_path / "down" / "remote" / "hello.txt").read_text() == "hello from hf"
-    assert (tmp_path / "down" / "remote" / "blob.parquet").read_bytes() == (tmp_path / "up" / "blob.parquet").read_bytes()
+    downloaded = tmp_path / "down" / "remote" / "blob.parquet"
+    assert downloaded.read_bytes() == (tmp_path / "up" / "blob.parquet").read_bytes()
 
 
 @pytest.fixture

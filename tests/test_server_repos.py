@@ -128,3 +128,35 @@ def test_reserved_namespace_is_refused(hf_api):
     with pytest.raises(HfHubHTTPError) as info:
         hf_api.create_repo("api/x", repo_type="dataset")
     assert info.value.response.status_code == 400
+
+
+def test_card_data_comes_from_the_readme_metadata(hf_api, repo_id):
+    hf_api.create_repo(repo_id, repo_type="dataset")
+    readme = b"---\nlicense: mit\ntags:\n- coopt\n---\n# Title\n"
+    hf_api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=repo_id, repo_type="dataset")
+    card = hf_api.dataset_info(repo_id).card_data
+    assert card.license == "mit" and card.tags == ["coopt"]
+
+
+def test_readme_with_broken_metadata_is_refused(hf_api, repo_id):
+    hf_api.create_repo(repo_id, repo_type="dataset")
+    with pytest.raises(ValueError, match="YAML"):
+        hf_api.upload_file(path_or_fileobj=b"---\nkey: [unclosed\n---\n", path_in_repo="README.md",
+                           repo_id=repo_id, repo_type="dataset")
+
+
+def test_existence_checks(hf_api, repo_id):
+    assert not hf_api.repo_exists(repo_id, repo_type="dataset")
+    hf_api.create_repo(repo_id, repo_type="dataset")
+    assert hf_api.repo_exists(repo_id, repo_type="dataset")
+    assert hf_api.revision_exists(repo_id, "main", repo_type="dataset")
+    assert not hf_api.revision_exists(repo_id, "nope", repo_type="dataset")
+    assert hf_api.file_exists(repo_id, ".gitattributes", repo_type="dataset")
+
+
+def test_space_repos_are_plain_git_repos(hf_api, repo_id):
+    hf_api.create_repo(repo_id, repo_type="space", space_sdk="static")
+    hf_api.upload_file(path_or_fileobj=b"<html></html>", path_in_repo="index.html", repo_id=repo_id,
+                       repo_type="space")
+    assert "index.html" in hf_api.list_repo_files(repo_id, repo_type="space")
+    assert hf_hub_download(repo_id, "index.html", repo_type="space")

@@ -18,8 +18,8 @@ from coopt_hub.server import HubServer
 from tests.conftest import HUB_TOKEN
 
 
-def raw(endpoint: str, method: str, path: str, body: bytes | Iterable[bytes] | None = None, token: str | None = HUB_TOKEN,
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw(endpoint: str, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
+        token: str | None = HUB_TOKEN, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """One request with the path sent byte for byte (no client-side normalisation of `..`)."""
     url = urlparse(endpoint)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from urllib.parse import unquote
 
 from coopt_hub.server.auth import Auth, require_user
+from coopt_hub.server.cards import CardMetadataError, card_metadata
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found
 from coopt_hub.server.http import Request, Response, json_response, ranged
 from coopt_hub.server.names import (
@@ -46,59 +47,56 @@ class HubApi:
     def __init__(self, storage: HubStorage, auth: Auth):
         self.storage = storage
         self.auth = auth
-
-    # ---- routing ---------------------------------------------------------------------------
-
-    def dispatch(self, request: Request) -> Response:
-        request.user = self.auth.user_for(request.headers.get("Authorization"))
-        handler, args = self._route(request.method, request.segments)
-        return handler(request, *args)
-
-    def _route(self, method: str, segments: list[str]) -> tuple[Callable[..., Response], list]:
-        if segments[:1] == ["api"]:
-            return self._route_api(method, segments[1:])
-        return self._route_web(method, segments)
-
-    def _route_api(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list]:
-        fixed = {
+        self._fixed_routes = {
             ("GET", "whoami-v2"): self.whoami,
             ("POST", "validate-yaml"): self.validate_yaml,
             ("POST", "repos/create"): self.create_repo,
             ("POST", "repos/delete"): self.delete_repo,
             ("DELETE", "repos/delete"): self.delete_repo,
         }
-        if (method, "/".join(s)) in fixed:
-            return fixed[(method, "/".join(s))], []
-        if len(s) >= 3 and s[0] in TYPES_BY_PLURAL:
-            repo = (TYPES_BY_PLURAL[s[0]], unquote(s[1]), unquote(s[2]))
-            rest = s[3:]
-            action = rest[0] if rest else ""
-            args = [unquote(part) for part in rest[1:2]]
-            routes: dict[tuple[str, str, int], Callable[..., Response]] = {
-                ("GET", "", 0): self.repo_info,
-                ("GET", "revision", 1): self.repo_info,
-                ("GET", "refs", 0): self.list_refs,
-                ("GET", "commits", 1): self.list_commits,
-                ("POST", "paths-info", 1): self.paths_info,
-                ("POST", "preupload", 1): self.preupload,
-                ("POST", "commit", 1): self.commit,
-                ("POST", "branch", 1): self.create_branch,
-                ("DELETE", "branch", 1): self.delete_branch,
-                ("POST", "tag", 1): self.create_tag,
-                ("DELETE", "tag", 1): self.delete_tag,
-                ("PUT", "settings", 0): self.update_settings,
-            }
-            if action == "tree" and len(rest) >= 2 and method == "GET":
-                # The sub-path arrives as one encoded segment (`data%2Fsub`), or as several.
-                return self.list_tree, [repo, unquote(rest[1]), unquote("/".join(rest[2:]))]
-            if action == "commits" and len(rest) == 1 and method == "GET":
-                return self.list_commits, [repo, DEFAULT_BRANCH]
-            handler = routes.get((method, action, len(rest) - 1 if rest else 0))
-            if handler is not None:
-                return handler, [repo, *args]
-        raise _no_route(method, s)
+        # (method, action after /api/{t}/{ns}/{name}/, number of segments after the action)
+        self._repo_routes: dict[tuple[str, str, int], Callable[..., Response]] = {
+            ("GET", "", 0): self.repo_info,
+            ("GET", "revision", 1): self.repo_info,
+            ("GET", "refs", 0): self.list_refs,
+            ("GET", "commits", 0): self.list_commits,
+            ("GET", "commits", 1): self.list_commits,
+            ("POST", "paths-info", 1): self.paths_info,
+            ("POST", "preupload", 1): self.preupload,
+            ("POST", "commit", 1): self.commit,
+            ("POST", "branch", 1): self.create_branch,
+            ("DELETE", "branch", 1): self.delete_branch,
+            ("POST", "tag", 1): self.create_tag,
+            ("DELETE", "tag", 1): self.delete_tag,
+            ("PUT", "settings", 0): self.update_settings,
+        }
 
-    def _route_web(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list]:
+    # ---- routing ---------------------------------------------------------------------------
+
+    def dispatch(self, request: Request) -> Response:
+        request.user = self.auth.user_for(request.headers.get("Authorization"))
+        s = request.segments
+        route = self._route_api(request.method, s[1:]) if s[:1] == ["api"] else self._route_web(request.method, s)
+        if route is None:
+            raise HubError(404, f"No endpoint for {request.method} /{'/'.join(s)}.", "NotFound")
+        handler, args = route
+        return handler(request, *args)
+
+    def _route_api(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list] | None:
+        fixed = self._fixed_routes.get((method, "/".join(s)))
+        if fixed is not None:
+            return fixed, []
+        if len(s) < 3 or s[0] not in TYPES_BY_PLURAL:
+            return None
+        repo = (TYPES_BY_PLURAL[s[0]], unquote(s[1]), unquote(s[2]))
+        action, rest = (s[3], s[4:]) if len(s) > 3 else ("", [])
+        if action == "tree" and rest and method == "GET":
+            # The sub-path arrives as one encoded segment (`data%2Fsub`), or as several.
+            return self.list_tree, [repo, unquote(rest[0]), unquote("/".join(rest[1:]))]
+        handler = self._repo_routes.get((method, action, len(rest)))
+        return (handler, [repo, *map(unquote, rest)]) if handler is not None else None
+
+    def _route_web(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list] | None:
         repo_type = "model"
         if s and s[0] in ("datasets", "spaces"):
             repo_type, s = TYPES_BY_PLURAL[s[0]], s[1:]
@@ -114,7 +112,7 @@ class HubApi:
                 return self.lfs_upload, [repo, lfs[0]]
             if method == "POST" and len(lfs) == 2 and lfs[1] == "verify":
                 return self.lfs_verify, [repo, lfs[0]]
-        raise _no_route(method, s)
+        return None
 
     # ---- access ----------------------------------------------------------------------------
 
@@ -142,7 +140,14 @@ class HubApi:
         })
 
     def validate_yaml(self, request: Request) -> Response:
-        request.json()
+        # The client reads this body as JSON before it looks at the status, so errors stay JSON too.
+        content = request.json().get("content")
+        if not isinstance(content, str):
+            raise bad_request("validate-yaml expects {'content': <README text>, 'repoType': ...}.")
+        try:
+            card_metadata(content)
+        except CardMetadataError as err:
+            return json_response({"errors": [{"message": str(err)}]}, 400)
         return json_response({})
 
     def create_repo(self, request: Request) -> Response:
@@ -198,11 +203,12 @@ class HubApi:
                     sibling["lfs"] = {"sha256": entry.lfs_oid, "size": entry.size, "pointerSize": entry.pointer_size}
             siblings.append(sibling)
         repo_id = git_repo.repo_id
+        card = _card_data(git_repo, sha)
         return json_response({
             "_id": f"{repo_id.type}:{repo_id.id}", "id": repo_id.id, "author": repo_id.namespace, "sha": sha,
             "lastModified": iso_date(commit.timestamp), "createdAt": settings.get("createdAt"),
             "private": bool(settings.get("private")), "gated": False, "disabled": False, "tags": [],
-            "downloads": 0, "likes": 0, "siblings": siblings,
+            "downloads": 0, "likes": 0, "siblings": siblings, **({"cardData": card} if card is not None else {}),
         })
 
     # ---- refs and history ------------------------------------------------------------------
@@ -218,7 +224,7 @@ class HubApi:
                                     for r in groups["pullRequests"]]
         return json_response(data)
 
-    def list_commits(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
+    def list_commits(self, request: Request, repo: tuple[str, str, str], revision: str = DEFAULT_BRANCH) -> Response:
         git_repo = self._open(request, repo)
         sha = git_repo.resolve(revision)
         return json_response([
@@ -309,7 +315,8 @@ class HubApi:
         if entry.lfs_oid:
             lfs_file = git_repo.lfs_path(entry.lfs_oid)
             if not git_repo.has_lfs(entry.lfs_oid, entry.size):
-                raise HubError(500, f"The LFS object of {path!r} is missing from the server's storage.")
+                raise HubError(500, f"The LFS object of {path!r} is missing from the server's storage.",
+                               "LfsObjectMissing")
             return Response(status, headers=headers, file=lfs_file, offset=offset, length=length)
         if request.method == "HEAD":
             return Response(status, headers=headers, length=length)
@@ -395,6 +402,8 @@ class HubApi:
         except HubError:
             raise repo_not_found(f"{repo[1]}/{repo[2]}") from None
         size_text = request.param("size") or ""
+        if not is_sha256(oid) or not size_text.isdigit():
+            raise bad_request("An LFS upload URL names a sha256 oid and a size; ask the batch endpoint for one.")
         self.auth.check_signature(request.param("expires") or "", request.param("sig") or "",
                                   repo_id.web_path, oid, size_text)
         git_repo = self.storage.open(repo_id)
@@ -412,8 +421,15 @@ class HubApi:
         return json_response({}, headers={"Content-Type": _LFS_JSON})
 
 
-def _no_route(method: str, segments: list[str]) -> HubError:
-    return HubError(404, f"No endpoint for {method} /{'/'.join(segments)}.", "NotFound")
+def _card_data(git_repo: GitRepo, sha: str) -> dict | None:
+    """The README's metadata; a README the Hub would have refused (bad YAML) just has none."""
+    readme = git_repo.entry(sha, "README.md")
+    if readme is None or readme.type != "file" or readme.lfs_oid is not None:
+        return None
+    try:
+        return card_metadata(git_repo.read_blob(readme.oid).decode("utf-8", "replace"))
+    except CardMetadataError:
+        return None
 
 
 def _is_valid_path(path: str) -> bool:

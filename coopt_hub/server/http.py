@@ -162,7 +162,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             response = error_response(err)
         except Exception:  # noqa: BLE001 - a bug must cost one request, not the server
             logger.exception("Unhandled error for %s %s", method, self.path.partition("?")[0])
-            response = error_response(HubError(500, "Internal server error; the server log has the details."))
+            response = error_response(
+                HubError(500, "Internal server error; the server log has the details.", "InternalError"))
         if not self._body_done:
             # The unread body would be parsed as the next request: drop the connection instead.
             self.close_connection = True
