@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import httpx2
 import pytest
 from huggingface_hub import HfApi
 
@@ -107,3 +108,12 @@ def test_two_processes_on_one_root_lose_no_commit(serve_process, new_repo_id):
     assert errors == []
     titles = {c.title for c in process_api.list_repo_commits(repo, repo_type="dataset")}
     assert {f"writer {i}" for i in range(8)} <= titles
+
+
+def test_stop_ends_keep_alive_connections(tmp_path):
+    hub = HubServer(tmp_path / "root", tokens=["t"]).start()
+    with httpx2.Client() as client:
+        assert client.get(f"{hub.endpoint}/api/whoami-v2", headers={"Authorization": "Bearer t"}).status_code == 200
+        hub.stop()
+        with pytest.raises(httpx2.TransportError):
+            client.get(f"{hub.endpoint}/api/whoami-v2", headers={"Authorization": "Bearer t"})

@@ -135,9 +135,11 @@ def test_malformed_requests_are_400(hub_server, dataset, method, path, body):
     assert_clean_error(status, headers, data, 400)
 
 
-@pytest.mark.parametrize("path", ["/api/kernels/org/x", "/api/datasets/org", "/nothing/here", "/api/unknown"])
-def test_unknown_routes_are_404(hub_server, path):
-    status, headers, body = raw(hub_server.endpoint, "GET", path)
+@pytest.mark.parametrize("method, path", [("GET", "/api/kernels/org/x"), ("GET", "/api/datasets/org"),
+                                          ("GET", "/nothing/here"), ("GET", "/api/unknown"),
+                                          ("PATCH", "/api/repos/create"), ("OPTIONS", "/api/whoami-v2")])
+def test_unknown_routes_are_404(hub_server, method, path):
+    status, headers, body = raw(hub_server.endpoint, method, path)
     assert_clean_error(status, headers, body, 404)
 
 

@@ -81,6 +81,7 @@ class HubServer:
             self._httpd.shutdown()
             self._thread.join()
             self._thread = None
+        self._httpd.close_connections()
         self._httpd.server_close()
         self._httpd = None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
@@ -128,7 +130,29 @@ class HubHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], dispatch: Callable[[Request], Response], max_body_bytes: int):
         self.dispatch = dispatch
         self.max_body_bytes = max_body_bytes
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, HubRequestHandler)
+
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End keep-alive connections too: a stopped server must not go on answering old clients."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
@@ -153,6 +177,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._handle("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
 
     def _handle(self, method: str) -> None:
         self._body_done = not self._announces_body()
