@@ -10,7 +10,12 @@ import threading
 
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 
 @pytest.fixture
@@ -201,3 +206,27 @@ def test_unicode_and_special_paths(hf_api, dataset):
         assert _read(dataset, name) == name.encode()
     assert hf_api.file_exists(dataset, names[0], repo_type="dataset")
     assert not hf_api.file_exists(dataset, "données/absent.txt", repo_type="dataset")
+
+
+def test_deleting_a_repo_under_concurrent_writers(hf_api, dataset):
+    failures: list[Exception] = []
+
+    def write(i: int) -> None:
+        for j in range(3):
+            try:
+                hf_api.upload_file(path_or_fileobj=b"x", path_in_repo=f"{i}-{j}.txt", repo_id=dataset,
+                                   repo_type="dataset")
+            except RepositoryNotFoundError:
+                pass  # the repo was gone at that moment: the one acceptable failure
+            except Exception as err:  # noqa: BLE001 - collected and asserted below
+                failures.append(err)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    hf_api.delete_repo(dataset, repo_type="dataset")
+    hf_api.create_repo(dataset, repo_type="dataset")
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert hf_api.list_repo_commits(dataset, repo_type="dataset")[-1].title == "initial commit"

@@ -373,10 +373,20 @@ class GitRepo:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive per-repo lock across threads and processes (flock on a fresh descriptor)."""
-        fd = os.open(self.path / "coopt-hub.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock_path = self.path / "coopt-hub.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the repo directory itself is gone
+            raise repo_not_found(self.repo_id.id) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if not (self.path / "HEAD").exists():  # deleted while we waited
+            # Deleted while we waited (the directory moved to trash), perhaps even re-created under
+            # the same name: then our lock is on another repo's file and guards nothing.
+            try:
+                same_repo = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_repo = False
+            if not same_repo:
                 raise repo_not_found(self.repo_id.id)
             yield
         finally:
@@ -606,6 +616,7 @@ class HubStorage:
         for obj in (blob, tree, commit):
             git.object_store.add_object(obj)
         git.refs[f"refs/heads/{DEFAULT_BRANCH}".encode()] = commit.id
+        git.close()
         _write_json_atomic(staging / "coopt-hub.json", {"private": bool(private), "createdAt": iso_date(time.time())})
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
