@@ -106,3 +106,16 @@ def test_hf_file_system(dataset):
         assert f.read(5000) == WEIGHTS[200_000:205_000]
     assert sorted(fs.glob(f"{root}/**/*.txt")) == [f"{root}/data/notes.txt", f"{root}/data/sub/deep.txt"]
     assert fs.exists(f"{root}/README.md") and not fs.exists(f"{root}/nope.md")
+
+
+def test_nothing_mentions_xet(dataset, hub_server):
+    with httpx2.Client(base_url=hub_server.endpoint) as client:
+        bodies = [
+            client.get(f"/api/datasets/{dataset}/tree/main", params={"recursive": "true", "expand": "true"}),
+            client.post(f"/api/datasets/{dataset}/paths-info/main", data={"paths": ["data/train-00000.parquet"]}),
+            client.get(f"/api/datasets/{dataset}", params={"blobs": "true"}),
+            client.head(f"/datasets/{dataset}/resolve/main/data/train-00000.parquet"),
+        ]
+    for response in bodies:
+        assert response.status_code == 200
+        assert "xet" not in response.text.lower() and "xet" not in str(response.headers).lower()
