@@ -1,0 +1,563 @@
+"""Check a participant's upload by redoing part of its work: anyone can verify any shard.
+
+A shard's header declares the prior (spec and weight fingerprint) and the preprocessing that made
+its targets. Verification loads that prior, re-encodes a seeded sample of the shard's images (read
+from the units holding them only) and all anchors, and compares with what was pushed; it then
+recomputes from the pushed anchor outputs what the header claims about them (uniformity V, the
+alignment fit to the declared reference and its residual) and checks that the aligned targets are
+the raw targets mapped by that fit. Every figure is reported, so a reader sees how close a shard is.
+
+Honest shards reproduce to cosine ~0.9999999 (fp32) or ~0.9998 (bf16 autocast); noise of 5% of
+the row norm added to the targets gives ~0.9987, so the default threshold sits between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundError
+
+from coopt_hub.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.errors import BadImageError, ConfigError, PriorError, ShardFileError, VerificationError
+from coopt_hub.hub import Hub
+from coopt_hub.plan import Plan
+from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
+from coopt_hub.publish import load_anchors, load_plan
+from coopt_hub.source import decode_image, read_plan_unit
+from coopt_hub.status import header_problems
+from coopt_hub.storage import (
+    HEADER_KEY,
+    AnchorOutputs,
+    ShardHeader,
+    ShardResult,
+    read_shard,
+    remote_paths,
+    shard_branch,
+)
+
+PASSED, FAILED, UNVERIFIABLE, SKIPPED, MISSING = "pass", "fail", "cannot verify", "skipped", "missing"
+CHECKS = ("files", "prior", "targets", "anchors", "uniformity", "alignment")
+# Rows of aligned targets compared per matrix product: bounds the float32 temporaries.
+_ALIGN_CHUNK_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cosine: float = 0.999  # every compared row: re-encoded vs pushed targets/anchors, raw @ T vs aligned
+    tolerance: float = 1e-4  # |recomputed - declared| for V and the residual; relative error of projected anchors
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}.")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a non-negative number, got {self.tolerance}.")
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Per-row cosine between pushed vectors and the ones recomputed here."""
+
+    rows: int
+    min_cosine: float
+    mean_cosine: float
+    worst_id: int  # the sample id with the lowest cosine
+
+    @classmethod
+    def of(cls, pushed: np.ndarray, recomputed: np.ndarray, ids: np.ndarray) -> Agreement:
+        cosine = _row_cosines(pushed, recomputed)
+        worst = int(np.argmin(cosine))
+        return cls(len(cosine), float(cosine[worst]), float(cosine.mean()), int(ids[worst]))
+
+    def describe(self) -> str:
+        return (f"cosine min {self.min_cosine:.6f} (id {self.worst_id}), mean {self.mean_cosine:.6f} "
+                f"over {self.rows} rows")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # one of CHECKS
+    status: str  # PASSED | FAILED | UNVERIFIABLE | SKIPPED
+    message: str
+
+
+@dataclass
+class ShardVerification:
+    shard: int
+    branch: str
+    commit: str | None
+    checks: list[Check] = field(default_factory=list)
+    prior: dict[str, Any] | None = None
+    fingerprint: str | None = None  # declared in the header
+    loaded_fingerprint: str | None = None  # of the declared prior as loaded here
+    sample_ids: list[int] = field(default_factory=list)
+    targets: Agreement | None = None  # re-encoded sample vs pushed raw targets
+    anchors: Agreement | None = None  # re-encoded anchors vs pushed anchor features
+    aligned: Agreement | None = None  # pushed raw @ refitted T vs pushed aligned targets, every row
+    uniformity_delta: float | None = None  # |V recomputed from the pushed anchor features - V in the header|
+    residual_delta: float | None = None  # |residual of the refitted T - residual in the header|
+
+    @property
+    def status(self) -> str:
+        """FAILED if any check failed, else UNVERIFIABLE if one could not run, else PASSED (MISSING: no upload)."""
+        if not self.checks:
+            return MISSING
+        statuses = {check.status for check in self.checks}
+        if FAILED in statuses:
+            return FAILED
+        if UNVERIFIABLE in statuses:
+            return UNVERIFIABLE
+        return PASSED
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def check(self, name: str) -> Check | None:
+        return next((check for check in self.checks if check.name == name), None)
+
+    def problems(self) -> list[Check]:
+        return [check for check in self.checks if check.status in (FAILED, UNVERIFIABLE)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status
+        return data
+
+
+class PriorLoader:
+    """Loads each declared prior once; remembers the ones that cannot be loaded here, and why.
+
+    A declared checkpoint is a path on the participant's machine: with `checkpoint_dir`, a file of
+    the same name there is used instead. That is safe because the fingerprint check still has to pass.
+    """
+
+    def __init__(self, device: str = "cpu", checkpoint_dir: Path | None = None):
+        self.device = device
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._loaded: dict[PriorSpec, Prior | PriorError] = {}
+
+    def __call__(self, spec: PriorSpec) -> Prior:
+        local = self._local(spec)
+        if local not in self._loaded:
+            try:
+                self._loaded[local] = load_prior(local, self.device)
+            except PriorError as err:
+                self._loaded[local] = err
+        loaded = self._loaded[local]
+        if isinstance(loaded, PriorError):
+            raise loaded
+        return loaded
+
+    def _local(self, spec: PriorSpec) -> PriorSpec:
+        if spec.checkpoint and not os.path.isfile(spec.checkpoint) and self.checkpoint_dir is not None:
+            candidate = self.checkpoint_dir / Path(spec.checkpoint).name
+            if candidate.is_file():
+                return replace(spec, checkpoint=str(candidate))
+        return spec
+
+
+def _quiet(message: str) -> None:
+    """Default progress sink: library callers see nothing unless they ask."""
+
+
+def verify_repo(
+    hub: Hub,
+    repo: str,
+    *,
+    shards: Sequence[int] | None = None,
+    sample: int = 64,
+    seed: int = 0,
+    thresholds: Thresholds = Thresholds(),
+    priors: PriorLoader | None = None,
+    batch_size: int = 64,
+    progress: Callable[[str], None] = _quiet,
+) -> list[ShardVerification]:
+    """Verify `shards` (default: every shard of the plan) at their branch heads; unpushed ones come back MISSING."""
+    plan = load_plan(hub, repo)
+    wanted = list(range(plan.num_shards)) if shards is None else list(shards)
+    for k in wanted:
+        plan.shard_ids(k)  # PlanError for a shard the plan does not have, before any work
+    branches, _ = hub.refs(repo)
+    priors = priors or PriorLoader()
+    results = []
+    for k in wanted:
+        commit = branches.get(shard_branch(k))
+        if commit is None:
+            progress(f"Shard {k}: nothing pushed to {shard_branch(k)}.")
+            results.append(ShardVerification(k, shard_branch(k), None))
+            continue
+        progress(f"Shard {k}: verifying {shard_branch(k)}@{commit[:12]}.")
+        results.append(
+            verify_shard(hub, repo, plan, k, sample=sample, seed=seed, thresholds=thresholds, commit=commit,
+                         priors=priors, batch_size=batch_size)
+        )
+    return results
+
+
+def verify_shard(
+    hub: Hub,
+    repo: str,
+    plan: Plan,
+    shard: int,
+    sample: int = 64,
+    seed: int = 0,
+    *,
+    thresholds: Thresholds = Thresholds(),
+    commit: str | None = None,
+    files: tuple[ShardResult, AnchorOutputs] | None = None,
+    priors: PriorLoader | None = None,
+    batch_size: int = 64,
+) -> ShardVerification:
+    """Verify shard `shard` of `repo` as pushed at `commit` (default: its branch head).
+
+    `files` are the shard's files as `read_shard(..., verify=True)` returned them, when the caller
+    has them already: then nothing of the shard is downloaded and `commit` only labels the result.
+    The sampled images, the anchors and the declared reference's anchors come from the Hub either
+    way. Returns a MISSING verification (no checks) when nothing was pushed.
+    """
+    if sample < 1:
+        raise ValueError(f"The sample must hold at least one row, got {sample}.")
+    if batch_size < 1:
+        raise ValueError(f"The batch size must be at least 1, got {batch_size}.")
+    plan.shard_ids(shard)
+    branch = shard_branch(shard)
+    if files is None:
+        commit = commit or hub.head(repo, branch)
+        if commit is None:
+            return ShardVerification(shard, branch, None)
+    report = ShardVerification(shard, branch, commit)
+    if files is None:
+        try:
+            files = _download(hub, repo, shard, commit)
+        except RemoteEntryNotFoundError:
+            return report  # a branch without targets: nothing was pushed to it yet
+        except ShardFileError as err:
+            report.checks.append(Check("files", FAILED, str(err)))
+            _skip_rest(report, "the shard's files do not read")
+            return report
+    result, anchors = files
+    header = result.header
+    report.prior, report.fingerprint = header.prior, header.fingerprint
+    problems = header_problems(plan, shard, header) + _id_problems(plan, shard, result, anchors)
+    if problems:
+        report.checks.append(Check("files", FAILED, "; ".join(problems) + "."))
+        _skip_rest(report, "the files do not fit the plan")
+        return report
+    report.checks.append(Check("files", PASSED, f"{header.num_rows} rows and {anchors.ids.size} anchors fit the plan; "
+                                                 "checksums match."))
+
+    prior, preprocessing = _check_prior(header, priors or PriorLoader(), report)
+    _check_targets(plan, result, prior, preprocessing, sample, seed, batch_size, thresholds, hub.token, report)
+    _check_anchors(hub, repo, plan, anchors, prior, preprocessing, batch_size, thresholds, report)
+    _check_uniformity(plan, header, anchors, thresholds, report)
+    _check_alignment(hub, repo, plan, result, anchors, thresholds, report)
+    return report
+
+
+def failure_error(results: Sequence[ShardVerification], repo: str) -> VerificationError | None:
+    """The error to raise after reporting `results`, naming each shard's failed checks; None when all passed.
+
+    The figures behind each check are in `ShardVerification.problems()`, for the report shown first.
+    """
+    failed = [r for r in results if r.status == FAILED]
+    unverifiable = [r for r in results if r.status == UNVERIFIABLE]
+    if not failed and not unverifiable:
+        return None
+    parts = [f"shard {r.shard} {r.status} ({', '.join(c.name for c in r.problems())})" for r in failed + unverifiable]
+    if failed:
+        hint = (f"Do not merge shard(s) {', '.join(str(r.shard) for r in failed)}: their files are not what the "
+                "declared prior produces. Their owners must run `coopt-hub optimize --shard K --push --overwrite`.")
+    else:
+        hint = ("Obtain the declared weights (see each shard's prior) and rerun with --checkpoint-dir DIR, "
+                "or ask the participant to publish them.")
+    return VerificationError(f"Verification of {repo} did not pass: {'; '.join(parts)}.", hint=hint)
+
+
+# Files -------------------------------------------------------------------------------------------
+
+
+def _download(hub: Hub, repo: str, shard: int, commit: str) -> tuple[ShardResult, AnchorOutputs]:
+    """The shard's pair of files at `commit`, read and checked (ShardFileError when they do not read)."""
+    paths = remote_paths(shard)
+    with tempfile.TemporaryDirectory(prefix="coopt-verify-") as scratch:
+        hub.download(repo, paths.targets, commit, local_dir=Path(scratch))
+        try:
+            hub.download(repo, paths.anchors, commit, local_dir=Path(scratch))
+        except RemoteEntryNotFoundError as err:
+            raise ShardFileError(f"{paths.anchors} is missing from {shard_branch(shard)}@{commit[:12]}.") from err
+        return read_shard(Path(scratch) / Path(paths.targets).parent, verify=True)
+
+
+def _id_problems(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOutputs) -> list[str]:
+    problems = []
+    if not np.array_equal(result.ids, plan.shard_ids(shard)):
+        problems.append(f"its sample ids are not the plan's ids of shard {shard}")
+    if not np.array_equal(anchors.ids, np.asarray(plan.anchor_ids, dtype=np.int64)):
+        problems.append("its anchor outputs are not for the plan's anchor ids")
+    return problems
+
+
+def _skip_rest(report: ShardVerification, reason: str) -> None:
+    done = {check.name for check in report.checks}
+    report.checks.extend(Check(name, SKIPPED, f"not checked: {reason}.") for name in CHECKS if name not in done)
+
+
+# The prior ---------------------------------------------------------------------------------------
+
+
+def _check_prior(header: ShardHeader, priors: PriorLoader,
+                 report: ShardVerification) -> tuple[Prior | None, Preprocessing | None]:
+    """The declared prior and preprocessing when they can re-encode the shard; records the 'prior' check.
+
+    A prior whose weights hash differently from the declared fingerprint still re-encodes the
+    sample: the figures then show how far the pushed targets are from the declared model.
+    """
+    try:
+        spec = PriorSpec.from_dict(header.prior)
+        preprocessing = Preprocessing.from_dict(header.preprocessing)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
+        report.checks.append(Check("prior", FAILED, f"the header's prior or preprocessing record is unusable: {err}"))
+        return None, None
+    try:
+        prior = priors(spec)
+    except PriorError as err:
+        what = "weights unavailable" if not spec.random_init else "the declared model cannot be built here"
+        report.checks.append(Check("prior", UNVERIFIABLE, f"cannot verify: {what} ({err})"))
+        return None, None
+    report.loaded_fingerprint = prior.fingerprint
+    misfits = []
+    if prior.output_dim != header.output_dim:
+        misfits.append(f"the declared prior outputs {prior.output_dim} dimensions, the header says {header.output_dim}")
+    if tuple(preprocessing.image_size) != tuple(prior.preprocessing.image_size):
+        misfits.append(f"the declared preprocessing makes {preprocessing.image_size} images, the model takes "
+                       f"{prior.preprocessing.image_size}")
+    if prior.fingerprint != header.fingerprint:
+        report.checks.append(Check("prior", FAILED, "; ".join(misfits + [
+            f"the declared prior's weights hash to {prior.fingerprint[:12]}, the header declares "
+            f"{header.fingerprint[:12]}: the targets come from another model than declared"]) + "."))
+    elif misfits:
+        report.checks.append(Check("prior", FAILED, "; ".join(misfits) + "."))
+    else:
+        default = "" if preprocessing == prior.preprocessing else " (declared preprocessing differs from the model's)"
+        report.checks.append(Check("prior", PASSED, f"weights match fingerprint {header.fingerprint[:12]}{default}."))
+    return (None, None) if misfits else (prior, preprocessing)
+
+
+def _encode(prior: Prior, preprocessing: Preprocessing, cells: Sequence[Any], ids: np.ndarray,
+            batch_size: int) -> np.ndarray:
+    """L2-normalised prior outputs of the images in `cells`, preprocessed as declared."""
+    import torch
+
+    transform = preprocessing.transform()
+    outputs = []
+    for start in range(0, len(cells), batch_size):
+        batch = zip(cells[start:start + batch_size], ids[start:start + batch_size])
+        pixels = torch.stack([transform(decode_image(cell, int(sample_id))) for cell, sample_id in batch])
+        with torch.inference_mode():
+            outputs.append(prior.encode_batch(pixels).float().numpy())
+    return normalize(np.concatenate(outputs))
+
+
+def _no_prior(report: ShardVerification, name: str) -> None:
+    status = report.check("prior").status
+    reason = "cannot verify: the declared prior is not available here" if status == UNVERIFIABLE else \
+        "not checked: the declared prior does not fit the header"
+    report.checks.append(Check(name, UNVERIFIABLE if status == UNVERIFIABLE else SKIPPED, reason + "."))
+
+
+# Targets and anchors -----------------------------------------------------------------------------
+
+
+def sample_ids(ids: np.ndarray, count: int, seed: int, shard: int) -> np.ndarray:
+    """A sorted sample of `count` ids (all when fewer), the same for a seed and shard on every machine.
+
+    Drawn from PCG64's raw bit stream, which NumPy keeps stable across versions (unlike Generator.choice).
+    """
+    if count >= ids.size:
+        return ids.copy()
+    keys = np.random.PCG64(np.random.SeedSequence([seed, shard])).random_raw(ids.size)
+    return np.sort(ids[np.argsort(keys, kind="stable")[:count]])
+
+
+def _read_images(plan: Plan, shard: int, wanted: np.ndarray, token: str | None) -> list[Any]:
+    """Image cells of the sorted ids `wanted`, reading only the units that hold them."""
+    cells: list[Any] = []
+    for unit in plan.shard_units(shard):
+        lo, hi = np.searchsorted(wanted, [unit.start, unit.stop])
+        if lo == hi:
+            continue
+        column = read_plan_unit(plan, unit, [plan.image_column], token).column(plan.image_column)
+        cells.extend(column.take(wanted[lo:hi] - unit.start).to_pylist())
+    return cells
+
+
+def _check_targets(plan: Plan, result: ShardResult, prior: Prior | None, preprocessing: Preprocessing | None,
+                   sample: int, seed: int, batch_size: int, thresholds: Thresholds, token: str | None,
+                   report: ShardVerification) -> None:
+    ids = sample_ids(result.ids, sample, seed, result.header.shard)
+    report.sample_ids = [int(i) for i in ids]
+    if prior is None:
+        _no_prior(report, "targets")
+        return
+    try:
+        features = _encode(prior, preprocessing, _read_images(plan, result.header.shard, ids, token), ids, batch_size)
+    except BadImageError as err:
+        report.checks.append(Check("targets", FAILED, f"the shard has targets for images that do not decode: {err}"))
+        return
+    recomputed = features @ plan.projection(prior.output_dim)
+    rows = np.searchsorted(result.ids, ids)
+    report.targets = Agreement.of(result.raw[rows].astype(np.float32), recomputed, ids)
+    figures = f"re-encoded sample vs pushed raw targets: {report.targets.describe()}"
+    if report.targets.min_cosine >= thresholds.min_cosine:
+        report.checks.append(Check("targets", PASSED, figures + "."))
+    else:
+        report.checks.append(Check("targets", FAILED, f"the pushed targets are not the declared prior's outputs: "
+                                                      f"{figures}, below the threshold {thresholds.min_cosine}."))
+
+
+def _check_anchors(hub: Hub, repo: str, plan: Plan, anchors: AnchorOutputs, prior: Prior | None,
+                   preprocessing: Preprocessing | None, batch_size: int, thresholds: Thresholds,
+                   report: ShardVerification) -> None:
+    """Re-encode every anchor: V and the alignment fit rest on them, so a sample would not do."""
+    projection_error = _relative_error(anchors.projected, anchors.features @ plan.projection(anchors.features.shape[1]))
+    projection = f"projected anchors vs features @ W: relative error {projection_error:.2e}"
+    problems = [] if projection_error <= thresholds.tolerance else [f"{projection}, above {thresholds.tolerance}"]
+    if prior is None:
+        if problems:
+            report.checks.append(Check("anchors", FAILED, problems[0] + "."))
+        else:
+            _no_prior(report, "anchors")
+        return
+    table = load_anchors(hub, repo, plan)
+    try:
+        features = _encode(prior, preprocessing, table.column(plan.image_column).to_pylist(), anchors.ids, batch_size)
+    except BadImageError as err:
+        report.checks.append(Check("anchors", FAILED, f"the shard has outputs for anchors that do not decode: {err}"))
+        return
+    report.anchors = Agreement.of(anchors.features, features, anchors.ids)
+    figures = f"re-encoded anchors vs pushed features: {report.anchors.describe()}"
+    if report.anchors.min_cosine < thresholds.min_cosine:
+        problems.insert(0, f"the pushed anchor features are not the declared prior's: {figures}, "
+                           f"below the threshold {thresholds.min_cosine}")
+    if problems:
+        report.checks.append(Check("anchors", FAILED, "; ".join(problems) + "."))
+    else:
+        report.checks.append(Check("anchors", PASSED, f"{figures}; {projection}."))
+
+
+# What the header claims about the anchors --------------------------------------------------------
+
+
+def _check_uniformity(plan: Plan, header: ShardHeader, anchors: AnchorOutputs, thresholds: Thresholds,
+                      report: ShardVerification) -> None:
+    value = uniformity(anchors.features, t=plan.temperature)
+    report.uniformity_delta = abs(value - header.uniformity)
+    figures = f"V recomputed {value:.6f}, declared {header.uniformity:.6f} (delta {report.uniformity_delta:.2e})"
+    if report.uniformity_delta <= thresholds.tolerance:
+        report.checks.append(Check("uniformity", PASSED, figures + "."))
+    else:
+        report.checks.append(Check("uniformity", FAILED, f"{figures}: the declared prior quality is not what its "
+                                                         "anchor outputs give."))
+
+
+def _check_alignment(hub: Hub, repo: str, plan: Plan, result: ShardResult, anchors: AnchorOutputs,
+                     thresholds: Thresholds, report: ShardVerification) -> None:
+    """Refit T to the declared reference and check the residual and every aligned row against raw @ T."""
+    header = result.header
+    if header.reference is None:
+        transform, residual, target = np.eye(header.dim), 0.0, "itself"
+    else:
+        try:
+            reference_ids, reference_projected = _reference_anchors(hub, repo, plan, header.reference)
+        except (ShardFileError, KeyError, TypeError, ValueError) as err:
+            report.checks.append(Check("alignment", FAILED, f"the declared reference cannot be used: {err}"))
+            return
+        common, own_rows, reference_rows = np.intersect1d(anchors.ids, reference_ids, return_indices=True)
+        if common.size < 2:
+            report.checks.append(Check("alignment", FAILED, f"the reference shares {common.size} anchors with it."))
+            return
+        with warnings.catch_warnings():
+            # The participant was warned when it fitted; the same fit is only repeated here.
+            warnings.simplefilter("ignore", AlignmentWarning)
+            transform, residual = fit_alignment(anchors.projected[own_rows], reference_projected[reference_rows])
+        target = f"shard {header.reference['shard']}@{str(header.reference['commit'])[:8]}"
+    report.residual_delta = abs(residual - header.residual)
+    report.aligned = _aligned_agreement(result, transform)
+    figures = (f"to {target}: residual recomputed {residual:.6f}, declared {header.residual:.6f} "
+               f"(delta {report.residual_delta:.2e}); raw @ T vs aligned: {report.aligned.describe()}")
+    problems = []
+    if report.residual_delta > thresholds.tolerance:
+        problems.append("the declared residual is not the fit's")
+    if report.aligned.min_cosine < thresholds.min_cosine:
+        problems.append(f"aligned targets are not raw @ T (threshold {thresholds.min_cosine})")
+    if problems:
+        report.checks.append(Check("alignment", FAILED, f"{'; '.join(problems)}: {figures}."))
+    else:
+        report.checks.append(Check("alignment", PASSED, figures + "."))
+
+
+def _aligned_agreement(result: ShardResult, transform: np.ndarray) -> Agreement:
+    """Over every row, not the sample: no encoding is needed, and a few moved rows must not slip through."""
+    cosines = []
+    for start in range(0, result.ids.size, _ALIGN_CHUNK_ROWS):
+        rows = slice(start, start + _ALIGN_CHUNK_ROWS)
+        expected = apply_alignment(result.raw[rows].astype(np.float32), transform)
+        cosines.append(_row_cosines(result.aligned[rows].astype(np.float32), expected))
+    cosine = np.concatenate(cosines)
+    worst = int(np.argmin(cosine))
+    return Agreement(int(cosine.size), float(cosine[worst]), float(cosine.mean()), int(result.ids[worst]))
+
+
+def _reference_anchors(hub: Hub, repo: str, plan: Plan, reference: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The declared reference's anchor ids and projected outputs, at the declared commit, checked."""
+    from safetensors import safe_open
+
+    shard, commit = int(reference["shard"]), str(reference["commit"])
+    where = f"shard {shard}@{commit[:12]}"
+    if reference.get("branch") != shard_branch(shard):
+        raise ValueError(f"it names branch {reference.get('branch')!r} for shard {shard}")
+    try:
+        path = hub.download(repo, remote_paths(shard).anchors, commit)
+    except (RemoteEntryNotFoundError, RevisionNotFoundError) as err:
+        raise ShardFileError(f"{remote_paths(shard).anchors} does not exist at {where}") from err
+    with safe_open(str(path), framework="numpy") as stored:
+        header = ShardHeader.from_dict(json.loads((stored.metadata() or {})[HEADER_KEY]))
+        ids, projected = stored.get_tensor("ids"), stored.get_tensor("projected")
+    if header.plan_hash != plan.plan_hash or header.shard != shard:
+        raise ShardFileError(f"the anchors at {where} were made for another plan or shard")
+    if header.fingerprint != reference.get("fingerprint"):
+        raise ShardFileError(f"the prior at {where} has fingerprint {header.fingerprint[:12]}, "
+                             f"not the declared {str(reference.get('fingerprint'))[:12]}")
+    checksums = header.checksums
+    if checksums.get("anchors/ids") != _sha256(ids) or checksums.get("anchors/projected") != _sha256(projected):
+        raise ShardFileError(f"the anchors at {where} do not match their checksums")
+    return ids, projected.astype(np.float32)
+
+
+# Arithmetic --------------------------------------------------------------------------------------
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.einsum("ij,ij->i", a, b) / np.maximum(norms, np.finfo(np.float64).tiny)
+
+
+def _relative_error(pushed: np.ndarray, expected: np.ndarray) -> float:
+    scale = float(np.linalg.norm(expected.astype(np.float64)))
+    return float(np.linalg.norm(pushed.astype(np.float64) - expected)) / max(scale, np.finfo(np.float64).tiny)
+
+
+def _sha256(array: np.ndarray) -> str:
+    """The checksum storage records for a tensor: sha256 of its contiguous bytes."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
