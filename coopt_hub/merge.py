@@ -33,7 +33,7 @@ from coopt_hub.plan import Plan
 from coopt_hub.publish import load_plan
 from coopt_hub.source import SourceLayout, iter_source_batches, repo_path, resolve_source
 from coopt_hub.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status
-from coopt_hub.storage import AnchorOutputs, ShardResult, read_shard, remote_paths
+from coopt_hub.storage import AnchorOutputs, ShardResult, read_shard, remote_paths, shard_prefix
 
 MANIFEST_PATH = "coopt/manifest.json"
 TARGETS_PATH = "targets/train.safetensors"
@@ -335,75 +335,85 @@ def _merge_targets(
     workdir: Path,
     progress: Callable[[str], None],
 ) -> tuple[MergedShard, ...]:
-    """Download, verify and align one shard at a time (the reference first) into `targets`."""
+    """Download, verify and align one shard at a time into `targets`; the reference goes first,
+    so its anchors are at hand for the others."""
     reference_space: np.ndarray | None = None
-    merged: list[MergedShard] = []
+    merged = []
     for status in sorted(done, key=lambda s: (s.shard != reference.shard, s.shard)):
         progress(f"Shard {status.shard}: downloading and verifying {status.branch}@{status.commit[:12]}.")
         directory = _download_shard(hub, repo, status, workdir)
-        try:
-            result, anchors = read_shard(directory, verify=True)
-        except ShardFileError as err:
-            raise VerificationError(
-                f"Shard {status.shard} ({status.branch}@{status.commit[:12]}): {err} Nothing was written.",
-                hint=err.hint,
-            ) from err
-        _verify_shard(plan, status, result, anchors)
-        if reference_space is None:
-            reference_space = anchors.projected
-        header = result.header
-        aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
-        realigned = aligned_to != reference.header.fingerprint
-        transform, realigned_residual = (
-            fit_alignment(anchors.projected, reference_space) if realigned else (None, None)
-        )
-        if realigned:
-            progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} (residual {realigned_residual:.4f}).")
-        positions = layout.position[result.ids]
-        for first, stop in _runs(positions):
-            start = int(positions[first])
-            targets.write_rows("raw", start, result.raw[first:stop])
-            for offset in range(first, stop, ALIGN_CHUNK_ROWS):
-                block = slice(offset, min(offset + ALIGN_CHUNK_ROWS, stop))
-                aligned = (
-                    apply_alignment(result.raw[block], transform).astype(np.float16)
-                    if realigned
-                    else result.aligned[block]
-                )
-                if not np.isfinite(aligned).all():
-                    raise VerificationError(
-                        f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
-                        hint="Its targets are far off the reference's scale; that participant should run optimize again.",
-                    )
-                targets.write_rows("targets", start + offset - first, aligned)
-        merged.append(
-            MergedShard(
-                shard=status.shard,
-                branch=status.branch,
-                commit=status.commit,
-                prior=header.prior,
-                fingerprint=header.fingerprint,
-                output_dim=header.output_dim,
-                uniformity=header.uniformity,
-                residual=header.residual,
-                realigned=realigned,
-                realigned_residual=realigned_residual,
-                rows=header.num_rows,
-                checksums=header.checksums,
-            )
-        )
-        del result, anchors
-        shutil.rmtree(directory.parent.parent)
+        entry, projected = _merge_shard(plan, status, directory, reference, reference_space, layout, targets, progress)
+        reference_space = projected if reference_space is None else reference_space
+        merged.append(entry)
+        shutil.rmtree(directory)
     return tuple(sorted(merged, key=lambda s: s.shard))
 
 
+def _merge_shard(
+    plan: Plan,
+    status: ShardStatus,
+    directory: Path,
+    reference: ShardStatus,
+    reference_space: np.ndarray | None,
+    layout: _IdLayout,
+    targets: _TensorFile,
+    progress: Callable[[str], None],
+) -> tuple[MergedShard, np.ndarray]:
+    """Verify one downloaded shard, write its raw and aligned rows, and return its manifest entry and
+    projected anchors (`reference_space` is None for the reference itself). Its arrays die on return."""
+    try:
+        result, anchors = read_shard(directory / shard_prefix(status.shard), verify=True)
+    except ShardFileError as err:
+        raise VerificationError(
+            f"Shard {status.shard} ({status.branch}@{status.commit[:12]}): {err} Nothing was written.", hint=err.hint
+        ) from err
+    _verify_shard(plan, status, result, anchors)
+    target_space = anchors.projected if reference_space is None else reference_space
+    header = result.header
+    aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
+    realigned = aligned_to != reference.header.fingerprint
+    transform, realigned_residual = fit_alignment(anchors.projected, target_space) if realigned else (None, None)
+    if realigned:
+        progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} (residual {realigned_residual:.4f}).")
+    positions = layout.position[result.ids]
+    for chunk in range(0, len(positions), ALIGN_CHUNK_ROWS):
+        rows = slice(chunk, chunk + ALIGN_CHUNK_ROWS)
+        raw = result.raw[rows]
+        aligned = apply_alignment(raw, transform).astype(np.float16) if realigned else result.aligned[rows]
+        if not np.isfinite(aligned).all():
+            raise VerificationError(
+                f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
+                hint="Its targets are far off the reference's scale; that participant should run optimize again.",
+            )
+        # A shard's rows are runs of consecutive ids (its storage units), so a run is one write.
+        for first, stop in _runs(positions[rows]):
+            start = int(positions[chunk + first])
+            targets.write_rows("raw", start, raw[first:stop])
+            targets.write_rows("targets", start, aligned[first:stop])
+    entry = MergedShard(
+        shard=status.shard,
+        branch=status.branch,
+        commit=status.commit,
+        prior=header.prior,
+        fingerprint=header.fingerprint,
+        output_dim=header.output_dim,
+        uniformity=header.uniformity,
+        residual=header.residual,
+        realigned=realigned,
+        realigned_residual=realigned_residual,
+        rows=header.num_rows,
+        checksums=header.checksums,
+    )
+    return entry, anchors.projected
+
+
 def _download_shard(hub: Hub, repo: str, status: ShardStatus, workdir: Path) -> Path:
-    """Fetch the shard's files at the commit status read, into a folder of their own."""
+    """Fetch the shard's files at the commit `status` read (not the branch, which may move on)."""
     local = workdir / f"shard-{status.shard}"
     paths = remote_paths(status.shard)
     for path in (paths.targets, paths.anchors):
         hub.download(repo, path, status.commit, local_dir=local)
-    return local / Path(paths.targets).parent
+    return local
 
 
 def _runs(positions: np.ndarray) -> Iterator[tuple[int, int]]:

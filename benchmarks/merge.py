@@ -1,0 +1,212 @@
+"""Time and memory of `coopt-hub merge --images reference` on synthetic targets at scale.
+
+    python benchmarks/merge.py [--rows 1000000] [--dim 512] [--shards 8] [--workdir DIR]
+
+Starts its own embedded Hub over a temp dir, publishes a source split of --rows rows (a label column
+and a placeholder image column, in row groups), the plan, and --shards shard branches whose
+targets/anchors files are written with coopt_hub.storage. Half of the shards are aligned to a prior
+that is not the best, so the merge re-aligns them. Then `coopt-hub merge` runs in a subprocess, so
+that setup does not count, and its peak resident memory (VmHWM, Linux) is recorded as it exits.
+
+The goal is <= 1536 MiB at 1,000,000 x 512 and the same order at 4x the rows.
+The last line is `peak RSS MiB: <x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOKEN = "benchmark-token"
+ROWS_PER_GROUP = 50_000
+ROWS_PER_FILE = 500_000
+TEST_ROWS = 10_000
+ANCHORS = 1024
+
+
+def write_source(directory: Path, rows: int) -> dict[str, Path]:
+    """Parquet files of a train split of `rows` rows and a small test split, written in row groups."""
+    import io
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    # One 1x1 PNG for every row: the image column exists (the plan needs it) without a large source.
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, format="PNG")
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    schema = features.arrow_schema
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, count in (("train", rows), ("test", TEST_ROWS)):
+        num_files = max(1, -(-count // ROWS_PER_FILE))
+        for index in range(num_files):
+            path = directory / f"{split}-{index:05d}-of-{num_files:05d}.parquet"
+            start, stop = index * count // num_files, (index + 1) * count // num_files
+            with pq.ParquetWriter(path, schema) as writer:
+                for first in range(start, stop, ROWS_PER_GROUP):
+                    n = min(ROWS_PER_GROUP, stop - first)
+                    image = pa.StructArray.from_arrays(
+                        [pa.array([png.getvalue()] * n, pa.binary()), pa.nulls(n, pa.string())], names=["bytes", "path"]
+                    )
+                    label = pa.array(rng.integers(0, 10, n), pa.int64())
+                    writer.write_table(pa.Table.from_arrays([image, label], schema=schema))
+            files[f"data/{path.name}"] = path
+    return files
+
+
+def push(hub, repo: str, branch: str, files: dict[str, Path], message: str) -> str:
+    from huggingface_hub import CommitOperationAdd
+
+    operations = [CommitOperationAdd(path, str(local)) for path, local in files.items()]
+    return hub.commit(repo, branch, lambda head: operations, message=message)
+
+
+def write_shards(hub, repo: str, plan, directory: Path, seed: int) -> None:
+    """One branch per shard; shards below half align to shard 0's prior, the rest to the best (the last)."""
+    from coopt_hub.storage import AnchorOutputs, ShardHeader, ShardResult, remote_paths, shard_branch, write_shard
+
+    rng = np.random.default_rng(seed)
+    best = plan.num_shards - 1
+    fingerprint = [f"{k:02d}" * 32 for k in range(plan.num_shards)]
+    for k in range(plan.num_shards):
+        ids = plan.shard_ids(k)
+        raw = np.empty((ids.size, plan.dim), np.float16)
+        aligned = np.empty_like(raw)
+        for start in range(0, ids.size, 65536):
+            block = rng.standard_normal((min(65536, ids.size - start), plan.dim), dtype=np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            raw[start : start + len(block)] = block
+            aligned[start : start + len(block)] = block
+        output_dim = 256 * (1 + k % 3)
+        features = rng.standard_normal((ANCHORS, output_dim), dtype=np.float32)
+        features /= np.linalg.norm(features, axis=1, keepdims=True)
+        reference_shard = 0 if k < plan.num_shards // 2 else best
+        header = ShardHeader(
+            shard=k,
+            plan_hash=plan.plan_hash,
+            source_revision=plan.source_revision,
+            prior={"model": f"prior-{k}", "pretrained": None, "checkpoint": None, "seed": k, "image_size": None},
+            preprocessing={},
+            fingerprint=fingerprint[k],
+            output_dim=output_dim,
+            dim=plan.dim,
+            uniformity=-2.0 - 0.1 * k,
+            reference=None
+            if reference_shard == k
+            else {"shard": reference_shard, "branch": shard_branch(reference_shard), "commit": "0" * 40,
+                  "fingerprint": fingerprint[reference_shard]},
+            residual=0.1,
+            num_rows=int(ids.size),
+            tool_version="benchmark",
+            checksums={},
+        )
+        anchors = AnchorOutputs(
+            ids=np.asarray(plan.anchor_ids, np.int64),
+            features=features,
+            projected=features @ plan.projection(output_dim),
+        )
+        local = directory / f"shard-{k}"
+        write_shard(local, ShardResult(header, ids, raw, aligned), anchors)
+        del raw, aligned
+        paths = remote_paths(k)
+        hub.ensure_branch(repo, shard_branch(k))
+        push(hub, repo, shard_branch(k), {paths.targets: local / "targets.safetensors",
+                                          paths.anchors: local / "anchors.safetensors"}, f"shard {k}")
+        shutil.rmtree(local)
+
+
+# Runs `coopt-hub merge` and, at exit, records the process's own high-water mark. VmHWM belongs to the
+# address space exec() created; ru_maxrss (getrusage, wait4) would also count the pages of the
+# parent it was forked from, which holds the server and the setup.
+_MERGE_WITH_HWM = """
+import atexit, os, sys
+from coopt_hub.cli import main
+
+def record():
+    with open("/proc/self/status") as status:
+        kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["COOPT_BENCH_HWM_FILE"], "w") as out:
+        out.write(kib)
+
+atexit.register(record)
+main(sys.argv[1:])
+"""
+
+
+def run_merge(repo: str, env: dict[str, str], scratch: Path) -> tuple[float, float, dict]:
+    """Seconds, peak RSS (MiB) and the --json summary of `coopt-hub merge` in its own process."""
+    hwm_file = scratch / "merge-hwm-kib"
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-c", _MERGE_WITH_HWM, "merge", repo, "--images", "reference", "--json"],
+        env={**env, "COOPT_BENCH_HWM_FILE": str(hwm_file)},
+        stdout=subprocess.PIPE,
+    )
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"merge failed with exit code {completed.returncode}")
+    return seconds, int(hwm_file.read_text()) / 1024, json.loads(completed.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the merged split")
+    parser.add_argument("--dim", type=int, default=512, help="target dimension")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="where the hub and scratch files go (default: a temp dir)")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="coopt-merge-bench-", dir=args.workdir))
+    try:
+        from coopt_hub.server import HubServer
+
+        server = HubServer(root / "hub", tokens=[TOKEN]).start()
+        env = {**os.environ, **server.env(), "HF_HOME": str(root / "hf-home"),
+               "HF_DATASETS_CACHE": str(root / "datasets-cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        os.environ.update(env)
+
+        from coopt_hub.hub import Hub
+        from coopt_hub.publish import initialize
+
+        hub = Hub(token=TOKEN)
+        started = time.perf_counter()
+        scratch = root / "scratch"
+        scratch.mkdir()
+        hub.ensure_repo("bench/source")
+        push(hub, "bench/source", "main", write_source(scratch, args.rows), "source")
+        plan = initialize(
+            hub, "bench/coopt", source="bench/source", source_revision=None, split="train", image_column="image",
+            shards=args.shards, anchors=ANCHORS, dim=args.dim, seed=args.seed, temperature=2.0,
+        ).plan
+        write_shards(hub, "bench/coopt", plan, scratch, args.seed)
+        print(f"setup: {args.rows:,} rows x {args.dim} in {args.shards} shards ({plan.granularity} units), "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+
+        seconds, peak, summary = run_merge("bench/coopt", env, scratch)
+        realigned = summary["realigned"]
+        print(f"merged {summary['rows']:,} rows as {summary['tag']} (re-aligned shards {realigned}), "
+              f"images={summary['images']}")
+        print(f"merge seconds: {seconds:.1f}")
+        print(f"peak RSS MiB: {peak:.0f}")
+        server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
