@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -79,7 +80,7 @@ class Agreement:
         return cls(len(cosine), float(cosine[worst]), float(cosine.mean()), int(ids[worst]))
 
     def describe(self) -> str:
-        return (f"cosine min {self.min_cosine:.6f} (id {self.worst_id}), mean {self.mean_cosine:.6f} "
+        return (f"cosine min {self.min_cosine:.7f} (id {self.worst_id}), mean {self.mean_cosine:.7f} "
                 f"over {self.rows} rows")
 
 
@@ -135,28 +136,36 @@ class ShardVerification:
 
 
 class PriorLoader:
-    """Loads each declared prior once; remembers the ones that cannot be loaded here, and why.
+    """Loads declared priors, keeping the `keep` most recently used in memory (large models add up
+    over many shards), and remembers the ones that cannot be loaded here, and why.
 
     A declared checkpoint is a path on the participant's machine: with `checkpoint_dir`, a file of
     the same name there is used instead. That is safe because the fingerprint check still has to pass.
     """
 
-    def __init__(self, device: str = "cpu", checkpoint_dir: Path | None = None):
+    def __init__(self, device: str = "cpu", checkpoint_dir: Path | None = None, keep: int = 1):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}.")
         self.device = device
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self._loaded: dict[PriorSpec, Prior | PriorError] = {}
+        self.keep = keep
+        self._loaded: OrderedDict[PriorSpec, Prior] = OrderedDict()
+        self._failed: dict[PriorSpec, PriorError] = {}
 
     def __call__(self, spec: PriorSpec) -> Prior:
         local = self._local(spec)
+        if local in self._failed:
+            raise self._failed[local]
         if local not in self._loaded:
+            while len(self._loaded) >= self.keep:  # before loading, so the memory is free for the new one
+                self._loaded.popitem(last=False)
             try:
                 self._loaded[local] = load_prior(local, self.device)
             except PriorError as err:
-                self._loaded[local] = err
-        loaded = self._loaded[local]
-        if isinstance(loaded, PriorError):
-            raise loaded
-        return loaded
+                self._failed[local] = err
+                raise
+        self._loaded.move_to_end(local)
+        return self._loaded[local]
 
     def _local(self, spec: PriorSpec) -> PriorSpec:
         if spec.checkpoint and not os.path.isfile(spec.checkpoint) and self.checkpoint_dir is not None:

@@ -139,7 +139,7 @@ def collab(hub_server) -> Collaboration:
     repo = f"org/digits-verify-{uuid.uuid4().hex[:8]}"
     plan = initialize(hub, repo, source=source, source_revision=None, split="train", image_column="image",
                       shards=3, anchors=64, dim=16, seed=0, temperature=2.0).plan
-    collab = Collaboration(hub, repo, plan, PriorLoader(), {})
+    collab = Collaboration(hub, repo, plan, PriorLoader(keep=2), {})
     for shard, spec in ((0, PRIOR_A), (1, PRIOR_B)):
         result, anchors = label(collab, shard, spec, collab.shards.get(0))
         commit = collab.push(shard, result, anchors)
@@ -171,6 +171,30 @@ def test_honest_shards_pass_with_every_figure(collab):
         assert set(report.sample_ids) <= set(collab.plan.shard_ids(shard).tolist())
     assert "shard 0@" in report.check("alignment").message  # shard 1 was refitted to its declared reference
     assert failure_error([report], collab.repo) is None
+
+
+def test_files_in_hand_are_not_downloaded_again(collab, monkeypatch):
+    honest = collab.shards[0]
+
+    def no_shard_downloads(repo, path, revision, local_dir=None):
+        assert not path.startswith("shards/0/"), path
+        return original(repo, path, revision, local_dir)
+
+    original = collab.hub.download
+    monkeypatch.setattr(collab.hub, "download", no_shard_downloads)
+    report = collab.verify(0, honest.commit, sample=8, files=(honest.result, honest.anchors))
+    assert report.passed and report.commit == honest.commit
+
+
+def test_damaged_files_fail_and_nothing_else_is_checked(collab):
+    from huggingface_hub import CommitOperationAdd
+
+    paths = remote_paths(1)
+    truncated = [CommitOperationAdd(paths.targets, b"not a safetensors file")]
+    commit = collab.hub.commit(collab.repo, shard_branch(1), lambda head: truncated, message="damage")
+    report = collab.verify(1, commit)
+    assert report.status == FAILED and report.check("files").status == FAILED
+    assert {check.status for check in report.checks[1:]} == {"skipped"}
 
 
 def test_sample_is_seeded_and_stable():
