@@ -160,3 +160,19 @@ def test_space_repos_are_plain_git_repos(hf_api, repo_id):
                        repo_type="space")
     assert "index.html" in hf_api.list_repo_files(repo_id, repo_type="space")
     assert hf_hub_download(repo_id, "index.html", repo_type="space")
+
+
+def test_repo_deleted_while_a_request_reads_it_is_not_found(hf_api, repo_id, hub_server, monkeypatch):
+    hf_api.create_repo(repo_id, repo_type="dataset")
+    storage = hub_server.api.storage
+    real_open = storage.open
+
+    def open_then_lose_the_race(repo):
+        opened = real_open(repo)
+        monkeypatch.setattr(storage, "open", real_open)
+        storage.delete(repo)
+        return opened
+
+    monkeypatch.setattr(storage, "open", open_then_lose_the_race)
+    with pytest.raises(RepositoryNotFoundError):
+        hf_api.dataset_info(repo_id)

@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from urllib.parse import unquote
 
+from dulwich.errors import NotGitRepository
+
 from coopt_hub.server.auth import Auth, require_user
 from coopt_hub.server.cards import CardMetadataError, card_metadata
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found
@@ -80,7 +82,13 @@ class HubApi:
         if route is None:
             raise HubError(404, f"No endpoint for {request.method} /{'/'.join(s)}.", "NotFound")
         handler, args = route
-        return handler(request, *args)
+        try:
+            return handler(request, *args)
+        except (OSError, KeyError, NotGitRepository):
+            # A repo deleted while this request was reading it: its files vanished under us.
+            if args and isinstance(args[0], tuple) and not self.storage.exists(args[0]):
+                raise repo_not_found(f"{args[0][1]}/{args[0][2]}") from None
+            raise
 
     def _route_api(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list] | None:
         fixed = self._fixed_routes.get((method, "/".join(s)))

@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dulwich.errors import NotTreeError
+from dulwich.errors import NotGitRepository, NotTreeError
 from dulwich.file import FileLocked
 from dulwich.objects import Blob, Commit, Tag, Tree
 from dulwich.object_store import tree_lookup_path
 from dulwich.repo import Repo
 
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found, revision_not_found
-from coopt_hub.server.names import PLURALS, RepoId, is_valid_ref_name
+from coopt_hub.server.names import PLURALS, RepoId, is_valid_ref_name, make_repo_id
 
 DEFAULT_BRANCH = "main"
 
@@ -597,9 +597,20 @@ class HubStorage:
 
     def open(self, repo_id: RepoId) -> GitRepo:
         path = self.repo_path(repo_id)
-        if not (path / "coopt-hub.json").is_file():
-            raise repo_not_found(repo_id.id)
-        return GitRepo(path, repo_id)
+        try:
+            if (path / "coopt-hub.json").is_file():
+                return GitRepo(path, repo_id)
+        except NotGitRepository:  # deleted between the check and the open
+            pass
+        raise repo_not_found(repo_id.id)
+
+    def exists(self, repo: tuple[str, str, str]) -> bool:
+        """Whether (type, namespace, name) names a repo on disk right now."""
+        try:
+            repo_id = make_repo_id(*repo)
+        except HubError:
+            return False
+        return (self.repo_path(repo_id) / "coopt-hub.json").is_file()
 
     def create(self, repo_id: RepoId, private: bool, author: str) -> None:
         """Build the repo in trash/ and rename it into place: it appears whole or not at all."""
