@@ -22,7 +22,7 @@ from coopt_hub.server.errors import HubError, bad_request
 logger = logging.getLogger("coopt_hub.server")
 
 _CHUNK = 1024 * 1024
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
 
 @dataclass
@@ -57,8 +57,8 @@ def error_response(err: HubError) -> Response:
 def ranged(size: int, range_header: str | None) -> tuple[int, int, int] | None:
     """(status, offset, length) for a single `bytes=` range; None to send the whole content.
 
-    Multi-range and malformed headers are ignored (answering 200 is allowed); a range that starts
-    past the end is 416.
+    Multi-range, malformed and invalid headers are ignored (answering 200 is allowed); a range
+    that starts past the end is 416.
     """
     match = _RANGE.match(range_header.strip()) if range_header else None
     if match is None or match.group(1) == match.group(2) == "":
@@ -68,8 +68,10 @@ def ranged(size: int, range_header: str | None) -> tuple[int, int, int] | None:
         length = min(int(last), size)
         return 206, size - length, length
     start = int(first)
+    if last and int(last) < start:  # an invalid range is ignored, not refused (RFC 9110)
+        return None
     end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
+    if start >= size:
         raise HubError(416, f"Range {range_header!r} not satisfiable for {size} bytes.", "RangeNotSatisfiable")
     return 206, start, end - start + 1
 
@@ -244,7 +246,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def _sized(self, limit: int | None) -> Iterator[bytes]:
         text = self.headers.get("Content-Length", "0").strip()
-        if not text.isdigit():
+        if not text.isdigit() or len(text) > 19:
             raise bad_request("Invalid Content-Length header.")
         remaining = int(text)
         if limit is not None and remaining > limit:
