@@ -7,12 +7,15 @@ import http.client
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 from huggingface_hub import HfApi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from coopt_hub.server import HubServer
 from tests.conftest import HUB_TOKEN
@@ -123,6 +126,7 @@ def test_malformed_commits_are_400_and_change_nothing(hub_server, hf_api, datase
     ("POST", "/api/repos/create", json.dumps({"name": "has space", "organization": "org"}).encode()),
     ("POST", "/api/repos/create", json.dumps({"name": "a--b", "organization": "org"}).encode()),
     ("POST", "/api/repos/create", json.dumps({"name": 5, "organization": "org"}).encode()),
+    ("POST", "/api/repos/create", json.dumps({"name": "x", "organization": "org", "type": {"a": 1}}).encode()),
     ("POST", "/api/validate-yaml", b"\xff\xfe"),
     ("POST", "/api/datasets/{repo}/preupload/main", b'{"files": "nope"}'),
     ("POST", "/api/datasets/{repo}/preupload/main", b'{"files": [{"path": "a", "size": -1, "sample": ""}]}'),
@@ -212,3 +216,37 @@ def test_stale_locks_from_a_crashed_writer_do_not_block(hub_server, dataset, hf_
     (repo_dir / "refs" / "heads" / "main.lock").write_text("crashed")
     hf_api.upload_file(path_or_fileobj=b"after crash", path_in_repo="a.txt", repo_id=dataset, repo_type="dataset")
     assert "a.txt" in hf_api.list_repo_files(dataset, repo_type="dataset")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=8,
+)
+ENDPOINTS = [
+    ("POST", "/api/repos/create", ["name", "organization", "type", "visibility", "private"]),
+    ("POST", "/api/datasets/{repo}/preupload/main", ["files", "gitIgnore"]),
+    ("POST", "/api/datasets/{repo}/branch/fuzz", ["startingPoint", "emptyBranch"]),
+    ("POST", "/api/datasets/{repo}/tag/main", ["tag", "message"]),
+    ("POST", "/datasets/{repo}.git/info/lfs/objects/batch", ["operation", "objects", "hash_algo"]),
+    ("PUT", "/api/datasets/{repo}/settings", ["private", "visibility", "gated"]),
+    ("POST", "/api/validate-yaml", ["content", "repoType"]),
+    ("POST", "/api/datasets/{repo}/commit/main", ["key", "value"]),
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_repo(hub_server) -> str:
+    repo = f"org/fuzz-{uuid.uuid4().hex[:12]}"
+    HfApi().create_repo(repo, repo_type="dataset")
+    return repo
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(endpoint=st.sampled_from(ENDPOINTS), data=st.data())
+def test_any_json_gets_an_answer_below_500(hub_server, fuzz_repo, endpoint, data):
+    method, path, keys = endpoint
+    body = data.draw(st.fixed_dictionaries({}, optional={key: json_values for key in keys}))
+    status, _, _ = raw(hub_server.endpoint, method, path.format(repo=fuzz_repo), json.dumps(body).encode())
+    assert status < 500

@@ -42,7 +42,7 @@ def check_repo_type(repo_type: object) -> str:
     """Accept a singular type name (`dataset`); None means model, as in the client."""
     if repo_type is None:
         return "model"
-    if repo_type not in PLURALS:
+    if not isinstance(repo_type, str) or repo_type not in PLURALS:
         raise bad_request(f"Unknown repo type {repo_type!r}; expected one of {sorted(PLURALS)}.")
     return repo_type
 
