@@ -378,10 +378,10 @@ def _encode(prior: Prior, preprocessing: Preprocessing, cells: Sequence[Any], id
 
 
 def _no_prior(report: ShardVerification, name: str) -> None:
-    status = report.check("prior").status
-    reason = "cannot verify: the declared prior is not available here" if status == UNVERIFIABLE else \
-        "not checked: the declared prior does not fit the header"
-    report.checks.append(Check(name, UNVERIFIABLE if status == UNVERIFIABLE else SKIPPED, reason + "."))
+    if report.check("prior").status == UNVERIFIABLE:
+        report.checks.append(Check(name, UNVERIFIABLE, "cannot verify: the declared prior is not available here."))
+    else:
+        report.checks.append(Check(name, SKIPPED, "not checked: the declared prior does not fit the header."))
 
 
 # Targets and anchors -----------------------------------------------------------------------------
