@@ -1,0 +1,76 @@
+"""`coopt-hub join`: save this directory's participant config (the repo and the prior)."""
+
+from __future__ import annotations
+
+import click
+
+from coopt_hub.cli.options import json_option, repo_argument, token_option
+from coopt_hub.cli.output import Output
+
+EXAMPLES = """
+\b
+Examples:
+  coopt-hub join org/digits-coopt --model ViT-B-32 --pretrained openai --name alice
+  coopt-hub join org/digits-coopt --model RN50 --checkpoint ./rn50-finetuned.pt
+  coopt-hub optimize --shard 3 --push        # then, in the same directory
+"""
+
+
+def prior_options(function):
+    """The options that choose a prior, shared by `join` and `optimize`."""
+    for option in reversed(
+        [
+            click.option("--model", default=None, help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())."),
+            click.option("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k."),
+            click.option(
+                "--checkpoint",
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                help="A local weights file for the model instead of a pretrained tag.",
+            ),
+            click.option(
+                "--image-size", type=click.IntRange(min=8), default=None, help="Override the model's input size (px)."
+            ),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+@click.command(epilog=EXAMPLES)
+@repo_argument()
+@prior_options
+@click.option("--name", default=None, help="Your name or organisation, recorded in your shards' reports.")
+@token_option
+@json_option
+def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
+    """Join the collaboration REPO with a prior: writes ./coopt-hub.json for the later commands.
+
+    Checks that REPO holds a plan and lists the shards nobody has pushed yet.
+    """
+    from coopt_hub.config import ParticipantConfig, save_config
+    from coopt_hub.errors import ConfigError
+    from coopt_hub.hub import Hub
+    from coopt_hub.priors import PriorSpec
+    from coopt_hub.publish import load_plan
+    from coopt_hub.storage import shard_branch
+
+    out = Output(as_json)
+    if not model:
+        raise ConfigError("join needs the prior's --model.", hint="e.g. `coopt-hub join REPO --model ViT-B-32 --pretrained openai`.")
+    hub = Hub(token=token)
+    plan = load_plan(hub, repo)
+    branches, _ = hub.refs(repo)
+    free = [k for k in range(plan.num_shards) if shard_branch(k) not in branches]
+    config = ParticipantConfig(
+        repo=repo,
+        prior=PriorSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size),
+        name=name,
+    )
+    path = save_config(config)
+    out.result(
+        {"repo": repo, "config": str(path), "prior": config.prior.to_dict(), "name": name,
+         "num_shards": plan.num_shards, "free_shards": free},
+        f"Joined {repo} ({plan.num_shards} shards; not pushed yet: {free or 'none'}). Saved {path}.\n"
+        f"Next: coopt-hub optimize --shard {free[0] if free else 'K'} --push",
+    )

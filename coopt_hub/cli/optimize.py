@@ -1,0 +1,143 @@
+"""`coopt-hub optimize`: label a shard with a prior, align it, optionally push it.
+
+This module is the launcher side: the only place that reads accelerate's state. The library gets
+the rank, the world size and a few collective operations through a `Collective`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from coopt_hub.cli.join import prior_options
+from coopt_hub.cli.options import json_option, token_option
+from coopt_hub.cli.output import Output
+
+T = TypeVar("T")
+
+EXAMPLES = """
+\b
+Examples:
+  coopt-hub optimize --shard 3 --push                      # repo and prior from `coopt-hub join`
+  coopt-hub optimize --repo org/digits-coopt --shard 0 --model ViT-B-32 --pretrained openai
+  accelerate launch --multi_gpu --num_processes 8 -m coopt_hub optimize --shard 3 --push --precision bf16
+  coopt-hub push --shard 3                                 # send a result made without --push
+"""
+
+# A rank that finished its chunks waits for the slowest one (e.g. one resuming a larger remainder);
+# the usual 30-minute collective timeout would kill a healthy job.
+COLLECTIVE_TIMEOUT = timedelta(days=7)
+
+
+class AccelerateCollective:
+    """Collective operations over the process group `accelerate launch` set up (NCCL or gloo)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        self.rank = state.process_index
+        self.world_size = state.num_processes
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def all_gather(self, value: T) -> list[T]:
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def broadcast(self, value: T | None, src: int) -> T:
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=src)[0]
+
+
+def _launch_state(device: str | None) -> tuple[Any, str]:
+    """(collective, device) of this process, from accelerate's launcher environment if any."""
+    import torch
+    from accelerate import PartialState
+
+    from coopt_hub.labeling import SingleProcess
+
+    use_cpu = (
+        (device or "").startswith("cpu")
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
+        or not torch.cuda.is_available()
+    )
+    # Without cpu=True, accelerate ignores a multi-process CPU launch and runs each process alone.
+    state = PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
+    collective = AccelerateCollective(state) if state.num_processes > 1 else SingleProcess()
+    return collective, device or str(state.device)
+
+
+@click.command(epilog=EXAMPLES)
+@click.option("--repo", default=None, help="CoOpt repo (default: COOPT_HUB_REPO, then ./coopt-hub.json).")
+@click.option("--shard", type=click.IntRange(min=0), required=True, help="The shard k to label.")
+@prior_options
+@click.option("--push", is_flag=True, help="Commit the result to branch shard/{k} (one commit).")
+@click.option("--overwrite", is_flag=True, help="Replace a shard/{k} result made with another prior.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Threads decoding and preprocessing ahead of the forward pass.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this process's accelerator, else cpu).")
+@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True,
+              help="Undecodable images: stop with their ids, or leave them out and record their ids.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("coopt-hub-work"),
+              show_default=True, envvar="COOPT_HUB_WORKDIR",
+              help="Where chunks and results are kept; a rerun continues from what is there.")
+@token_option
+@json_option
+def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overwrite, batch_size, workers, precision,
+             device, on_bad_image, workdir, token, as_json):
+    """Label shard K with a prior model, judge it on the anchors, align it to the best prior.
+
+    Resumable: rerun the same command after an interruption and only unfinished chunks are computed.
+    Runs as one process or under `accelerate launch` (every process labels its part; rank 0 writes).
+    """
+    from coopt_hub.config import load_config, resolve_prior, resolve_repo
+    from coopt_hub.hub import Hub
+    from coopt_hub.participant import OptimizeOptions, optimize_shard
+    from coopt_hub.priors import load_prior
+
+    config = load_config()
+    repo = resolve_repo(repo, config)
+    spec = resolve_prior(model, pretrained, checkpoint, image_size, config)
+    collective, device = _launch_state(device)
+    out = Output(as_json)
+    result = optimize_shard(
+        Hub(token=token),
+        repo,
+        shard,
+        lambda: load_prior(spec, device=device, precision=precision),
+        workdir=workdir,
+        options=OptimizeOptions(
+            batch_size=batch_size,
+            workers=workers,
+            on_bad_image=on_bad_image,
+            push=push,
+            overwrite=overwrite,
+            progress=out.progress,
+            participant=config.name if config else None,
+        ),
+        collective=collective,
+        messages=out,
+    )
+    if result is None:
+        return
+    report = result.report
+    reference = report["reference"]
+    aligned = "its own reference" if reference is None else f"aligned to shard {reference['shard']}"
+    lines = [
+        f"Shard {shard} of {repo}: {report['counts']['rows']} rows labeled with {report['prior']['model']} "
+        f"(V = {report['uniformity']:.4f}, {aligned}, residual {report['residual']:.4f}).",
+        f"Files: {result.directory}",
+    ]
+    if push:
+        lines.append(f"{'Pushed' if result.pushed else 'Already on the branch'}: {report['branch']} @ {result.commit}")
+    else:
+        lines.append(f"Not pushed. Send it with: coopt-hub push --repo {repo} --shard {shard} --workdir {workdir}")
+    out.result(result.to_dict(), "\n".join(lines))
