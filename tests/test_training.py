@@ -3,9 +3,9 @@
 The targets are synthetic but honest about what they carry: a fixed random projection of the
 one-hot label plus Gaussian noise, i.e. what a good prior's embedding of a digit looks like up to a
 linear map. The "raw" targets imitate an unaligned merge: half of the rows (one "participant")
-have their targets rotated by a random orthogonal matrix. Nothing here touches the network; the
-Hub test writes the merged layout by hand (docs/design.md, "Hub layout") to the suite's local
-server, so it checks this library's reading side on its own.
+have their targets rotated by a random orthogonal matrix. The Hub test writes the merged layout
+by hand (docs/design.md, "Hub layout") to the suite's local server (tests/conftest.py), so it
+checks this library's reading side independently of `coopt-hub merge`.
 """
 
 from __future__ import annotations

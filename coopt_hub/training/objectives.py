@@ -1,7 +1,9 @@
 """Training objectives over the same backbone and the same two augmented views per sample.
 
 - coopt: RELA on the optimized data. Backbone + linear head to the target width; loss
-  1 - cosine(prediction, standardised target), averaged over the two views.
+  1 - cosine(prediction, standardised target), averaged over the two views. ReLA's optional PCA
+  of the targets down to the student's width is not applied: the linear head already maps the
+  student's features to the full target width, and the targets keep every dimension a prior gave.
 - byol: the paper's main SSL baseline (Grill et al. 2020): online backbone + projector + predictor,
   an EMA target backbone + projector, symmetric normalised-MSE loss between the views.
 - supervised: cross-entropy on the labels, averaged over the two views (the upper bound).
