@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-from coopt_hub import __version__
+from coopt_hub import __version__, faults
 from coopt_hub.align import apply_alignment, fit_alignment
 from coopt_hub.card import render_card
 from coopt_hub.errors import ConfigError, ConflictError, ShardFileError, SourceError, VerificationError
@@ -201,7 +201,9 @@ def merge(
             targets.write_rows("ids", 0, layout_ids.present_ids)
             merged = _merge_targets(hub, repo, plan, done, reference, layout_ids, targets, workdir, progress)
             progress("Writing parquet files.")
-            data_files, splits = _write_splits(layout, plan, features, images, layout_ids, targets, workdir, hub.token)
+            data_files, splits = _write_splits(
+                layout, plan, features, _TargetJoin(plan, layout_ids, targets), workdir, hub.token
+            )
 
         def manifest_for(version: str) -> Manifest:
             return Manifest(
@@ -210,7 +212,7 @@ def merge(
                 images=images,
                 source=SourcePin(layout.repo, layout.revision, plan.split, plan.image_column),
                 dim=plan.dim,
-                label_column=label_column(features, plan.image_column),
+                label_column=label_column(features),
                 plan_hash=plan.plan_hash,
                 reference=Reference(
                     reference.shard,
@@ -346,6 +348,7 @@ def _merge_targets(
         reference_space = projected if reference_space is None else reference_space
         merged.append(entry)
         shutil.rmtree(directory)
+        faults.reach("merge-shard")
     return tuple(sorted(merged, key=lambda s: s.shard))
 
 
@@ -491,11 +494,11 @@ def read_source_features(layout: SourceLayout, token: str | None = None):
 def read_source_card(hub: Hub, layout: SourceLayout) -> dict[str, Any]:
     """The YAML of the source's README at the pinned commit (license and the like); empty without one."""
     from huggingface_hub import DatasetCard
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
         text = hub.download(layout.repo, "README.md", layout.revision).read_text(encoding="utf-8")
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:  # not its parent EntryNotFoundError: an unreachable Hub is no missing card
         return {}
     return DatasetCard(text, ignore_metadata_errors=True).data.to_dict()
 
@@ -513,7 +516,7 @@ def merged_features(source_features, image_column: str, dim: int, images: str):
     return datasets.Features(columns)
 
 
-def label_column(features, image_column: str) -> str | None:
+def label_column(features) -> str | None:
     """The column a linear probe evaluates: the first class label, else a column named `label`."""
     import datasets
 
@@ -555,30 +558,45 @@ class _SplitWriter:
         return [(path, f"{DATA_DIR}/{self.split}-{i:05d}-of-{total:05d}.parquet") for i, path in enumerate(self.files)]
 
 
+class _TargetJoin:
+    """The merged split's targets and shard for a run of consecutive sample ids."""
+
+    def __init__(self, plan: Plan, ids: _IdLayout, targets: _TensorFile):
+        self.plan, self.ids, self.targets = plan, ids, targets
+
+    def rows(self, sample_ids: np.ndarray) -> tuple[np.ndarray, pa.Array, pa.Array]:
+        """(which ids were merged, their targets, their shards); ids of missing shards are dropped."""
+        if sample_ids[-1] >= self.plan.num_rows:
+            raise SourceError(
+                f"Split {self.plan.split} of {self.plan.source_repo} has more rows than the plan's {self.plan.num_rows}.",
+                hint="The plan on main does not describe this source; check it was not edited by hand.",
+            )
+        shard = self.ids.shard_of[sample_ids]
+        keep = shard >= 0
+        # Merged rows are stored in id order, so a run of ids is one contiguous read.
+        position = self.ids.position[sample_ids[keep]]
+        values = self.targets.read_rows("targets", int(position[0]), int(position[-1]) + 1) if keep.any() else None
+        flat = pa.array(np.zeros(0, np.float32) if values is None else values.astype(np.float32).reshape(-1))
+        return keep, pa.FixedSizeListArray.from_arrays(flat, self.plan.dim), pa.array(shard[keep], pa.int32())
+
+
 def _write_splits(
-    layout: SourceLayout,
-    plan: Plan,
-    features,
-    images: str,
-    ids: _IdLayout,
-    targets: _TensorFile,
-    workdir: Path,
-    token: str | None,
+    layout: SourceLayout, plan: Plan, features, join: _TargetJoin, workdir: Path, token: str | None
 ) -> tuple[list[tuple[Path, str]], dict[str, SplitRecord]]:
-    """The merged split with targets, and every other split of the source with empty targets."""
+    """The merged split with its targets, and every other split of the source with empty targets."""
     schema = features.arrow_schema
     source_columns = [name for name in features if name not in ADDED_COLUMNS]
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
     for split in [plan.split, *sorted(s for s in layout.splits if s != plan.split)]:
         writer = _SplitWriter(workdir, split, schema)
-        files = layout.splits[split]
-        for table in _split_tables(layout, files, source_columns, schema, plan, ids, targets, split == plan.split, token):
+        split_join = join if split == plan.split else None
+        for table in _split_tables(layout, layout.splits[split], source_columns, schema, split_join, token):
             writer.write(table)
-        if split == plan.split and writer.num_rows != ids.num_rows:
+        if split == plan.split and writer.num_rows != join.ids.num_rows:
             raise SourceError(
                 f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {writer.num_rows} merged rows, "
-                f"the shards hold {ids.num_rows}.",
+                f"the shards hold {join.ids.num_rows}.",
                 hint="The pinned source reads differently than when the plan was made; report this.",
             )
         written = writer.finish()
@@ -593,45 +611,30 @@ def _split_tables(
     files: tuple[str, ...],
     source_columns: list[str],
     schema: pa.Schema,
-    plan: Plan,
-    ids: _IdLayout,
-    targets: _TensorFile,
-    with_targets: bool,
+    join: _TargetJoin | None,
     token: str | None,
 ) -> Iterator[pa.Table]:
-    """Row groups of one split: the source's rows (ids in order) joined with their targets."""
-    dim = plan.dim
+    """Row groups of one split in id order: the source's rows joined with their targets (`join`),
+    or with empty targets."""
     target_type = schema.field("target").type
+    target_bytes = 4 * target_type.list_size if join is not None else 0
     for first, batch in iter_source_batches(layout.repo, layout.revision, files, source_columns, token):
-        row_bytes = batch.nbytes / max(batch.num_rows, 1) + (4 * dim if with_targets else 0)
+        row_bytes = batch.nbytes / max(batch.num_rows, 1) + target_bytes
         chunk = max(1, int(ROW_GROUP_BYTES // max(row_bytes, 1)))
         for offset in range(0, batch.num_rows, chunk):
             part = batch.slice(offset, chunk)
             sample_ids = np.arange(first + offset, first + offset + part.num_rows, dtype=np.int64)
-            if with_targets:
-                if sample_ids[-1] >= plan.num_rows:
-                    raise SourceError(
-                        f"Split {plan.split} of {layout.repo} has more rows than the plan's {plan.num_rows}.",
-                        hint="The plan on main does not describe this source; check it was not edited by hand.",
-                    )
-                shard = ids.shard_of[sample_ids]
-                keep = shard >= 0
-                if not keep.any():
-                    continue
-                if not keep.all():
-                    part, sample_ids, shard = part.filter(pa.array(keep)), sample_ids[keep], shard[keep]
-                position = ids.position[sample_ids]
-                values = targets.read_rows("targets", int(position[0]), int(position[-1]) + 1)
-                target = pa.FixedSizeListArray.from_arrays(pa.array(values.astype(np.float32).reshape(-1)), dim)
-                shard_column = pa.array(shard, pa.int32())
+            if join is None:
+                target, shard = pa.nulls(part.num_rows, target_type), pa.nulls(part.num_rows, pa.int32())
             else:
-                target = pa.nulls(part.num_rows, target_type)
-                shard_column = pa.nulls(part.num_rows, pa.int32())
-            columns = {"id": pa.array(sample_ids), "target": target, "shard": shard_column}
+                keep, target, shard = join.rows(sample_ids)
+                if not keep.all():
+                    part, sample_ids = part.filter(pa.array(keep)), sample_ids[keep]
+            if part.num_rows == 0:
+                continue
+            columns = {"id": pa.array(sample_ids), "target": target, "shard": shard}
             columns.update({name: part.column(name) for name in source_columns})
-            yield pa.Table.from_arrays(
-                [columns[f.name].cast(f.type) for f in schema], schema=schema
-            )
+            yield pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
 # Publishing ---------------------------------------------------------------------------------------
@@ -703,6 +706,7 @@ def _publish(
 
         progress(f"Committing {len(uploads)} data files to main.")
         commit = hub.commit(repo, "main", build, message=message)
+        faults.reach("merge-tag")
         manifest = state["manifest"]
         if _claim_tag(hub, repo, manifest.tag, commit):
             return MergeResult(repo, manifest.tag, commit, created=state["committed"], manifest=manifest)

@@ -155,7 +155,7 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
         expected = apply_alignment(collab.projected(prior, plan.shard_ids(k))[1], transform)
         assert np.allclose(v2["target"][plan.shard_ids(k)], expected, atol=2e-2)
     card = hub.download(collab.repo, "README.md", "v2").read_text()
-    assert "Shards 0, 1 had been aligned to another reference" in card and "Partial" not in card
+    assert "Shards 0, 1 had been aligned to another reference by their participants" in card and "Partial" not in card
     assert [f for f in hub.list_files(collab.repo, "v2") if f.startswith("data/train-")] == [
         "data/train-00000-of-00001.parquet"
     ]
@@ -205,26 +205,63 @@ def test_a_bad_shard_is_refused_and_main_untouched(hub, collab, damage, message)
     assert hub.head(collab.repo) == head and hub.refs(collab.repo)[1] == {}
 
 
-def test_concurrent_merges_leave_one_valid_version(hub, collab):
-    push_all(collab)
+def _merge_concurrently(hub: Hub, repo: str, modes: tuple[str, str]) -> list:
     results, errors = [], []
 
-    def run():
+    def run(images: str) -> None:
         try:
-            results.append(merge(hub, collab.repo))
+            results.append(merge(hub, repo, images=images))
         except ConflictError as err:  # a clean refusal is acceptable; a half-written main is not
             errors.append(err)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(images,)) for images in modes]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert results and len(results) + len(errors) == 2
+    return results
+
+
+def test_concurrent_identical_merges_make_one_version(hub, collab):
+    push_all(collab)
+    results = _merge_concurrently(hub, collab.repo, ("copy", "copy"))
     _, tags = hub.refs(collab.repo)
     assert set(tags) == {"v1"} and tags["v1"] == hub.head(collab.repo)
     assert all(result.tag == "v1" and result.commit == tags["v1"] for result in results)
     assert load(collab.repo, "v1")["train"].num_rows == collab.plan.num_rows
+
+
+def test_concurrent_different_merges_each_get_a_version(hub, collab):
+    push_all(collab)
+    results = _merge_concurrently(hub, collab.repo, ("copy", "reference"))
+    _, tags = hub.refs(collab.repo)
+    assert {result.tag for result in results} == set(tags) == {"v1", "v2"}
+    for result in results:
+        manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, result.tag).read_text())
+        assert manifest["tag"] == result.tag and manifest["images"] == result.manifest.images
+        assert tags[result.tag] == result.commit
+        assert load(collab.repo, result.tag)["train"].num_rows == collab.plan.num_rows
+    assert hub.head(collab.repo) in {result.commit for result in results}
+
+
+def test_a_tag_taken_between_commit_and_tag_moves_this_merge_to_the_next_version(hub, collab, monkeypatch):
+    push_all(collab)
+    before = hub.head(collab.repo)
+    create_tag = hub.create_tag
+
+    def someone_else_tags_first(repo, tag, revision, message):
+        if tag == "v1" and "v1" not in hub.refs(repo)[1]:
+            create_tag(repo, "v1", before, "a concurrent merge")
+        create_tag(repo, tag, revision, message)
+
+    monkeypatch.setattr(hub, "create_tag", someone_else_tags_first)
+    result = merge(hub, collab.repo)
+    _, tags = hub.refs(collab.repo)
+    assert result.tag == "v2" and tags == {"v1": before, "v2": result.commit}
+    assert result.commit == hub.head(collab.repo)
+    assert json.loads(hub.download(collab.repo, MANIFEST_PATH, "v2").read_text())["tag"] == "v2"
+    assert 'revision="v2"' in hub.download(collab.repo, "README.md", "v2").read_text()
 
 
 def test_reference_mode_writes_no_images(hub, source, new_repo_id):
