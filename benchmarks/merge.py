@@ -168,7 +168,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="target dimension")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the hub and scratch files go (default: a temp dir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the hub and scratch files go (default: a temp dir)"
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="coopt-merge-bench-", dir=args.workdir))

@@ -235,7 +235,10 @@ def merge(
             return render_card(manifest, plan, features, source_card, repo, hub.endpoint)
 
         uploads = [*data_files, (workdir / "targets.safetensors", TARGETS_PATH)]
-        message = f"coopt-hub merge: {len(merged)} shards aligned to {reference.branch} ({reference.header.prior.get('model')})"
+        message = (
+            f"coopt-hub merge: {len(merged)} shards aligned to {reference.branch} "
+            f"({reference.header.prior.get('model')})"
+        )
         return _publish(hub, repo, plan, uploads, manifest_for, card_for, tag, message, progress)
 
 
@@ -568,7 +571,8 @@ class _TargetJoin:
         """(which ids were merged, their targets, their shards); ids of missing shards are dropped."""
         if sample_ids[-1] >= self.plan.num_rows:
             raise SourceError(
-                f"Split {self.plan.split} of {self.plan.source_repo} has more rows than the plan's {self.plan.num_rows}.",
+                f"Split {self.plan.split} of {self.plan.source_repo} has more rows than the plan's "
+                f"{self.plan.num_rows}.",
                 hint="The plan on main does not describe this source; check it was not edited by hand.",
             )
         shard = self.ids.shard_of[sample_ids]

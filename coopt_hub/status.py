@@ -99,7 +99,7 @@ class CollaborationStatus:
 
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     """Read the plan on main and the header of every shard branch."""
-    from coopt_hub.merge import MANIFEST_PATH, Manifest
+    from coopt_hub.merge import MANIFEST_PATH, Manifest  # merge builds on status, not the other way
 
     main = hub.head(repo, "main")
     plan = load_plan(hub, repo, main)

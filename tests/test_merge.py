@@ -42,7 +42,11 @@ def collab(hub, source, new_repo_id) -> Collaboration:
 def push_all(collab: Collaboration) -> dict[int, str]:
     """Shard 0 pushes first with the best prior so far; the others align to it."""
     first = collab.push(0, GOOD)
-    return {0: first, 1: collab.push(1, WEAK, reference=(0, GOOD, first)), 2: collab.push(2, MID, reference=(0, GOOD, first))}
+    return {
+        0: first,
+        1: collab.push(1, WEAK, reference=(0, GOOD, first)),
+        2: collab.push(2, MID, reference=(0, GOOD, first)),
+    }
 
 
 def load(repo: str, revision: str, **kwargs):
@@ -96,7 +100,9 @@ def test_merge_publishes_a_dataset_that_loads_at_its_tag(hub, collab, source):
     manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, "v1").read_text())
     assert manifest["tag"] == "v1" and manifest["images"] == "copy" and manifest["dim"] == plan.dim
     assert manifest["label_column"] == "label" and manifest["plan_hash"] == plan.plan_hash
-    assert manifest["source"] == {"repo": source, "revision": plan.source_revision, "split": "train", "image_column": "image"}
+    assert manifest["source"] == {
+        "repo": source, "revision": plan.source_revision, "split": "train", "image_column": "image"
+    }
     assert manifest["reference"]["shard"] == 0 and not manifest["partial"]
     assert {s["shard"]: s["commit"] for s in manifest["shards"]} == commits
     assert not any(s["realigned"] for s in manifest["shards"])
@@ -150,7 +156,9 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     v2 = load(collab.repo, "v2")["train"].with_format("numpy")[:]
     assert np.array_equal(v2["id"], np.arange(plan.num_rows))
     for k, prior in ((0, GOOD), (1, WEAK)):
-        transform, residual = fit_alignment(collab.projected(prior, anchor_ids)[1], collab.projected(BEST, anchor_ids)[1])
+        transform, residual = fit_alignment(
+            collab.projected(prior, anchor_ids)[1], collab.projected(BEST, anchor_ids)[1]
+        )
         assert realigned[k].realigned_residual == pytest.approx(residual, rel=1e-6)
         expected = apply_alignment(collab.projected(prior, plan.shard_ids(k))[1], transform)
         assert np.allclose(v2["target"][plan.shard_ids(k)], expected, atol=2e-2)

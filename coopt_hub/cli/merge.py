@@ -39,7 +39,9 @@ def merge(repo, tag, images, allow_partial, token, as_json):
     from coopt_hub.merge import merge as merge_shards
 
     out = Output(as_json)
-    result = merge_shards(Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, progress=out.info)
+    result = merge_shards(
+        Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, progress=out.info
+    )
     manifest = result.manifest
     realigned = [shard.shard for shard in manifest.shards if shard.realigned]
     train = manifest.splits[manifest.source.split]
