@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from coopt_hub import faults
 from coopt_hub.errors import ConflictError
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class Hub:
             operations = build(parent)
             if not operations:
                 return parent
+            faults.reach("commit")
             try:
                 info = self.api.create_commit(
                     repo_id,

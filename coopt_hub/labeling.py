@@ -31,6 +31,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 from tqdm.auto import tqdm
 
+from coopt_hub import faults
 from coopt_hub.align import normalize
 from coopt_hub.errors import BadImageError, PriorError, ShardFileError
 from coopt_hub.priors import Prior
@@ -138,6 +139,7 @@ class ChunkStore:
     def put(self, name: str, data: bytes, marker: dict[str, Any]) -> None:
         """Store a chunk's bytes, then its marker: a marker never points at missing or partial data."""
         _write_atomically(self.data_path(name), data)
+        faults.reach("chunk-data")
         _write_atomically(self.marker_path(name), json.dumps(marker, sort_keys=True).encode())
 
     def export(self, name: str) -> tuple[bytes, dict[str, Any]]:
@@ -314,6 +316,7 @@ def label_chunks(
             pixels, kept, bad = item.prepared.result()
             if pixels is not None:
                 feature_parts.append(_encode(prior, pixels, kept))
+                faults.reach("encode")
                 ids_parts.append(kept)
                 stats.images += len(kept)
             bad_ids.extend(bad)
