@@ -22,6 +22,8 @@ from huggingface_hub import CommitOperation, HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -49,12 +51,24 @@ class RetryPolicy:
 
 def is_transient(err: BaseException) -> bool:
     """Errors worth retrying: conflicts, rate limits, server faults and broken connections."""
+    if isinstance(err, LocalEntryNotFoundError):
+        # hf_hub_download's word for "the Hub could not be reached" (it is also an EntryNotFoundError).
+        return True
     if isinstance(err, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)):
         return False
     if isinstance(err, HfHubHTTPError):
-        status = getattr(err.response, "status_code", None)
-        return status in RETRY_STATUSES
-    return _is_connection_error(err)
+        return _status(err) in RETRY_STATUSES
+    if _is_connection_error(err):
+        return True
+    # huggingface_hub wraps a failed LFS upload in a RuntimeError; what failed underneath decides. A
+    # refused upload URL (403) counts too: URLs are signed for a while (and by a hub process that may
+    # have restarted since), and the next try asks for fresh ones.
+    cause = err.__cause__ if isinstance(err, RuntimeError) else None
+    return cause is not None and (is_transient(cause) or _status(cause) == 403)
+
+
+def _status(err: BaseException) -> int | None:
+    return getattr(getattr(err, "response", None), "status_code", None)
 
 
 def _is_connection_error(err: BaseException) -> bool:
@@ -127,10 +141,13 @@ class Hub:
         )
 
     def read_json(self, repo_id: str, path: str, revision: str) -> dict[str, Any] | None:
-        """A JSON file's content, or None when the file (or the revision) does not exist."""
+        """A JSON file's content, or None when the file (or the revision) does not exist.
+
+        An unreachable Hub raises: taken for an absence, it would make callers act on a state they never saw.
+        """
         try:
             local = self.download(repo_id, path, revision)
-        except (EntryNotFoundError, RevisionNotFoundError):
+        except (RemoteEntryNotFoundError, RevisionNotFoundError):
             return None
         return json.loads(local.read_text())
 
