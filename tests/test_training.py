@@ -61,6 +61,16 @@ def _config(**changes) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The models here are tiny: a second intra-op thread gains little, and on a busy shared host
+    # threads that wait on each other at every op make the runs many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     digits = load_digits()
