@@ -13,6 +13,7 @@ finished chunks, so the prior is never left waiting on I/O.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -197,6 +198,21 @@ class _ReaderFailed:
 _END = object()
 
 
+def _serial_torch_ops() -> None:
+    """Run this thread's torch ops without an OpenMP team of their own.
+
+    Preparing threads apply small per-image tensor ops; by default each op starts a team as large as
+    the machine, and those teams fight the forward pass for the cores (measured on 2 busy cores:
+    2 ms -> 40 ms per image). torch.set_num_threads is process-wide and would slow the forward pass
+    too, while OpenMP's own thread count is a per-thread setting.
+    """
+    torch.get_num_threads()  # torch's lazy per-thread OpenMP setup runs first and would undo ours
+    try:
+        ctypes.CDLL(None).omp_set_num_threads(1)
+    except AttributeError:  # no OpenMP runtime loaded: torch runs on another parallel backend
+        pass
+
+
 def _prepare(prior: Prior, cells: Sequence[Any], ids: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray, list[int]]:
     """Decode and preprocess one batch; undecodable images are reported, not raised."""
     tensors, kept, bad = [], [], []
@@ -268,7 +284,7 @@ def label_chunks(
     # Room for one batch being encoded and one ready per worker: enough to keep the prior fed,
     # few enough that prefetched pixels stay a small multiple of one batch.
     batches: queue.Queue = queue.Queue(maxsize=workers + 1)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare", initializer=_serial_torch_ops)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coopt-write")
 
     def offer(item: object) -> bool:
