@@ -70,6 +70,9 @@ def _launch_state(device: str | None) -> tuple[Any, str]:
     # Without cpu=True, accelerate ignores a multi-process CPU launch and runs each process alone.
     state = PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
     collective = AccelerateCollective(state) if state.num_processes > 1 else SingleProcess()
+    if device in (None, "cuda") and state.device.type == "cuda":
+        # A bare "cuda" means this process's GPU (cuda:LOCAL_RANK), not GPU 0 for every process.
+        return collective, str(state.device)
     return collective, device or str(state.device)
 
 

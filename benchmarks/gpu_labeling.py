@@ -1,0 +1,209 @@
+"""GPU labeling throughput: ViT-B-32 at bf16 on synthetic 500x375 JPEGs (~80 KB each).
+
+    python benchmarks/gpu_labeling.py [--images 8192] [--batch-size 256] [--workers N] [--device cuda]
+
+Measured, each in images/s:
+- forward ceiling: the bare forward pass on pre-made pixels already on the GPU;
+- CPU decode ceiling: PIL decoding + the prior's own preprocessing in N worker processes, nothing else;
+- GPU decode ceiling: torchvision.io.decode_jpeg on the GPU, then resize/crop/normalise there;
+- the labeling pipeline (coopt_hub.labeling: CPU decoding on N threads, forward, chunk writes, gather);
+- a GPU-decoding pipeline: decoding on a second CUDA stream, overlapped with the forward pass.
+Goal: each pipeline reaches >= 80% of min(its decode ceiling, forward ceiling).
+
+Without CUDA it says so and exits 0. The last line is `pipeline/ceiling ratio: <x>` for the labeling
+pipeline (`skipped` without CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from labeling import synthetic_jpeg  # benchmarks/labeling.py, next to this file
+
+from coopt_hub.labeling import Chunk, ChunkStore, SingleProcess, collect_chunks, label_chunks
+from coopt_hub.priors import Preprocessing, PriorSpec, load_prior
+from coopt_hub.source import decode_image
+
+UNIQUE_IMAGES = 1024  # generating JPEGs is slow; the measured streams cycle through these
+CHUNK_ROWS = 1024  # rows per chunk, like a storage unit of the source
+
+
+def make_jpegs(count: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [synthetic_jpeg(rng, 500, 375, noise=13.0) for _ in range(count)]
+
+
+# CPU decode ceiling: worker processes ----------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(path: str, preprocessing: dict) -> None:
+    torch.set_num_threads(1)  # one process per core: each must stay on its own
+    _WORKER["jpegs"] = pq.read_table(path).column("bytes").to_pylist()
+    _WORKER["transform"] = Preprocessing.from_dict(preprocessing).transform()
+
+
+def _decode_range(bounds: tuple[int, int]) -> int:
+    jpegs, transform = _WORKER["jpegs"], _WORKER["transform"]
+    for i in range(*bounds):
+        transform(decode_image(jpegs[i % len(jpegs)]))
+    return bounds[1] - bounds[0]
+
+
+def cpu_decode_ceiling(jpegs_path: Path, preprocessing: Preprocessing, images: int, workers: int) -> float:
+    # spawn, not fork: the parent has initialised CUDA.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, _init_worker, (str(jpegs_path), preprocessing.to_dict())) as pool:
+        pool.map(_decode_range, [(0, 8)] * workers)  # start-up and first-call costs stay out of the timing
+        step = 64
+        started = time.perf_counter()
+        done = sum(pool.imap_unordered(_decode_range, [(i, min(i + step, images)) for i in range(0, images, step)]))
+        return done / (time.perf_counter() - started)
+
+
+# GPU decoding ----------------------------------------------------------------------------------
+
+
+class GpuPreprocess:
+    """decode_jpeg on the GPU, then the prior's resize ("shortest" side), centre crop and normalisation."""
+
+    def __init__(self, preprocessing: Preprocessing, device: torch.device):
+        from torchvision.transforms import InterpolationMode
+
+        self.size = preprocessing.image_size
+        self.interpolation = InterpolationMode(preprocessing.interpolation)
+        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
+        self.device = device
+
+    def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
+        from torchvision.io import decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+        decoded = decode_jpeg(data, device=self.device)
+        batch = torch.stack(decoded)  # the synthetic images share one size
+        batch = F.resize(batch, min(self.size), interpolation=self.interpolation, antialias=True)
+        batch = F.center_crop(batch, list(self.size))
+        return (batch.float() / 255 - self.mean) / self.std
+
+
+def gpu_decode_ceiling(jpegs: list[bytes], prepare: GpuPreprocess, images: int, batch_size: int) -> float:
+    prepare([jpegs[0]] * batch_size)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for start in range(0, images, batch_size):
+        prepare([jpegs[i % len(jpegs)] for i in range(start, min(start + batch_size, images))])
+    torch.cuda.synchronize()
+    return images / (time.perf_counter() - started)
+
+
+def gpu_decode_pipeline(prior, jpegs: list[bytes], prepare: GpuPreprocess, images: int, batch_size: int) -> float:
+    """Decode on a side stream in a thread while the forward pass runs on the default stream."""
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    side = torch.cuda.Stream()
+
+    def decode() -> None:
+        with torch.cuda.stream(side):
+            for start in range(0, images, batch_size):
+                pixels = prepare([jpegs[i % len(jpegs)] for i in range(start, min(start + batch_size, images))])
+                done = torch.cuda.Event()
+                done.record(side)
+                ready.put((pixels, done))
+        ready.put(None)
+
+    started = time.perf_counter()
+    worker = threading.Thread(target=decode, daemon=True)
+    worker.start()
+    while (item := ready.get()) is not None:
+        pixels, done = item
+        torch.cuda.current_stream().wait_event(done)
+        pixels.record_stream(torch.cuda.current_stream())
+        prior.encode_batch(pixels)
+    worker.join()
+    return images / (time.perf_counter() - started)
+
+
+# Forward ceiling and the labeling pipeline -----------------------------------------------------
+
+
+def forward_ceiling(prior, jpegs: list[bytes], device: torch.device, batch_size: int, repeats: int = 8) -> float:
+    pixels = torch.stack([prior.preprocess(decode_image(jpegs[i % len(jpegs)])) for i in range(batch_size)])
+    pixels = pixels.to(device)
+    prior.encode_batch(pixels)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        prior.encode_batch(pixels)  # returns on the CPU: every batch is synchronised, as in the pipeline
+    return repeats * batch_size / (time.perf_counter() - started)
+
+
+def labeling_pipeline(prior, jpegs: list[bytes], images: int, batch_size: int, workers: int, directory: Path) -> float:
+    cells = [{"bytes": jpegs[i % len(jpegs)], "path": None} for i in range(images)]
+    chunks = [
+        Chunk(f"unit-{start // CHUNK_ROWS:05d}", np.arange(start, min(start + CHUNK_ROWS, images), dtype=np.int64),
+              lambda start=start: cells[start : start + CHUNK_ROWS])
+        for start in range(0, images, CHUNK_ROWS)
+    ]
+    started = time.perf_counter()
+    store = ChunkStore(directory)
+    label_chunks(prior, chunks, store, batch_size=batch_size, workers=workers)
+    collect_chunks(store, [c.name for c in chunks], SingleProcess())
+    for chunk in chunks:
+        store.read(chunk.name)
+    return images / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes / threads")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA is not available: this benchmark needs a GPU.")
+        print("pipeline/ceiling ratio: skipped")
+        return
+    device = torch.device(args.device)
+
+    prior = load_prior(PriorSpec(model="ViT-B-32"), device=args.device, precision="bf16")
+    jpegs = make_jpegs(UNIQUE_IMAGES)
+    print(f"ViT-B-32 bf16 on {torch.cuda.get_device_name(device)}; {args.images} JPEGs 500x375 "
+          f"(~{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB), batch {args.batch_size}, {args.workers} workers")
+    with tempfile.TemporaryDirectory(prefix="coopt-gpu-bench-") as scratch:
+        scratch_dir = Path(scratch)
+        jpegs_path = scratch_dir / "jpegs.parquet"
+        pq.write_table(pa.table({"bytes": pa.array(jpegs, pa.binary())}), jpegs_path)
+
+        forward = forward_ceiling(prior, jpegs, device, args.batch_size)
+        print(f"forward ceiling: {forward:.0f} img/s")
+        cpu_decode = cpu_decode_ceiling(jpegs_path, prior.preprocessing, args.images, args.workers)
+        print(f"CPU decode ceiling ({args.workers} processes): {cpu_decode:.0f} img/s")
+        prepare = GpuPreprocess(prior.preprocessing, device)
+        gpu_decode = gpu_decode_ceiling(jpegs, prepare, args.images, args.batch_size)
+        print(f"GPU decode ceiling (decode_jpeg on {device}): {gpu_decode:.0f} img/s")
+
+        gpu_pipeline = gpu_decode_pipeline(prior, jpegs, prepare, args.images, args.batch_size)
+        gpu_ratio = gpu_pipeline / min(gpu_decode, forward)
+        print(f"GPU-decoding pipeline: {gpu_pipeline:.0f} img/s = {gpu_ratio:.3f} of min(GPU decode, forward)")
+        pipeline = labeling_pipeline(prior, jpegs, args.images, args.batch_size, args.workers, scratch_dir / "work")
+        ratio = pipeline / min(cpu_decode, forward)
+        print(f"labeling pipeline (CPU decoding, {args.workers} threads): {pipeline:.0f} img/s")
+        print(f"pipeline/ceiling ratio: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
