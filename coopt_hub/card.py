@@ -12,10 +12,10 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from coopt_hub import __version__
+from coopt_hub.plan import ANCHORS_PATH, Plan
 
 if TYPE_CHECKING:
     from coopt_hub.merge import Manifest
-    from coopt_hub.plan import Plan
 
 TEMPLATE = "coopt_dataset.md"
 TAGS = ("coopt", "coopt-hub", "representation-learning", "knowledge-distillation")
@@ -53,10 +53,10 @@ def card_data(manifest: Manifest, features, source_card: dict[str, Any]):
         configs=[
             {
                 "config_name": "default",
-                "data_files": [
-                    {"split": split, "path": f"data/{split}-*"} for split in manifest.splits
-                ],
-            }
+                "data_files": [{"split": split, "path": f"data/{split}-*"} for split in manifest.splits],
+            },
+            # Kept from the card `init` wrote, so the shared anchor rows stay browsable.
+            {"config_name": "anchors", "data_files": [{"split": "anchors", "path": ANCHORS_PATH}]},
         ],
     )
     splits = SplitDict()

@@ -113,6 +113,7 @@ def test_merge_publishes_a_dataset_that_loads_at_its_tag(hub, collab, source):
     assert f'load_dataset("{collab.repo}", revision="v1")' in card
     assert f"accelerate launch recipes/train_from_hub.py --dataset {collab.repo} --revision v1 --arch resnet18" in card
     assert "coopt/plan.json" in hub.list_files(collab.repo, "v1")
+    assert load(collab.repo, "v1", name="anchors")["anchors"].num_rows == len(plan.anchor_ids)
 
     streamed = load(collab.repo, "v1", streaming=True)["train"]
     first = next(iter(streamed))
@@ -131,8 +132,10 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     plan = collab.plan
     first = collab.push(0, GOOD)
     collab.push(1, WEAK, reference=(0, GOOD, first))
+    head = hub.head(collab.repo)
     with pytest.raises(VerificationError, match=r"Shard\(s\) 2 .* not been pushed"):
         merge(hub, collab.repo)
+    assert hub.head(collab.repo) == head
 
     monkeypatch.setattr(merge_module, "FILE_BYTES", 20_000)  # several files, to see v2 delete them
     partial = merge(hub, collab.repo, allow_partial=True)
