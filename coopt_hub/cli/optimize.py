@@ -102,6 +102,7 @@ def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overw
     Runs as one process or under `accelerate launch` (every process labels its part; rank 0 writes).
     """
     from coopt_hub.config import load_config, resolve_prior, resolve_repo
+    from coopt_hub.errors import CoOptError
     from coopt_hub.hub import Hub
     from coopt_hub.participant import OptimizeOptions, optimize_shard
     from coopt_hub.priors import load_prior
@@ -111,24 +112,30 @@ def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overw
     spec = resolve_prior(model, pretrained, checkpoint, image_size, config)
     collective, device = _launch_state(device)
     out = Output(as_json)
-    result = optimize_shard(
-        Hub(token=token),
-        repo,
-        shard,
-        lambda: load_prior(spec, device=device, precision=precision),
-        workdir=workdir,
-        options=OptimizeOptions(
-            batch_size=batch_size,
-            workers=workers,
-            on_bad_image=on_bad_image,
-            push=push,
-            overwrite=overwrite,
-            progress=out.progress,
-            participant=config.name if config else None,
-        ),
-        collective=collective,
-        messages=out,
-    )
+    try:
+        result = optimize_shard(
+            Hub(token=token),
+            repo,
+            shard,
+            lambda: load_prior(spec, device=device, precision=precision),
+            workdir=workdir,
+            options=OptimizeOptions(
+                batch_size=batch_size,
+                workers=workers,
+                on_bad_image=on_bad_image,
+                push=push,
+                overwrite=overwrite,
+                progress=out.progress,
+                participant=config.name if config else None,
+            ),
+            collective=collective,
+            messages=out,
+        )
+    except CoOptError as err:
+        if collective.rank == 0:
+            raise
+        # Every rank fails with the same error and rank 0 reports it: one message per job, not per process.
+        raise click.exceptions.Exit(err.exit_code) from err
     if result is None:
         return
     report = result.report
