@@ -471,7 +471,7 @@ def _parse_commit(body: bytes) -> tuple[dict, list[Operation]]:
     for number, line in enumerate(lines, start=1):
         try:
             item = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise bad_request(f"Line {number} of the commit payload is not valid JSON.") from None
         if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
             raise bad_request(f"Line {number} of the commit payload must be {{'key': ..., 'value': {{...}}}}.")

@@ -22,6 +22,8 @@ def card_metadata(readme: str) -> dict | None:
         data = yaml.safe_load(match.group(1))
     except yaml.YAMLError as err:
         raise CardMetadataError(f"Invalid YAML in the README metadata: {err}") from None
+    except RecursionError:  # a committed README like this would otherwise fail every repo info request
+        raise CardMetadataError("Invalid YAML in the README metadata: nested too deeply.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

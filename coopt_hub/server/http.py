@@ -106,6 +106,8 @@ class Request:
             data = json.loads(self.body() or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise bad_request(f"Malformed JSON body: {err}.") from None
+        except RecursionError:  # json gives up on deep nesting this way, not with a JSONDecodeError
+            raise bad_request("Malformed JSON body: nested too deeply.") from None
         if not isinstance(data, dict):
             raise bad_request("The JSON body must be an object.")
         return data
