@@ -29,6 +29,8 @@ ERROR_TABLE: list[tuple[str, int, str, str]] = [
      "Request access on the Hub, then set HF_TOKEN to a token of the account that has it."),
     ("huggingface_hub.errors.RepositoryNotFoundError", 3, "Repository not found",
      "Check the repo id and HF_ENDPOINT; private repos need HF_TOKEN set to a token that can read them."),
+    ("huggingface_hub.errors.HFValidationError", 2, "Invalid repo id",
+     "Name repos ORG/NAME: letters, digits, '-', '_' and '.', at most 96 characters, no '--' or '..'."),
     ("huggingface_hub.errors.HfHubHTTPError", 5, "The Hub refused the request",
      "Read the server's message above; 401 means HF_TOKEN is missing or wrong, 412 that someone "
      "committed first (rerun the command)."),
@@ -76,6 +78,10 @@ def run_with_error_table(command: click.Command, argv: list[str] | None = None) 
         sys.exit(130)
     except click.ClickException as err:
         err.show()
+        # A usage error ends like every other error: with the next step.
+        command = err.ctx.command_path if getattr(err, "ctx", None) else "coopt-hub"
+        click.echo(f"Next step: correct the command line; `{command} --help` lists every option and its values.",
+                   err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
