@@ -47,6 +47,7 @@ from coopt_hub.plan import Plan
 from coopt_hub.priors import Prior
 from coopt_hub.publish import check_source_pin, load_anchors, load_plan
 from coopt_hub.source import read_plan_unit
+from coopt_hub.status import header_problems
 from coopt_hub.storage import (
     ANCHORS_FILE,
     HEADER_KEY,
@@ -656,7 +657,7 @@ def push_shard(
             f"No finished result of shard {shard} of {repo} under {Path(workdir).resolve()}.",
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` first (with the same --workdir).",
         )
-    read_shard(directory / shard_prefix(shard), verify=True)
+    result, _ = read_shard(directory / shard_prefix(shard), verify=True)
     report = json.loads((directory / remote_paths(shard).report).read_text())
     plan = load_plan(hub, repo)
     if report["plan_hash"] != plan.plan_hash:
@@ -664,6 +665,13 @@ def push_shard(
             f"The local result of shard {shard} was made for plan {report['plan_hash'][:12]}, but {repo} now has "
             f"plan {plan.plan_hash[:12]}.",
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again for the current plan.",
+        )
+    # Intact files can still be the wrong ones (copied from another shard, edited by hand): check what they hold.
+    problems = header_problems(plan, shard, result.header)
+    if problems:
+        raise ShardFileError(
+            f"The local result of shard {shard} does not fit the plan of {repo}: {'; '.join(problems)}.",
+            hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again; nothing was pushed.",
         )
     commit, pushed = publish_result(hub, repo, shard, directory, overwrite, messages)
     return OptimizeResult(repo=repo, shard=shard, directory=directory, report=report, commit=commit, pushed=pushed)
