@@ -119,16 +119,23 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        return cls(
-            **{
-                **data,
-                "source": SourcePin(**data["source"]),
-                "reference": Reference(**data["reference"]),
-                "shards": tuple(MergedShard(**shard) for shard in data["shards"]),
-                "missing": tuple(data["missing"]),
-                "splits": {name: SplitRecord(tuple(s["files"]), s["num_rows"]) for name, s in data["splits"].items()},
-            }
-        )
+        try:
+            return cls(
+                **{
+                    **data,
+                    "source": SourcePin(**data["source"]),
+                    "reference": Reference(**data["reference"]),
+                    "shards": tuple(MergedShard(**shard) for shard in data["shards"]),
+                    "missing": tuple(data["missing"]),
+                    "splits": {name: SplitRecord(tuple(s["files"]), s["num_rows"])
+                               for name, s in data["splits"].items()},
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise VerificationError(
+                f"{MANIFEST_PATH} is not a manifest written by coopt-hub merge ({type(err).__name__}: {err}).",
+                hint=f"It was edited by hand: commit back the {MANIFEST_PATH} of the last vN tag, then rerun.",
+            ) from err
 
 
 @dataclass(frozen=True)
