@@ -72,9 +72,9 @@ def load_anchors(hub: Hub, repo: str, plan: Plan) -> pa.Table:
     """The anchor rows (`id` + image column) published by `init`, checked against the plan."""
     table = pq.read_table(hub.download(repo, ANCHORS_PATH, "main"))
     ids = table.column("id").to_numpy()
-    if not np.array_equal(ids, np.asarray(plan.anchor_ids, dtype=np.int64)):
+    if plan.image_column not in table.column_names or not np.array_equal(ids, np.asarray(plan.anchor_ids, np.int64)):
         raise PlanError(
-            f"{ANCHORS_PATH} in {repo} does not hold the plan's anchor ids.",
+            f"{ANCHORS_PATH} in {repo} does not hold the plan's anchor ids and image column {plan.image_column!r}.",
             hint="The repo was edited by hand; re-run `coopt-hub init` on a fresh repo.",
         )
     return table

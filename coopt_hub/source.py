@@ -157,6 +157,13 @@ def read_unit(
     """The rows of one storage unit, fetched with range reads of that row group only."""
     with _filesystem(token).open(repo_path(repo, revision, unit.file), "rb", block_size=READ_BLOCK_SIZE) as handle:
         parquet = pq.ParquetFile(handle)
+        missing = [name for name in columns or () if name not in parquet.schema_arrow.names]
+        if missing:
+            raise SourceError(
+                f"{unit.file} of {repo}@{revision[:12]} has no column(s) {missing}.",
+                hint="The plan names a column the pinned source lacks: "
+                "check that coopt/plan.json was not edited by hand.",
+            )
         table = parquet.read_row_group(unit.row_group, columns=columns) if unit.row_group is not None else parquet.read(
             columns=columns
         )
