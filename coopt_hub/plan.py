@@ -121,7 +121,7 @@ class Plan:
         if not 0 <= k < self.num_shards:
             raise PlanError(
                 f"Shard {k} does not exist; this plan has shards 0..{self.num_shards - 1}.",
-                hint="Pick a shard number below --num-shards of the plan (`coopt-hub status REPO` lists them).",
+                hint="Pick a shard number below the plan's shard count (`coopt-hub status REPO` lists them).",
             )
 
     def shard_ids(self, k: int) -> np.ndarray:
@@ -174,10 +174,12 @@ class Plan:
             anchor_ids = tuple(int(i) for i in data.pop("anchor_ids"))
             data["temperature"] = float(data["temperature"])
             return cls(units=units, unit_shards=unit_shards, anchor_ids=anchor_ids, **data)
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, PlanError) as err:
+            # The plan's own checks (PlanError) mostly carry no hint: from a file, the fix is the same.
             raise PlanError(
                 f"{PLAN_PATH} is not a valid plan: {err}",
-                hint="Recreate the repo's plan with `coopt-hub init`, or check that the file was not edited by hand.",
+                hint=getattr(err, "hint", None) or "Recreate the repo's plan with `coopt-hub init`, or check that "
+                "the file was not edited by hand.",
             ) from err
 
 
@@ -229,7 +231,7 @@ def anchor_count(anchors: int | float, num_rows: int) -> int:
 
 def _check_settings(num_shards: int, dim: int, temperature: float, seed: int) -> None:
     if num_shards < 1:
-        raise PlanError(f"A plan needs at least one shard, got {num_shards}.", hint="Pass --num-shards 1 or more.")
+        raise PlanError(f"A plan needs at least one shard, got {num_shards}.", hint="Pass --shards 1 or more.")
     if dim < 1:
         raise ConfigError(f"The target dimension must be at least 1, got {dim}.", hint="Pass --dim 1 or more.")
     if not (math.isfinite(temperature) and temperature > 0):

@@ -44,9 +44,11 @@ class PriorSpec:
         if not self.model:
             raise ConfigError("A prior needs a model name.", hint=f"List open_clip's models with: {_LIST_MODELS}")
         if self.pretrained and self.checkpoint:
-            raise ConfigError("Give a pretrained tag or a checkpoint for the prior, not both.")
+            raise ConfigError("Give a pretrained tag or a checkpoint for the prior, not both.",
+                              hint="Pass --pretrained TAG for published weights, or --checkpoint PATH for your own.")
         if self.model.startswith(HF_HUB_PREFIX) and (self.pretrained or self.checkpoint):
-            raise ConfigError(f"{self.model} brings its own weights; drop --pretrained/--checkpoint.")
+            raise ConfigError(f"{self.model} brings its own weights; it takes no --pretrained or --checkpoint.",
+                              hint="Drop --pretrained and --checkpoint, or name an open_clip model instead.")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"The prior image size must be at least 1 pixel, got {self.image_size}.")
 
