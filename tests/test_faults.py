@@ -360,19 +360,19 @@ def hub(hub_server) -> Hub:
     return Hub(token=hub_server.token)
 
 
-@pytest.fixture(scope="module")
-def source(hub) -> str:
-    """240 digits (16 px PNGs, with labels) in 8 row groups: 2 shards of 4 storage units each."""
+def publish_small_source(hub: Hub, broken: tuple[int, ...] = ()) -> str:
+    """240 digits (16 px PNGs, with labels) in 8 row groups: 2 shards of 4 storage units each.
+    The rows in `broken` hold bytes that are no image."""
     from huggingface_hub import CommitOperationAdd
 
     from coopt_hub.sample_data import digits_images
 
     images, labels = digits_images(16)
     cells = []
-    for image in images[:240]:
+    for row, image in enumerate(images[:240]):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        cells.append({"bytes": buffer.getvalue(), "path": None})
+        cells.append({"bytes": b"\x89PNG truncated" if row in broken else buffer.getvalue(), "path": None})
     table = pa.table({"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                       "label": pa.array(labels[:240])})
     buffer = io.BytesIO()
@@ -382,6 +382,11 @@ def source(hub) -> str:
     hub.commit(repo, "main", lambda head: [CommitOperationAdd("data/train-00000-of-00001.parquet",
                                                               buffer.getvalue())], "digits")
     return repo
+
+
+@pytest.fixture(scope="module")
+def source(hub) -> str:
+    return publish_small_source(hub)
 
 
 def collaboration(hub: Hub, source: str, shards: int = 2):
