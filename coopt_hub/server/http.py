@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -284,10 +285,24 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 yield chunk
             self.rfile.readline(1024)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, an unknown method, oversized headers) as
+        JSON errors like every other answer; an unknown method is a 405 rather than http.server's 501."""
+        status = HTTPStatus(code)
+        if status == HTTPStatus.NOT_IMPLEMENTED:
+            status, message = HTTPStatus.METHOD_NOT_ALLOWED, f"Method {self.command!r} is not supported."
+        self.close_connection = True
+        code = status.name.title().replace("_", "")  # e.g. MethodNotAllowed, like the API's error codes
+        response = error_response(HubError(status.value, message or status.phrase, code))
+        response.headers["Connection"] = "close"
+        self._send(response, head_only=self.command == "HEAD")
+
     # ---- logging: paths only, never query strings (signed URLs) or headers (tokens) ---------
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        logger.info("%s %s %s", self.command, self.path.partition("?")[0], code)
+        # A malformed request line is refused before http.server has set a path.
+        path = getattr(self, "path", "")
+        logger.info("%s %s %s", self.command, path.partition("?")[0], code)
 
     def log_message(self, format: str, *args: object) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
