@@ -639,3 +639,41 @@ def test_a_readme_with_unreadable_metadata_does_not_break_the_repo(world, hub_se
     info = world.hub.api.dataset_info(repo)
     assert info.card_data is None or not info.card_data.to_dict()
     assert "README.md" in [sibling.rfilename for sibling in info.siblings]
+
+
+# RELIABILITY.md ---------------------------------------------------------------------------------------
+
+
+def test_reliability_report_matches_the_tables():
+    """RELIABILITY.md's figures and scenario lists are these files' tables: the page cannot go stale."""
+    import test_faults
+    import test_server_fuzz
+
+    figures = {
+        "Participant killed (SIGKILL) at a stage of `optimize`, then the same command rerun":
+            len(test_faults.OPTIMIZE_KILLS),
+        "Hub process killed (SIGKILL) mid-push and restarted; the push completes by itself":
+            len(test_faults.SERVER_KILLS),
+        "Hub down (connection refused) when a client call starts": len(test_faults.OUTAGE_CALLS),
+        "Connection cut once in the middle of a push": len(test_faults.NETWORK_CUTS),
+        "Merge killed (SIGKILL) at a stage, then rerun": len(test_faults.MERGE_KILLS),
+        "Participants pushing while a merge runs": test_faults.RACERS,
+        "Bad command lines, run in process": len(CLI_CASES),
+        "Bad command lines, run as `coopt-hub` processes": len(END_TO_END),
+        "Bad library calls": len(LIBRARY_CASES),
+        "Bad raw requests to the server": len(SERVER_CASES),
+        "Fuzzed structured requests (method, route, odd encodings, headers, body)":
+            test_server_fuzz.FUZZ_EXAMPLES["structured requests"],
+        "Fuzzed raw request bytes (request line and headers)": test_server_fuzz.FUZZ_EXAMPLES["raw request bytes"],
+        "Fuzzed commit payloads (NDJSON)": test_server_fuzz.FUZZ_EXAMPLES["commit payloads"],
+    }
+    report = (Path(__file__).parent.parent / "RELIABILITY.md").read_text()
+    table = report.split("## Figures", 1)[1].split("\n## ", 1)[0]
+    written = {label: int(count) for label, count in re.findall(r"^\| (.+?) \| (\d+) \|$", table, re.MULTILINE)}
+    assert written == figures, "update the table in RELIABILITY.md:\n" + "\n".join(
+        f"| {label} | {count} |" for label, count in figures.items())
+    listed = set(re.findall(r"^- (.+)$", report, re.MULTILINE))
+    scenarios = [*test_faults.OPTIMIZE_KILLS, *test_faults.SERVER_KILLS, *test_faults.NETWORK_CUTS,
+                 *test_faults.MERGE_KILLS]
+    assert {fault.name for fault in scenarios} <= listed
+    assert len(CLI_CASES) + len(END_TO_END) + len(LIBRARY_CASES) + len(SERVER_CASES) >= 30

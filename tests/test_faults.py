@@ -461,8 +461,9 @@ def assert_chunk_store_consistent(store: ChunkStore) -> int:
 
 
 @dataclass(frozen=True)
-class Kill:
-    """Where a run dies: its own COOPT_HUB_FAULT, or the proxy killing it when its traffic reaches a point."""
+class Fault:
+    """One fault: a process's own COOPT_HUB_FAULT, or the proxy striking when the traffic reaches a point
+    (with an action: kill the participant, kill the hub, or just cut the connection)."""
 
     name: str
     fault: str | None = None
@@ -472,11 +473,11 @@ class Kill:
 # One participant, killed again and again: each run of the same command resumes from what the
 # previous killed run left, and only the last one is allowed to finish.
 OPTIMIZE_KILLS = [
-    Kill("encoding: a batch encoded, its chunk not stored yet", fault="encode:3"),
-    Kill("writing chunks: a chunk's data written, not its marker", fault="chunk-data:2"),
-    Kill("upload: half of a shard file sent to the hub", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
-    Kill("commit: built, nothing sent yet", fault="commit:1"),
-    Kill("commit: the hub committed, the participant never heard", strike=Strike("POST", COMMIT, "answered")),
+    Fault("encoding: a batch encoded, its chunk not stored yet", fault="encode:3"),
+    Fault("writing chunks: a chunk's data written, not its marker", fault="chunk-data:2"),
+    Fault("upload: half of a shard file sent to the hub", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
+    Fault("commit: built, nothing sent yet", fault="commit:1"),
+    Fault("commit: the hub committed, the participant never heard", strike=Strike("POST", COMMIT, "answered")),
 ]
 
 
@@ -516,8 +517,8 @@ def test_participant_killed_at_every_stage_resumes_to_the_clean_result(hub, hub_
 # The hub process dies with SIGKILL while the participant pushes, and comes back on the same root
 # after DOWN_S seconds; the participant is never restarted: its retries carry the push through.
 SERVER_KILLS = [
-    Kill("hub killed while half of a shard file is uploaded", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
-    Kill("hub killed with the whole commit request in hand", strike=Strike("POST", COMMIT, "sent")),
+    Fault("hub killed while half of a shard file is uploaded", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
+    Fault("hub killed with the whole commit request in hand", strike=Strike("POST", COMMIT, "sent")),
 ]
 DOWN_S = 1.0
 
@@ -550,6 +551,10 @@ def test_hub_killed_mid_upload_and_mid_commit_the_push_completes(hub, hub_server
         served.stop()
 
 
+# Calls made while the hub is down (connection refused) and comes back DOWN_S seconds later.
+OUTAGE_CALLS = ("commit", "read a file", "read a branch head")
+
+
 def test_a_hub_that_refuses_connections_for_a_while_is_waited_for(tmp_path):
     from huggingface_hub import CommitOperationAdd
 
@@ -557,13 +562,18 @@ def test_a_hub_that_refuses_connections_for_a_while_is_waited_for(tmp_path):
     try:
         client = Hub(token="t", endpoint=served.endpoint, retry=RetryPolicy(attempts=8, base_seconds=0.2))
         client.ensure_repo("org/refused")
-        served.kill_then_restart(DOWN_S)
-        # Every call below starts while nothing listens on the port.
-        commit = client.commit("org/refused", "main", lambda head: [CommitOperationAdd("a.json", b'{"a": 1}')], "a")
-        served.kill_then_restart(DOWN_S)
-        assert client.read_json("org/refused", "a.json", "main") == {"a": 1}
-        served.kill_then_restart(DOWN_S)
-        assert client.head("org/refused") == commit and served.kills == 3
+        answers = {}
+        calls = {
+            "commit": lambda: client.commit("org/refused", "main",
+                                            lambda head: [CommitOperationAdd("a.json", b'{"a": 1}')], "a"),
+            "read a file": lambda: client.read_json("org/refused", "a.json", "main"),
+            "read a branch head": lambda: client.head("org/refused"),
+        }
+        for name in OUTAGE_CALLS:
+            served.kill_then_restart(DOWN_S)  # each call starts while nothing listens on the port
+            answers[name] = calls[name]()
+        assert answers["read a file"] == {"a": 1} and answers["read a branch head"] == answers["commit"]
+        assert served.kills == len(OUTAGE_CALLS)
     finally:
         served.stop()
 
@@ -614,16 +624,17 @@ def test_a_failed_lfs_upload_is_retried_when_what_failed_underneath_is_worth_it(
 # Connections cut ----------------------------------------------------------------------------------
 
 NETWORK_CUTS = [
-    Strike("POST", PREUPLOAD, "sent"),
-    Strike("PUT", LFS_UPLOAD, "mid-body"),
-    Strike("POST", COMMIT, "mid-body"),
-    Strike("POST", COMMIT, "answered"),
-    Strike("GET", REPORT_DOWNLOAD, "answered"),
+    Fault("preupload request sent, connection cut before the answer", strike=Strike("POST", PREUPLOAD, "sent")),
+    Fault("connection cut halfway through a shard file upload", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
+    Fault("connection cut halfway through the commit request", strike=Strike("POST", COMMIT, "mid-body")),
+    Fault("the hub committed, the answer was lost", strike=Strike("POST", COMMIT, "answered")),
+    Fault("the branch's report downloaded, the answer was lost", strike=Strike("GET", REPORT_DOWNLOAD, "answered")),
 ]
 
 
-@pytest.mark.parametrize("strike", NETWORK_CUTS, ids=str)
-def test_a_connection_cut_once_mid_push_is_retried_to_one_commit(hub, hub_server, source, clean, proxy, strike):
+@pytest.mark.parametrize("cut", NETWORK_CUTS, ids=lambda cut: cut.name)
+def test_a_connection_cut_once_mid_push_is_retried_to_one_commit(hub, hub_server, source, clean, proxy, cut):
+    strike = cut.strike
     collab = collaboration(hub, source)
     main = hub.head(collab.repo)
     already = None
@@ -651,10 +662,10 @@ MID = FakePrior("mid-net", output_dim=28, rank=12)
 # One collaboration, merged by a process that is killed again and again; main must not move until
 # the merge commit, which lands whole; the last rerun finishes the job.
 MERGE_KILLS = [
-    Kill("after one shard was verified and aligned", fault="merge-shard:1"),
-    Kill("upload: half of a merged file sent", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
-    Kill("commit: built, nothing sent yet", fault="commit:1"),
-    Kill("between the merge commit and its tag", fault="merge-tag:1"),
+    Fault("after one shard was verified and aligned", fault="merge-shard:1"),
+    Fault("upload: half of a merged file sent", strike=Strike("PUT", LFS_UPLOAD, "mid-body")),
+    Fault("commit: built, nothing sent yet", fault="commit:1"),
+    Fault("between the merge commit and its tag", fault="merge-tag:1"),
 ]
 
 
