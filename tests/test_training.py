@@ -248,3 +248,11 @@ def test_load_training_data_from_the_hub(digits, hf_api, new_repo_id, images):
     expected = np.stack([np.asarray(source_train[int(i)]["image"].convert("RGB")) for i in ids]).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(data.images.numpy(), expected)
     assert data.test.images.shape == (32, 3, SIZE, SIZE) and data.num_classes == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_on_gpu(data):
+    result = train(_config(arch="resnet18", epochs=2, precision="bf16", eval_points=2), data)
+    assert np.isfinite(result.epoch_losses).all() and result.epoch_losses[-1] < result.epoch_losses[0]
+    assert result.accuracy > 0.5 and result.samples_per_s > 0
