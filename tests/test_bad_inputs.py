@@ -132,7 +132,8 @@ def world(hub_server, tmp_path_factory) -> World:
              "handplan": handplan.repo, "shuffled": shuffled.repo, "mismatch": mismatch.repo,
              "manifest": manifest.repo, "broken": broken.repo, "noplan": noplan, "private": private}
     broken_shard = broken.plan.unit_shards[0]  # the shard holding rows 3 and 4
-    return World(hub=hub, root=hub_server.root, repos=repos, result=workdir, names={**repos, "broken_shard": str(broken_shard)})
+    return World(hub=hub, root=hub_server.root, repos=repos, result=workdir,
+                 names={**repos, "broken_shard": str(broken_shard)})
 
 
 # Damaging a local result ---------------------------------------------------------------------------
@@ -229,8 +230,8 @@ CLI_CASES = [
          (*INIT, "--shards", "2", "--anchors", "5000")),
     Case("init --shards 1000", r"Cannot split 240 rows into 1000 shards", "at most 240 shards",
          (*INIT, "--shards", "1000", "--anchors", "8")),
-    Case("init --dim 0", r"Invalid value for '--dim'", USAGE_HINT, (*INIT, "--shards", "2", "--anchors", "8", "--dim", "0"),
-         code=2),
+    Case("init --dim 0", r"Invalid value for '--dim'", USAGE_HINT,
+         (*INIT, "--shards", "2", "--anchors", "8", "--dim", "0"), code=2),
     Case("init --dim 1.5", r"'1.5' is not a valid integer", USAGE_HINT,
          (*INIT, "--shards", "2", "--anchors", "8", "--dim", "1.5"), code=2),
     Case("init --temperature nan", r"temperature must be positive, got nan", "usual value is 2",
@@ -261,8 +262,8 @@ CLI_CASES = [
          (*OPTIMIZE, "--shard", "7")),
     Case("optimize --batch-size 0", r"Invalid value for '--batch-size'", USAGE_HINT,
          (*OPTIMIZE, "--shard", "1", "--batch-size", "0"), code=2),
-    Case("optimize --workers 0", r"Invalid value for '--workers'", USAGE_HINT, (*OPTIMIZE, "--shard", "1", "--workers", "0"),
-         code=2),
+    Case("optimize --workers 0", r"Invalid value for '--workers'", USAGE_HINT,
+         (*OPTIMIZE, "--shard", "1", "--workers", "0"), code=2),
     Case("optimize --precision fp64", r"'fp64' is not one of 'fp32', 'bf16', 'fp16'", USAGE_HINT,
          (*OPTIMIZE, "--shard", "1", "--precision", "fp64"), code=2),
     Case("optimize --on-bad-image ignore", r"'ignore' is not one of 'error', 'skip'", USAGE_HINT,
@@ -333,9 +334,10 @@ CLI_CASES = [
     Case("status of a repo name with odd characters", r"org/na\*me", "ORG/NAME", ("status", "org/na*me")),
     Case("status with a wrong token", r"401", "HF_TOKEN", ("status", "{repo}", "--token", "hf_wrong_token"), code=5),
     Case("status of a repo without a plan", r"No CoOpt plan", "coopt-hub init", ("status", "{noplan}")),
-    Case("verify --sample 0", r"Invalid value for '--sample'", USAGE_HINT, ("verify", "{repo}", "--sample", "0"), code=2),
-    Case("verify --threshold 2", r"Invalid value for '--threshold'", USAGE_HINT, ("verify", "{repo}", "--threshold", "2"),
+    Case("verify --sample 0", r"Invalid value for '--sample'", USAGE_HINT, ("verify", "{repo}", "--sample", "0"),
          code=2),
+    Case("verify --threshold 2", r"Invalid value for '--threshold'", USAGE_HINT,
+         ("verify", "{repo}", "--threshold", "2"), code=2),
     Case("hub serve --port 70000", r"Invalid value for '--port'", USAGE_HINT,
          ("hub", "serve", "--root", "{tmp}/root", "--port", "70000"), code=2),
     Case("hub serve with an empty token file", r"No token in .*tokens\.txt", "one token per line",
@@ -398,6 +400,8 @@ def test_cli_bad_input_gets_a_clear_error_and_changes_nothing(world, in_tmp, cas
     before = world.refs()
     outcome = run_main(fill(case.argv, world, in_tmp))
     assert_clear_error(outcome, case)
+    for token in (world.hub.token, "hf_wrong_token"):
+        assert token not in outcome.stdout + outcome.stderr
     assert world.refs() == before
 
 
