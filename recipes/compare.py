@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
         if accelerator.is_main_process:  # progress from this library only, not every HTTP request
             logging.getLogger("coopt_hub").setLevel(logging.INFO)
-        data = load_training_data(args.dataset, args.revision, image_size=args.image_size)
+        with accelerator.main_process_first():  # one process fills the download caches, the rest reuse them
+            data = load_training_data(args.dataset, args.revision, image_size=args.image_size)
         rows = compare_objectives(data, config, tuple(VARIANTS[name] for name in args.variants), accelerator)
     except CoOptError as err:
         print(f"error: {err}", file=sys.stderr)

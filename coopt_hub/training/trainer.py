@@ -200,9 +200,12 @@ def train(config: TrainConfig, data: TrainingData, accelerator=None) -> TrainRes
     )
     loop: dict[str, Any] = {"step": 0, "seconds": 0.0, "epoch_losses": [], "evals": [], "loss_sum": 0.0, "loss_count": 0}
     output = Path(config.output_dir) if config.output_dir else None
-    if config.resume and (found := list_checkpoints(output)):
-        loop = load_checkpoint(found[-1], objective, optimizer, config.run_identity())
-        logger.info("resumed from %s at step %d", found[-1], loop["step"])
+    if config.resume:
+        if found := list_checkpoints(output):
+            loop = load_checkpoint(found[-1], objective, optimizer, config.run_identity())
+            logger.info("resumed from %s at step %d", found[-1], loop["step"])
+        else:
+            logger.info("no checkpoint in %s yet; starting at step 0", output)
     model, optimizer = accelerator.prepare(objective, optimizer)
     unwrapped: Objective = accelerator.unwrap_model(model)
 
