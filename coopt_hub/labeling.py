@@ -339,10 +339,11 @@ def label_chunks(
             bar.update(len(kept) + len(bad))
             if not item.last:
                 continue
+            empty = np.zeros((0, prior.output_dim), np.float32)
             output = ChunkOutput(
                 name=item.chunk.name,
                 ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64),
-                features=np.concatenate(feature_parts) if feature_parts else np.zeros((0, prior.output_dim), np.float32),
+                features=np.concatenate(feature_parts) if feature_parts else empty,
                 bad_ids=np.asarray(bad_ids, dtype=np.int64),
             )
             writes.append(writer.submit(store.write, output))

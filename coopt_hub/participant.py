@@ -4,8 +4,9 @@
     -> raw targets f @ W -> uniformity V on S -> reference (the lowest V pushed so far, or itself)
     -> T_k fitted on S -> aligned targets -> targets/anchors/report files -> one commit to shard/{k}
 
-Work lives under `{workdir}/{repo}/shard-{k}/{plan hash}-{prior fingerprint}-{settings}/`: a different
-plan, prior or precision never reuses another's chunks, and a rerun of the same job only computes what is missing.
+Work lives under `{workdir}/{repo}/shard-{k}/{plan hash}-{prior fingerprint}-{settings}/`: a
+different plan, prior or precision never reuses another's chunks, and a rerun of the same job only
+computes what is missing.
 Rank and world size come in through a `Collective`; only the command line reads a launcher's state.
 """
 
@@ -177,7 +178,8 @@ def prior_key(prior: Prior) -> str:
 
 
 def run_directory(workdir: Path, repo: str, shard: int, plan: Plan, prior: Prior) -> Path:
-    return shard_workdir(workdir, repo, shard) / f"{plan.plan_hash[:16]}-{prior.fingerprint[:12]}-{prior_key(prior)[:8]}"
+    name = f"{plan.plan_hash[:16]}-{prior.fingerprint[:12]}-{prior_key(prior)[:8]}"
+    return shard_workdir(workdir, repo, shard) / name
 
 
 def result_directory(run_dir: Path) -> Path:
@@ -249,7 +251,9 @@ def _agreed(collective: Collective, step: Callable[[], T]) -> T:
 # Chunks ----------------------------------------------------------------------------------------
 
 
-def job_chunks(plan: Plan, shard: int, anchors: Callable[[], Any], token: str | None = None) -> tuple[list[Chunk], list[Chunk]]:
+def job_chunks(
+    plan: Plan, shard: int, anchors: Callable[[], Any], token: str | None = None
+) -> tuple[list[Chunk], list[Chunk]]:
     """(shard chunks, anchor chunks): one per storage unit holding shard rows, and S in fixed slices.
 
     `anchors` returns the anchor table; it is called only when an anchor chunk is actually encoded.
@@ -406,7 +410,8 @@ def _finish(
 ) -> OptimizeResult:
     """Rank 0: from the gathered chunks to the three files of the shard."""
     ids, features, skipped = _concat([store.read(c.name) for c in shard_chunks], prior.output_dim)
-    anchor_ids, anchor_features, skipped_anchors = _concat([store.read(c.name) for c in anchor_chunks], prior.output_dim)
+    anchor_outputs = [store.read(c.name) for c in anchor_chunks]
+    anchor_ids, anchor_features, skipped_anchors = _concat(anchor_outputs, prior.output_dim)
     if ids.size == 0:
         raise BadImageError(f"No image of shard {shard} could be decoded.", ids=[int(i) for i in skipped],
                             hint="Check the source's image column.")
@@ -630,14 +635,15 @@ def publish_result(
 
     model = report["prior"]["model"]
     reference = report["reference"]
+    aligned_to = "itself" if reference is None else f"{reference['branch']}@{reference['commit'][:8]}"
     commit = hub.commit(
         repo,
         branch,
         build,
         message=f"coopt-hub: shard {shard} labeled with {model} ({report['counts']['rows']} rows)",
         description=(f"Prior fingerprint {report['fingerprint']}, uniformity {report['uniformity']:.4f}, "
-                     f"aligned to {'itself' if reference is None else reference['branch'] + '@' + reference['commit'][:8]}"
-                     f" (residual {report['residual']:.4f}); coopt-hub {report['tool_version']}."),
+                     f"aligned to {aligned_to} (residual {report['residual']:.4f}); "
+                     f"coopt-hub {report['tool_version']}."),
     )
     if outcome["unchanged"]:
         say.info(f"{branch} of {repo} already holds this result ({commit[:8]}); nothing to push.")
@@ -654,7 +660,7 @@ def push_shard(
     directory = latest_result(workdir, repo, shard)
     if directory is None:
         raise ShardFileError(
-            f"No finished result of shard {shard} of {repo} under {Path(workdir).resolve()}.",
+            f"No finished result of shard {shard} of {repo} under {workdir}.",
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` first (with the same --workdir).",
         )
     result, _ = read_shard(directory / shard_prefix(shard), verify=True)

@@ -180,12 +180,14 @@ def test_push_is_one_commit_aligned_to_the_best_prior_and_not_repeated(hub, hf_a
 
     again = optimize_shard(hub, repo, 0, small, workdir=tmp_path, options=OptimizeOptions(push=True))
     assert not again.pushed and again.commit == first.commit == hub.head(repo, "shard/0")
-    assert again.report["chunks"]["computed"] == 0 and again.report["chunks"]["reused"] == again.report["chunks"]["total"]
+    chunks = again.report["chunks"]
+    assert chunks["computed"] == 0 and chunks["reused"] == chunks["total"]
 
     with pytest.raises(ConflictError, match="alice with ViT-S-32") as conflict:
         optimize_shard(hub, repo, 0, medium, workdir=tmp_path, options=OptimizeOptions(push=True))
     assert "--overwrite" in conflict.value.hint and hub.head(repo, "shard/0") == first.commit
-    replaced = optimize_shard(hub, repo, 0, medium, workdir=tmp_path, options=OptimizeOptions(push=True, overwrite=True))
+    replaced = optimize_shard(hub, repo, 0, medium, workdir=tmp_path,
+                              options=OptimizeOptions(push=True, overwrite=True))
     assert replaced.pushed and hub.head(repo, "shard/0") == replaced.commit != first.commit
 
 

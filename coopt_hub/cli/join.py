@@ -20,8 +20,10 @@ def prior_options(function):
     """The options that choose a prior, shared by `join` and `optimize`."""
     for option in reversed(
         [
-            click.option("--model", default=None, help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())."),
-            click.option("--pretrained", default=None, help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k."),
+            click.option("--model", default=None,
+                         help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())."),
+            click.option("--pretrained", default=None,
+                         help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k."),
             click.option(
                 "--checkpoint",
                 type=click.Path(exists=True, dir_okay=False),
@@ -57,7 +59,8 @@ def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
 
     out = Output(as_json)
     if not model:
-        raise ConfigError("join needs the prior's --model.", hint="e.g. `coopt-hub join REPO --model ViT-B-32 --pretrained openai`.")
+        raise ConfigError("join needs the prior's --model.",
+                          hint="e.g. `coopt-hub join REPO --model ViT-B-32 --pretrained openai`.")
     hub = Hub(token=token)
     plan = load_plan(hub, repo)
     branches, _ = hub.refs(repo)

@@ -82,7 +82,8 @@ def _launch_state(device: str | None) -> tuple[Any, str]:
 @prior_options
 @click.option("--push", is_flag=True, help="Commit the result to branch shard/{k} (one commit).")
 @click.option("--overwrite", is_flag=True, help="Replace a shard/{k} result made with another prior.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Threads decoding and preprocessing ahead of the forward pass.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
