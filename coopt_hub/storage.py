@@ -3,20 +3,26 @@
 Both files carry the same ShardHeader (JSON under the metadata key "coopt") with a sha256 of every
 tensor in the pair, so a reader can tell a damaged file, and a targets file and an anchors file that
 come from different runs, from a good pair.
+
+The files are read with plain reads at the byte ranges the safetensors header gives (8-byte
+little-endian header length, the JSON header, then the tensors' bytes), so the targets can be read
+in row ranges with every check still made: a merge holds one range of a shard, not the shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from coopt_hub.errors import ShardFileError
@@ -29,6 +35,13 @@ HEADER_KEY = "coopt"
 # Tensor name -> stored dtype, per file.
 _TARGET_TENSORS = {"ids": np.int64, "raw": np.float16, "aligned": np.float16}
 _ANCHOR_TENSORS = {"ids": np.int64, "features": np.float32, "projected": np.float32}
+# safetensors' dtype names, for the stored tensors and for naming what a wrong file holds instead.
+_SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_, "F64": np.float64, "F32": np.float32, "F16": np.float16}
+# safetensors' own bound on the JSON header: a corrupt length must not make a reader allocate gigabytes.
+_MAX_HEADER_BYTES = 100_000_000
+# Rows per range when a caller does not say: 64 MiB per fp16 tensor at 512 dimensions.
+CHUNK_ROWS = 65536
 _REFRESH_HINT = ("Run `coopt-hub optimize` for this shard again (finished chunks are kept), "
                  "or download the branch again.")
 
@@ -109,8 +122,11 @@ def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) ->
     header = result.header
     targets_path, anchors_path = directory / TARGETS_FILE, directory / ANCHORS_FILE
     # The checksums are about to be computed from these very arrays; shapes and values need checking.
-    _check_targets(f"{targets_path} (not written)", header, targets, verify=True, checksums=False)
-    _check_anchors(f"{anchors_path} (not written)", header, anchor_tensors, verify=True, checksums=False)
+    for path, check_shapes, tensors in ((targets_path, _check_target_shapes, targets),
+                                        (anchors_path, _check_anchor_shapes, anchor_tensors)):
+        where = f"{path} (not written)"
+        check_shapes(where, header, {name: array.shape for name, array in tensors.items()})
+        _check_values(where, tensors)
     header.checksums = {
         **{f"targets/{name}": _sha256(array) for name, array in targets.items()},
         **{f"anchors/{name}": _sha256(array) for name, array in anchor_tensors.items()},
@@ -123,23 +139,125 @@ def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) ->
 
 
 def read_shard(directory: Path, verify: bool = True) -> tuple[ShardResult, AnchorOutputs]:
-    """Read a shard's pair of files; ShardFileError names the file and the problem.
+    """Read a shard's pair of files whole; ShardFileError names the file and the problem.
 
     Names, dtypes and shapes are always checked. `verify` also checks the checksums, that all values
-    are finite and that ids are sorted and unique, which costs a pass over the data.
+    are finite and that ids are sorted and unique, which costs a pass over the data. Holds the whole
+    shard in memory: ShardReader reads it in row ranges.
     """
-    directory = Path(directory)
-    targets_path, anchors_path = directory / TARGETS_FILE, directory / ANCHORS_FILE
-    header, targets = _load(targets_path, _TARGET_TENSORS)
-    anchors_header, anchor_tensors = _load(anchors_path, _ANCHOR_TENSORS)
-    if json.dumps(anchors_header.to_dict(), sort_keys=True) != json.dumps(header.to_dict(), sort_keys=True):
-        raise ShardFileError(
-            f"{anchors_path} and {targets_path} carry different headers: they come from different runs.",
-            hint=_REFRESH_HINT,
-        )
-    _check_targets(str(targets_path), header, targets, verify, checksums=verify)
-    _check_anchors(str(anchors_path), header, anchor_tensors, verify, checksums=verify)
-    return ShardResult(header=header, **targets), AnchorOutputs(**anchor_tensors)
+    with ShardReader(directory, verify=verify) as shard:
+        # One range of every row; unpacking runs the iteration to its end, where the checksums are compared.
+        (rows,) = shard.chunks(rows=max(shard.num_rows, 1))
+        return ShardResult(shard.header, rows.ids, rows.raw, rows.aligned), shard.anchors
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows start .. start + len(ids) - 1 of a shard's targets."""
+
+    start: int
+    ids: np.ndarray  # int64
+    raw: np.ndarray  # fp16 [rows, dim]
+    aligned: np.ndarray  # fp16 [rows, dim]
+
+
+class ShardReader:
+    """A shard's pair of files, open, with read_shard's checks and the targets read in row ranges.
+
+    Opening reads both headers and the (small) anchors file, and checks all that does not need the
+    targets' values: tensor names, dtypes and shapes against the header, that the pair's headers
+    agree, and with `verify` the anchors' checksums and values and that the header has a checksum
+    for every target tensor. `chunks` then reads the targets and checks their values as they pass.
+
+        with ShardReader(directory) as shard:
+            for rows in shard.chunks(16384):
+                ...  # keep nothing made from `rows` as good until the loop has ended
+    """
+
+    def __init__(self, directory: Path, verify: bool = True):
+        directory = Path(directory)
+        self.verify = verify
+        self.targets_path, self.anchors_path = directory / TARGETS_FILE, directory / ANCHORS_FILE
+        self._targets, self.header = _open(self.targets_path, _TARGET_TENSORS)
+        try:
+            self.anchors = self._read_anchors()
+        except BaseException:
+            self._targets.close()
+            raise
+        self.num_rows = self._targets.tensors["ids"].shape[0]
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._targets.close()
+
+    def _read_anchors(self) -> AnchorOutputs:
+        stored, header = _open(self.anchors_path, _ANCHOR_TENSORS)
+        with stored:
+            if json.dumps(header.to_dict(), sort_keys=True) != json.dumps(self.header.to_dict(), sort_keys=True):
+                raise ShardFileError(
+                    f"{self.anchors_path} and {self.targets_path} carry different headers: they come from "
+                    "different runs.",
+                    hint=_REFRESH_HINT,
+                )
+            _check_target_shapes(str(self.targets_path), self.header, self._targets.shapes(_TARGET_TENSORS))
+            _check_anchor_shapes(str(self.anchors_path), self.header, stored.shapes(_ANCHOR_TENSORS))
+            tensors = {name: stored.read(name) for name in _ANCHOR_TENSORS}
+        if self.verify:
+            _check_checksums(str(self.anchors_path), self.header, "anchors",
+                             {name: _sha256(array) for name, array in tensors.items()})
+            _check_values(str(self.anchors_path), tensors)
+            # Before the targets are read, not after: a file that cannot pass is refused at no cost.
+            _check_checksums(str(self.targets_path), self.header, "targets", dict.fromkeys(_TARGET_TENSORS))
+        return AnchorOutputs(**tensors)
+
+    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[ShardRows]:
+        """The targets in consecutive ranges of `rows` rows (an empty shard gives one empty range).
+
+        With `verify`, each range is checked for NaN/inf and for ids that keep rising across ranges,
+        and each tensor's sha256 is fed as the ranges pass; the checksums are compared after the
+        last range, so the ShardFileError of a damaged file comes at the end of the iteration. A
+        range that fails a check is not yielded, nor any after it, but the rest of the file is
+        still hashed before the error is raised: a damaged file is reported as damaged, not by
+        whichever bad value the damage made.
+        """
+        if rows < 1:
+            raise ValueError(f"A range holds at least one row, got {rows}.")
+        path = str(self.targets_path)
+        digests = {name: hashlib.sha256() for name in _TARGET_TENSORS}
+        problem: ShardFileError | None = None
+        last_id = -1  # ids must be non-negative and rise from one range to the next
+        for start in range(0, max(self.num_rows, 1), rows):
+            stop = min(start + rows, self.num_rows)
+            tensors = {name: self._targets.read(name, start, stop) for name in _TARGET_TENSORS}
+            if self.verify:
+                for name, array in tensors.items():
+                    digests[name].update(array.reshape(-1).view(np.uint8))
+                if problem is None:
+                    try:
+                        _check_values(path, tensors, after=last_id)
+                    except ShardFileError as err:
+                        problem = err
+                    if stop > start:
+                        last_id = int(tensors["ids"][-1])
+            if problem is None:
+                yield ShardRows(start, **tensors)
+        if self.verify:
+            _check_checksums(path, self.header, "targets", {name: d.hexdigest() for name, d in digests.items()})
+        if problem is not None:
+            raise problem
+
+    def mapped(self) -> ShardResult:
+        """The whole targets as read-only memory maps, for a caller that needs rows at random.
+
+        Checked only as far as `chunks` checked them: run it to its end (with `verify`) first. The
+        mapped pages count as this process's memory while the maps live, so drop them when done.
+        """
+        return ShardResult(self.header, **{name: self._targets.map(name) for name in _TARGET_TENSORS})
 
 
 def _cast(outputs: ShardResult | AnchorOutputs, dtypes: dict[str, type]) -> dict[str, np.ndarray]:
@@ -166,73 +284,164 @@ def _write_atomically(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         raise
 
 
-def _load(path: Path, dtypes: dict[str, type]) -> tuple[ShardHeader, dict[str, np.ndarray]]:
+# Reading safetensors -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    dtype: str  # safetensors' name, e.g. "F16"
+    shape: tuple[int, ...]
+    begin: int  # of its bytes, counted from the end of the header
+
+
+class _SafetensorsFile:
+    """One safetensors file, open, read with plain reads: a memory map's pages would count as this
+    process's memory for as long as the map lives, and a shard's targets are the bulk of a merge."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            self.metadata, self.tensors = self._parse_header()
+        except ValueError as err:  # json's errors and UnicodeDecodeError are ValueErrors too
+            self.close()
+            raise ShardFileError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}",
+                                 hint=_REFRESH_HINT) from err
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> _SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _parse_header(self) -> tuple[dict[str, str], dict[str, _StoredTensor]]:
+        size = os.fstat(self._file.fileno()).st_size
+        prefix = self._file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes cannot hold the 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise ValueError(f"a header of {length} bytes does not fit in the file's {size}")
+        header = json.loads(self._file.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+            raise ValueError("__metadata__ is not a map of strings")
+        self._data_start = 8 + length
+        data_bytes = size - self._data_start
+        return metadata, {name: _stored_tensor(name, entry, data_bytes) for name, entry in header.items()}
+
+    def shapes(self, names) -> dict[str, tuple[int, ...]]:
+        return {name: self.tensors[name].shape for name in names}
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start .. stop - 1 of tensor `name` (all of it by default), as a new array."""
+        tensor = self.tensors[name]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[tensor.dtype])
+        stop = tensor.shape[0] if stop is None else stop
+        row_shape = tensor.shape[1:]
+        out = np.empty((stop - start, *row_shape), dtype)
+        self._file.seek(self._data_start + tensor.begin + start * math.prod(row_shape) * dtype.itemsize)
+        if self._file.readinto(out.data) != out.nbytes:
+            raise ShardFileError(f"{self.path} became shorter while it was read.", hint=_REFRESH_HINT)
+        return out
+
+    def map(self, name: str) -> np.ndarray:
+        tensor = self.tensors[name]
+        return np.memmap(self.path, dtype=_SAFETENSORS_DTYPES[tensor.dtype], mode="r",
+                         offset=self._data_start + tensor.begin, shape=tensor.shape)
+
+
+def _stored_tensor(name: str, entry, data_bytes: int) -> _StoredTensor:
+    """One tensor's header entry, checked as the safetensors library checks it before reading."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"tensor '{name}' has a malformed entry ({type(err).__name__}: {err})") from err
+    if not all(isinstance(value, int) and value >= 0 for value in (*shape, begin, end)) or begin > end:
+        raise ValueError(f"tensor '{name}' has a malformed shape or byte range")
+    if end > data_bytes:
+        raise ValueError(f"tensor '{name}' ends at data byte {end}, the file holds {data_bytes}")
+    if dtype in _SAFETENSORS_DTYPES and end - begin != math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize:
+        raise ValueError(f"tensor '{name}' takes {end - begin} bytes, its shape {list(shape)} needs another size")
+    return _StoredTensor(dtype, shape, begin)
+
+
+def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardHeader]:
+    """One of a shard's files, open, with its coopt header, once its tensors' names and dtypes are right."""
     if not path.is_file():
         raise ShardFileError(f"{path} is missing.", hint=_REFRESH_HINT)
+    stored = _SafetensorsFile(path)
     try:
-        with safe_open(str(path), framework="numpy") as stored:
-            metadata = stored.metadata() or {}
-            names = set(stored.keys())
-            missing = [name for name in dtypes if name not in names]
-            if missing:
-                raise ShardFileError(f"{path} lacks the tensor(s) {missing}.", hint=_REFRESH_HINT)
-            tensors = {name: stored.get_tensor(name) for name in dtypes}
-    except SafetensorError as err:
-        raise ShardFileError(f"{path} is not a readable safetensors file (truncated or corrupt): {err}",
-                             hint=_REFRESH_HINT) from err
-    if HEADER_KEY not in metadata:
-        raise ShardFileError(f"{path} has no coopt header; it was not written by coopt-hub.", hint=_REFRESH_HINT)
-    try:
-        header = ShardHeader.from_dict(json.loads(metadata[HEADER_KEY]))
-    except (ValueError, TypeError) as err:
-        raise ShardFileError(f"{path} has an unreadable coopt header: {err}", hint=_REFRESH_HINT) from err
-    for name, dtype in dtypes.items():
-        if tensors[name].dtype != dtype:
-            raise ShardFileError(f"{path}: tensor '{name}' is {tensors[name].dtype}, expected {np.dtype(dtype)}.",
-                                 hint=_REFRESH_HINT)
-    return header, tensors
+        missing = [name for name in dtypes if name not in stored.tensors]
+        if missing:
+            raise ShardFileError(f"{path} lacks the tensor(s) {missing}.", hint=_REFRESH_HINT)
+        if HEADER_KEY not in stored.metadata:
+            raise ShardFileError(f"{path} has no coopt header; it was not written by coopt-hub.", hint=_REFRESH_HINT)
+        try:
+            header = ShardHeader.from_dict(json.loads(stored.metadata[HEADER_KEY]))
+        except (ValueError, TypeError) as err:
+            raise ShardFileError(f"{path} has an unreadable coopt header: {err}", hint=_REFRESH_HINT) from err
+        for name, dtype in dtypes.items():
+            found = stored.tensors[name].dtype
+            if _SAFETENSORS_DTYPES.get(found) is not dtype:
+                shown = np.dtype(_SAFETENSORS_DTYPES[found]) if found in _SAFETENSORS_DTYPES else found
+                raise ShardFileError(f"{path}: tensor '{name}' is {shown}, expected {np.dtype(dtype)}.",
+                                     hint=_REFRESH_HINT)
+    except BaseException:
+        stored.close()
+        raise
+    return stored, header
 
 
-def _check_targets(path: str, header: ShardHeader, tensors: dict[str, np.ndarray], verify: bool,
-                   checksums: bool) -> None:
-    rows = (header.num_rows,)
-    _check_shape(path, "ids", tensors["ids"], rows, "num_rows in the header")
+# Checks ------------------------------------------------------------------------------------------
+
+
+def _check_target_shapes(path: str, header: ShardHeader, shapes: dict[str, tuple[int, ...]]) -> None:
+    _check_shape(path, "ids", shapes["ids"], (header.num_rows,), "num_rows in the header")
     for name in ("raw", "aligned"):
-        _check_shape(path, name, tensors[name], (header.num_rows, header.dim), "[num_rows, dim] in the header")
-    if verify:
-        _check_contents(path, tensors, _checksums(header, "targets") if checksums else None)
+        _check_shape(path, name, shapes[name], (header.num_rows, header.dim), "[num_rows, dim] in the header")
 
 
-def _check_anchors(path: str, header: ShardHeader, tensors: dict[str, np.ndarray], verify: bool,
-                   checksums: bool) -> None:
-    count = tensors["ids"].shape[0] if tensors["ids"].ndim == 1 else -1
-    _check_shape(path, "ids", tensors["ids"], (count,), "a 1-D id list")
-    _check_shape(path, "features", tensors["features"], (count, header.output_dim), "[anchors, output_dim]")
-    _check_shape(path, "projected", tensors["projected"], (count, header.dim), "[anchors, dim]")
-    if verify:
-        _check_contents(path, tensors, _checksums(header, "anchors") if checksums else None)
+def _check_anchor_shapes(path: str, header: ShardHeader, shapes: dict[str, tuple[int, ...]]) -> None:
+    count = shapes["ids"][0] if len(shapes["ids"]) == 1 else -1
+    _check_shape(path, "ids", shapes["ids"], (count,), "a 1-D id list")
+    _check_shape(path, "features", shapes["features"], (count, header.output_dim), "[anchors, output_dim]")
+    _check_shape(path, "projected", shapes["projected"], (count, header.dim), "[anchors, dim]")
 
 
-def _check_shape(path: str, name: str, array: np.ndarray, expected: tuple[int, ...], meaning: str) -> None:
-    if array.shape != expected:
-        raise ShardFileError(f"{path}: tensor '{name}' has shape {list(array.shape)}, expected {list(expected)} "
+def _check_shape(path: str, name: str, shape: tuple[int, ...], expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(shape) != expected:
+        raise ShardFileError(f"{path}: tensor '{name}' has shape {list(shape)}, expected {list(expected)} "
                              f"({meaning}).", hint=_REFRESH_HINT)
 
 
-def _checksums(header: ShardHeader, group: str) -> dict[str, str]:
-    return {key.split("/", 1)[1]: value for key, value in header.checksums.items() if key.startswith(f"{group}/")}
-
-
-def _check_contents(path: str, tensors: dict[str, np.ndarray], checksums: dict[str, str] | None) -> None:
-    for name, array in tensors.items():
-        if checksums is not None and name not in checksums:
+def _check_checksums(path: str, header: ShardHeader, group: str, digests: dict[str, str | None]) -> None:
+    """Each tensor of `digests` has a checksum in the header under `group`, equal to its digest unless
+    that is None (not computed yet)."""
+    recorded = {key.split("/", 1)[1]: value for key, value in header.checksums.items()
+                if key.startswith(f"{group}/")}
+    for name, digest in digests.items():
+        if name not in recorded:
             raise ShardFileError(f"{path}: the header has no checksum for tensor '{name}'.", hint=_REFRESH_HINT)
-        if checksums is not None and _sha256(array) != checksums[name]:
+        if digest is not None and digest != recorded[name]:
             raise ShardFileError(f"{path}: tensor '{name}' does not match its checksum (the file is damaged).",
                                  hint=_REFRESH_HINT)
+
+
+def _check_values(path: str, tensors: dict[str, np.ndarray], after: int = -1) -> None:
+    """All floats finite; ids rising, each above `after` (the last id before these, when read in ranges)."""
+    for name, array in tensors.items():
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ShardFileError(f"{path}: tensor '{name}' holds NaN or infinite values.",
                                  hint="Check the prior's outputs (precision fp32 avoids fp16 overflow), then rerun.")
     ids = tensors["ids"]
-    if ids.size and (ids[0] < 0 or np.any(np.diff(ids) <= 0)):
+    if ids.size and (ids[0] <= after or np.any(np.diff(ids) <= 0)):
         raise ShardFileError(f"{path}: ids are not sorted, unique and non-negative.", hint=_REFRESH_HINT)

@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from coopt_hub.errors import ShardFileError
-from coopt_hub.storage import (ANCHORS_FILE, TARGETS_FILE, AnchorOutputs, ShardHeader, ShardResult, read_shard,
-                               remote_paths, shard_branch, shard_prefix, write_shard)
+from coopt_hub.storage import (ANCHORS_FILE, TARGETS_FILE, AnchorOutputs, ShardHeader, ShardReader, ShardResult,
+                               read_shard, remote_paths, shard_branch, shard_prefix, write_shard)
 
 ROWS, DIM, OUTPUT_DIM, ANCHORS = 12, 8, 6, 4
 
@@ -161,6 +161,95 @@ def test_bad_header(shard_dir: Path):
     rewrite(shard_dir / TARGETS_FILE, header_changes={"unexpected": 1})
     with pytest.raises(ShardFileError, match="unreadable coopt header"):
         read_shard(shard_dir)
+
+
+def read_in_ranges(directory: Path, rows: int, seen: list | None = None) -> ShardResult:
+    """The targets read `rows` at a time and put back together; `seen` collects each range's first row."""
+    seen = [] if seen is None else seen
+    with ShardReader(directory) as shard:
+        parts = []
+        for part in shard.chunks(rows):
+            seen.append(part.start)
+            parts.append(part)
+        return ShardResult(shard.header, *(np.concatenate([getattr(part, name) for part in parts])
+                                           for name in ("ids", "raw", "aligned")))
+
+
+def test_ranges_read_what_read_shard_reads(shard_dir: Path):
+    whole, anchors = read_shard(shard_dir)
+    starts = []
+    ranged = read_in_ranges(shard_dir, rows=5, seen=starts)
+    assert starts == [0, 5, 10]
+    assert ranged.header == whole.header
+    for name in ("ids", "raw", "aligned"):
+        assert np.array_equal(getattr(ranged, name), getattr(whole, name))
+    with ShardReader(shard_dir) as shard:
+        assert np.array_equal(shard.anchors.features, anchors.features)
+        list(shard.chunks(ROWS))
+        mapped = shard.mapped()
+    assert np.array_equal(mapped.raw, whole.raw) and np.array_equal(mapped.ids, whole.ids)
+
+
+def test_damage_is_found_after_the_last_range(shard_dir: Path):
+    path = shard_dir / TARGETS_FILE
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01  # the lowest mantissa bit of the last value: still a finite number
+    path.write_bytes(bytes(data))
+    starts = []
+    with pytest.raises(ShardFileError, match="does not match its checksum"):
+        read_in_ranges(shard_dir, rows=5, seen=starts)
+    assert starts == [0, 5, 10]  # a reader keeps nothing as good until the ranges have ended
+
+
+def test_damage_that_makes_bad_values_is_reported_as_damage(shard_dir: Path):
+    path = shard_dir / TARGETS_FILE
+    with safe_open(str(path), framework="numpy") as stored:
+        raw_bytes = stored.get_tensor("raw").tobytes()
+    data = bytearray(path.read_bytes())
+    row = data.find(raw_bytes) + 6 * DIM * 2  # the first value of row 6 of 'raw'
+    data[row:row + 2] = np.array([np.inf], np.float16).tobytes()
+    path.write_bytes(bytes(data))
+    starts = []
+    with pytest.raises(ShardFileError, match="'raw' does not match its checksum"):
+        read_in_ranges(shard_dir, rows=5, seen=starts)
+    assert starts == [0]  # the range holding the infinity, and any after it, is never handed out
+
+
+@pytest.mark.parametrize("tensors, words", [
+    (dict(aligned=np.where(np.arange(ROWS)[:, None] == 7, np.nan, np.ones((ROWS, DIM))).astype(np.float16)),
+     "'aligned' holds NaN"),
+    # Rising within each range of 5 rows, not from one range to the next.
+    (dict(ids=np.array([10, 11, 12, 13, 14, 0, 1, 2, 3, 4, 20, 21], np.int64)), "not sorted, unique"),
+])
+def test_bad_values_are_found_in_any_range(shard_dir: Path, tensors, words):
+    tamper_consistently(shard_dir, TARGETS_FILE, **tensors)
+    starts = []
+    with pytest.raises(ShardFileError, match=words):
+        read_in_ranges(shard_dir, rows=5, seen=starts)
+    assert starts == [0]
+
+
+@pytest.mark.parametrize("contents, words", [
+    (b"\x01\x00", "cannot hold the 8-byte header length"),
+    ((1 << 40).to_bytes(8, "little") + b"{}", "does not fit"),
+    ((2).to_bytes(8, "little") + b"{]", "Expecting"),
+    ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+])
+def test_corrupt_headers(shard_dir: Path, contents: bytes, words: str):
+    (shard_dir / TARGETS_FILE).write_bytes(contents)
+    with pytest.raises(ShardFileError, match=f"not a readable safetensors file .*{words}"):
+        read_shard(shard_dir, verify=False)
+
+
+def test_a_tensor_whose_bytes_do_not_fit_its_shape(shard_dir: Path):
+    path = shard_dir / TARGETS_FILE
+    length = int.from_bytes(path.read_bytes()[:8], "little")
+    header = json.loads(path.read_bytes()[8:8 + length])
+    header["ids"]["shape"] = [ROWS + 1]  # the bytes are those of ROWS ids
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + path.read_bytes()[8 + length:])
+    with pytest.raises(ShardFileError, match="'ids' takes 96 bytes"):
+        read_shard(shard_dir, verify=False)
 
 
 def test_write_refuses_what_could_not_be_read_back(tmp_path: Path):
