@@ -373,6 +373,7 @@ def collect_chunks(store: ChunkStore, names: Sequence[str], collective: Collecti
     Nothing travels when the ranks share the work directory. Otherwise each missing chunk is
     broadcast by one rank that has it, one chunk at a time, so no message exceeds one chunk.
     """
+    collective.barrier()  # every rank has stored its chunks: a shared directory now shows them all
     held = collective.all_gather(sorted(name for name in names if store.is_complete(name)))
     held_sets = [set(names_of_rank) for names_of_rank in held]
     for name in names:
