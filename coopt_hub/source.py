@@ -8,6 +8,7 @@ indices of the split at the pinned commit, in file order, so they never change.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +22,12 @@ from coopt_hub.errors import BadImageError, SourceError
 from coopt_hub.plan import Plan, Unit
 
 REPO_TYPE = "dataset"
-# Range-read granularity: small enough that a participant's bytes stay close to its share, large
-# enough that a row group's column chunk comes back in a few requests.
-READ_BLOCK_SIZE = 1 << 20
+
+
+def _open(fs, path: str):
+    """A remote parquet file read with exact range requests: pyarrow asks for whole column chunks
+    and the footer, so a read-ahead cache would only fetch bytes of other participants' units."""
+    return fs.open(path, "rb", cache_type="none")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,14 @@ class SourceLayout:
     features: dict[str, Any]
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
     card_data: dict[str, Any] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=256)
+def _footer(repo: str, revision: str, file: str, token: str | None) -> pq.FileMetaData:
+    """A file's parquet footer, read once per process: files at a commit sha never change, and a
+    participant reads several row groups of the same file."""
+    with _open(_filesystem(token), repo_path(repo, revision, file)) as handle:
+        return pq.ParquetFile(handle).metadata
 
 
 def _filesystem(token: str | None = None):
@@ -99,12 +111,10 @@ def split_files(repo: str, revision: str, token: str | None = None) -> tuple[dic
 
 def parquet_units(repo: str, revision: str, files: tuple[str, ...], token: str | None = None) -> list[Unit]:
     """One Unit per row group, in file order; reads only the files' footers."""
-    fs = _filesystem(token)
     units: list[Unit] = []
     start = 0
     for file in files:
-        with fs.open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
-            metadata = pq.ParquetFile(handle).metadata
+        metadata = _footer(repo, revision, file, token)
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
             if rows:
@@ -147,16 +157,16 @@ def resolve_source(
 
 
 def _schema(repo: str, revision: str, file: str, token: str | None) -> pa.Schema:
-    with _filesystem(token).open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
-        return pq.ParquetFile(handle).schema_arrow
+    return _footer(repo, revision, file, token).schema.to_arrow_schema()
 
 
 def read_unit(
     repo: str, revision: str, unit: Unit, columns: list[str] | None = None, token: str | None = None
 ) -> pa.Table:
     """The rows of one storage unit, fetched with range reads of that row group only."""
-    with _filesystem(token).open(repo_path(repo, revision, unit.file), "rb", block_size=READ_BLOCK_SIZE) as handle:
-        parquet = pq.ParquetFile(handle)
+    metadata = _footer(repo, revision, unit.file, token)
+    with _open(_filesystem(token), repo_path(repo, revision, unit.file)) as handle:
+        parquet = pq.ParquetFile(handle, metadata=metadata)
         missing = [name for name in columns or () if name not in parquet.schema_arrow.names]
         if missing:
             raise SourceError(
@@ -186,7 +196,7 @@ def iter_source_batches(
     fs = _filesystem(token)
     start = 0
     for file in files:
-        with fs.open(repo_path(repo, revision, file), "rb", block_size=READ_BLOCK_SIZE) as handle:
+        with _open(fs, repo_path(repo, revision, file)) as handle:
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.metadata.num_row_groups):
                 for batch in parquet.read_row_group(group, columns=columns).to_batches():

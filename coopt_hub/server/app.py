@@ -49,6 +49,11 @@ class HubServer:
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def bytes_sent(self) -> int:
+        """Response body bytes served since start: what clients downloaded (file and API answers)."""
+        return self._httpd.body_bytes_sent if self._httpd is not None else 0
+
     def env(self) -> dict[str, str]:
         """What a client process needs: this endpoint, a token, and LFS uploads kept off Xet."""
         return {"HF_ENDPOINT": self.endpoint, "HF_TOKEN": self.token or "", "HF_HUB_DISABLE_XET": "1"}

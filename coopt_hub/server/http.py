@@ -137,7 +137,14 @@ class HubHTTPServer(ThreadingHTTPServer):
         self.max_body_bytes = max_body_bytes
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        # Response body bytes served, for traffic accounting (e.g. what one participant downloaded).
+        self.body_bytes_sent = 0
+        self._traffic_lock = threading.Lock()
         super().__init__(address, HubRequestHandler)
+
+    def count_sent(self, size: int) -> None:
+        with self._traffic_lock:
+            self.body_bytes_sent += size
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         with self._connections_lock:
@@ -222,6 +229,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return
         if response.file is None:
             self.wfile.write(response.body)
+            self.server.count_sent(len(response.body))
             return
         with open(response.file, "rb") as f:
             remaining = response.content_length
@@ -230,6 +238,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 sent = self.connection.sendfile(f, offset, remaining)
                 if sent == 0:
                     raise ConnectionResetError("client went away during the download")
+                self.server.count_sent(sent)
                 offset += sent
                 remaining -= sent
 
