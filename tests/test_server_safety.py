@@ -250,3 +250,20 @@ def test_any_json_gets_an_answer_below_500(hub_server, fuzz_repo, endpoint, data
     body = data.draw(st.fixed_dictionaries({}, optional={key: json_values for key in keys}))
     status, _, _ = raw(hub_server.endpoint, method, path.format(repo=fuzz_repo), json.dumps(body).encode())
     assert status < 500
+
+
+def test_upload_urls_signed_before_a_restart_stay_valid(tmp_path):
+    """A client that got its LFS upload URL just before the server restarted can still PUT to it."""
+    import stat
+
+    from coopt_hub.server import HubServer
+    from coopt_hub.server.app import URL_KEY_FILE
+
+    first = HubServer(tmp_path / "hub", tokens=["t"])
+    expires, signature = first.api.auth.sign("datasets/org/x", "a" * 64)
+    restarted = HubServer(tmp_path / "hub", tokens=["t"])
+    restarted.api.auth.check_signature(str(expires), signature, "datasets/org/x", "a" * 64)
+    assert stat.S_IMODE((tmp_path / "hub" / URL_KEY_FILE).stat().st_mode) == 0o600
+    elsewhere = HubServer(tmp_path / "other", tokens=["t"])
+    with pytest.raises(Exception, match="signature"):
+        elsewhere.api.auth.check_signature(str(expires), signature, "datasets/org/x", "a" * 64)

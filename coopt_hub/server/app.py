@@ -8,11 +8,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from coopt_hub.server.api import HubApi
-from coopt_hub.server.auth import Auth
+from coopt_hub.server.auth import Auth, load_url_key
 from coopt_hub.server.http import HubHTTPServer
 from coopt_hub.server.storage import HubStorage
 
 DEFAULT_MAX_BODY_BYTES = 1024**3
+URL_KEY_FILE = "upload-url.key"
 
 
 class HubServer:
@@ -37,7 +38,7 @@ class HubServer:
         tokens = dict(tokens) if isinstance(tokens, Mapping) else list(tokens)
         self.root = Path(root)
         self.token = next(iter(tokens), None)
-        self.api = HubApi(HubStorage(self.root), Auth(tokens))
+        self.api = HubApi(HubStorage(self.root), Auth(tokens, load_url_key(self.root / URL_KEY_FILE)))
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from coopt_hub.server.errors import HubError
 
@@ -19,15 +21,16 @@ INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"  # the Hub
 
 
 class Auth:
-    def __init__(self, tokens: Iterable[str] | Mapping[str, str]):
-        """`tokens`: token strings (all acting as DEFAULT_USER) or a mapping token -> user name."""
+    def __init__(self, tokens: Iterable[str] | Mapping[str, str], url_key: bytes | None = None):
+        """`tokens`: token strings (all acting as DEFAULT_USER) or a mapping token -> user name.
+        `url_key`: the key that signs upload URLs (default: a new random one)."""
         pairs = tokens.items() if isinstance(tokens, Mapping) else ((token, DEFAULT_USER) for token in tokens)
         self._users = {_digest(token): user for token, user in pairs if token}
         if not self._users:
             raise ValueError("The server needs at least one non-empty token.")
         # LFS PUTs carry no Authorization header (the client strips it), so the upload URL itself
         # is the credential: an HMAC over what it allows, valid for a limited time.
-        self._url_key = secrets.token_bytes(32)
+        self._url_key = url_key or secrets.token_bytes(32)
 
     def user_for(self, authorization: str | None) -> str | None:
         """The user behind an Authorization header; None without one; 401 for a token we do not know."""
@@ -54,6 +57,28 @@ class Auth:
     def _signature(self, expires: int, parts: tuple[str, ...]) -> str:
         message = "\n".join((str(expires), *parts)).encode()
         return hmac.new(self._url_key, message, hashlib.sha256).hexdigest()
+
+
+def load_url_key(path: Path) -> bytes:
+    """The upload-URL signing key kept under the server root (mode 0600), made on first start, so
+    that upload URLs handed out before a restart still work after it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+    try:
+        os.link(partial, path)  # first writer wins when two servers start on one root
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
+    return path.read_bytes()
 
 
 def require_user(user: str | None) -> str:
