@@ -57,9 +57,10 @@ def compare_objectives(
     config: TrainConfig,
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS,
     accelerator=None,
+    same_time: bool = True,
 ) -> list[ComparisonRow]:
-    """Train each variant for `config.epochs`, then for `config.time_budget` seconds (default: the
-    first variant's time), and return one row per run, epoch-budget rows first.
+    """Train each variant for `config.epochs`, then (with `same_time`) for `config.time_budget`
+    seconds (default: the first variant's time), and return one row per run, epoch-budget rows first.
 
     Everything else (arch, batch size, lr, seed, probe) comes from `config`; with an output_dir each
     run checkpoints into `{output_dir}/{variant}-{budget}`. Variants the data cannot support (raw
@@ -90,6 +91,8 @@ def compare_objectives(
                              result.accuracy, result)
 
     rows = [run(v, "epochs", config.epochs, None) for v in runnable]
+    if not same_time:
+        return rows
     time_budget = config.time_budget or rows[0].seconds
     rows += [run(v, "time", None, time_budget) for v in runnable]
     return rows
