@@ -1,10 +1,11 @@
 """`coopt-hub merge`: check every shard branch, align all targets to the best prior, publish vN on main.
 
-Nothing reaches main until every check has passed. The work streams so that memory follows one
-shard, not the dataset: each shard is downloaded, verified and (re-)aligned on its own, and its
-targets go straight into a safetensors file laid out up front in id order; the parquet files are
-then written row group by row group from that file and the source's row groups. Main changes in one
-commit pinned to the head the merge was computed against, and that commit is tagged.
+Nothing reaches main until every check has passed. The work streams so that memory follows a range
+of rows, not a shard or the dataset: each shard is downloaded, then read range by range, checked
+and (re-)aligned, and its targets go straight into a safetensors file laid out up front in id order;
+the parquet files are then written row group by row group from that file and the source's row
+groups. Main changes in one commit pinned to the head the merge was computed against, and that
+commit is tagged.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from coopt_hub.plan import Plan
 from coopt_hub.publish import load_plan
 from coopt_hub.source import SourceLayout, iter_source_batches, repo_path, resolve_source
 from coopt_hub.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status
-from coopt_hub.storage import AnchorOutputs, ShardResult, read_shard, remote_paths, shard_prefix
+from coopt_hub.storage import (
+    AnchorOutputs,
+    ShardHeader,
+    ShardReader,
+    ShardResult,
+    ShardRows,
+    remote_paths,
+    shard_prefix,
+)
 
 MANIFEST_PATH = "coopt/manifest.json"
 TARGETS_PATH = "targets/train.safetensors"
@@ -49,7 +58,8 @@ _TAG = re.compile(r"v(\d+)")
 # streaming reader fetches reasonable ranges and no file grows past what the Hub handles comfortably.
 ROW_GROUP_BYTES = 64 << 20
 FILE_BYTES = 1 << 30
-# Rows re-aligned per matrix product: bounds the float32 temporaries to a few MB per 1k dimensions.
+# Rows of a shard read, checked and re-aligned at a time: bounds what a shard costs in memory to
+# about 16384 x dim x 14 bytes (fp16 raw and aligned as read, float32 product, fp16 result).
 ALIGN_CHUNK_ROWS = 16384
 
 
@@ -160,7 +170,7 @@ def merge(
     allow_partial: bool = False,
     progress: Callable[[str], None] = _quiet,
 ) -> MergeResult:
-    """Verify every shard, align them to the lowest-V prior, and publish the dataset on main as a tag."""
+    """Check every shard, align them to the lowest-V prior, and publish the dataset on main as a tag."""
     if images not in IMAGE_MODES:
         raise ConfigError(f"--images must be one of {IMAGE_MODES}, got {images!r}.")
     status = collaboration_status(hub, repo)
@@ -304,20 +314,31 @@ def _check_source(plan: Plan, layout: SourceLayout, source_features) -> None:
         )
 
 
-def _verify_shard(plan: Plan, status: ShardStatus, result: ShardResult, anchors: AnchorOutputs) -> None:
-    """The checks beyond read_shard's own (checksums, finiteness, shapes against the header)."""
-    where = f"Shard {status.shard} ({status.branch}@{status.commit[:12]})"
-    hint = "That participant must run `coopt-hub optimize --shard K --push` again."
-    if result.header.to_dict() != status.header.to_dict():
-        raise VerificationError(f"{where}: the downloaded files differ from the header read before.", hint=hint)
-    if not np.array_equal(result.ids, plan.shard_ids(status.shard)):
-        raise VerificationError(
-            f"{where}: its sample ids are not the plan's ids for shard {status.shard} "
-            "(a sample is missing, duplicated or belongs to another shard).",
-            hint=hint,
-        )
+_RERUN_HINT = "That participant must run `coopt-hub optimize --shard K --push` again."
+
+
+def _where(status: ShardStatus) -> str:
+    return f"Shard {status.shard} ({status.branch}@{status.commit[:12]})"
+
+
+def _check_shard(status: ShardStatus, header: ShardHeader, anchors: AnchorOutputs, plan: Plan) -> None:
+    """The checks beyond ShardReader's own that need no target rows; `_check_rows` does the ids."""
+    if header.to_dict() != status.header.to_dict():
+        raise VerificationError(f"{_where(status)}: the downloaded files differ from the header read before.",
+                                hint=_RERUN_HINT)
     if not np.array_equal(anchors.ids, np.asarray(plan.anchor_ids, dtype=np.int64)):
-        raise VerificationError(f"{where}: its anchor outputs are not for the plan's anchor ids.", hint=hint)
+        raise VerificationError(f"{_where(status)}: its anchor outputs are not for the plan's anchor ids.",
+                                hint=_RERUN_HINT)
+
+
+def _check_rows(status: ShardStatus, rows: ShardRows, plan_ids: np.ndarray) -> None:
+    """The range's ids are the plan's for those rows (the header's row count is the plan's, checked by status)."""
+    if not np.array_equal(rows.ids, plan_ids[rows.start : rows.start + rows.ids.size]):
+        raise VerificationError(
+            f"{_where(status)}: its sample ids are not the plan's ids for shard {status.shard} "
+            "(a sample is missing, duplicated or belongs to another shard).",
+            hint=_RERUN_HINT,
+        )
 
 
 # Targets ------------------------------------------------------------------------------------------
@@ -347,12 +368,12 @@ def _merge_targets(
     workdir: Path,
     progress: Callable[[str], None],
 ) -> tuple[MergedShard, ...]:
-    """Download, verify and align one shard at a time into `targets`; the reference goes first,
+    """Download, check and align one shard at a time into `targets`; the reference goes first,
     so its anchors are at hand for the others."""
     reference_space: np.ndarray | None = None
     merged = []
     for status in sorted(done, key=lambda s: (s.shard != reference.shard, s.shard)):
-        progress(f"Shard {status.shard}: downloading and verifying {status.branch}@{status.commit[:12]}.")
+        progress(f"Shard {status.shard}: downloading and checking {status.branch}@{status.commit[:12]}.")
         directory = _download_shard(hub, repo, status, workdir)
         entry, projected = _merge_shard(plan, status, directory, reference, reference_space, layout, targets, progress)
         reference_space = projected if reference_space is None else reference_space
@@ -372,37 +393,23 @@ def _merge_shard(
     targets: _TensorFile,
     progress: Callable[[str], None],
 ) -> tuple[MergedShard, np.ndarray]:
-    """Verify one downloaded shard, write its raw and aligned rows, and return its manifest entry and
-    projected anchors (`reference_space` is None for the reference itself). Its arrays die on return."""
+    """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its
+    manifest entry and projected anchors (`reference_space` is None for the reference itself)."""
     try:
-        result, anchors = read_shard(directory / shard_prefix(status.shard), verify=True)
+        with ShardReader(directory / shard_prefix(status.shard), verify=True) as shard:
+            header, anchors = shard.header, shard.anchors
+            _check_shard(status, header, anchors, plan)
+            aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
+            realigned = aligned_to != reference.header.fingerprint
+            transform, realigned_residual = None, None
+            if realigned:
+                target_space = anchors.projected if reference_space is None else reference_space
+                transform, realigned_residual = fit_alignment(anchors.projected, target_space)
+                progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} "
+                         f"(residual {realigned_residual:.4f}).")
+            _stream_rows(status, shard, plan, transform, layout, targets)
     except ShardFileError as err:
-        raise VerificationError(
-            f"Shard {status.shard} ({status.branch}@{status.commit[:12]}): {err} Nothing was written.", hint=err.hint
-        ) from err
-    _verify_shard(plan, status, result, anchors)
-    target_space = anchors.projected if reference_space is None else reference_space
-    header = result.header
-    aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
-    realigned = aligned_to != reference.header.fingerprint
-    transform, realigned_residual = fit_alignment(anchors.projected, target_space) if realigned else (None, None)
-    if realigned:
-        progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} (residual {realigned_residual:.4f}).")
-    positions = layout.position[result.ids]
-    for chunk in range(0, len(positions), ALIGN_CHUNK_ROWS):
-        rows = slice(chunk, chunk + ALIGN_CHUNK_ROWS)
-        raw = result.raw[rows]
-        aligned = apply_alignment(raw, transform).astype(np.float16) if realigned else result.aligned[rows]
-        if not np.isfinite(aligned).all():
-            raise VerificationError(
-                f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
-                hint="Its targets are far off the reference's scale; that participant should run optimize again.",
-            )
-        # A shard's rows are runs of consecutive ids (its storage units), so a run is one write.
-        for first, stop in _runs(positions[rows]):
-            start = int(positions[chunk + first])
-            targets.write_rows("raw", start, raw[first:stop])
-            targets.write_rows("targets", start, aligned[first:stop])
+        raise VerificationError(f"{_where(status)}: {err} Nothing was written.", hint=err.hint) from err
     entry = MergedShard(
         shard=status.shard,
         branch=status.branch,
@@ -418,6 +425,51 @@ def _merge_shard(
         checksums=header.checksums,
     )
     return entry, anchors.projected
+
+
+def _stream_rows(
+    status: ShardStatus,
+    shard: ShardReader,
+    plan: Plan,
+    transform: np.ndarray | None,
+    layout: _IdLayout,
+    targets: _TensorFile,
+) -> None:
+    """Every range of `shard` into `targets`. A problem found in a range is raised only after the
+    reader has compared the checksums (at the end of the ranges), so that bad ids or values that
+    come from damage are reported as damage."""
+    plan_ids = plan.shard_ids(status.shard)
+    problem: VerificationError | None = None
+    for rows in shard.chunks(ALIGN_CHUNK_ROWS):
+        if problem is not None:
+            continue
+        try:
+            _check_rows(status, rows, plan_ids)
+            _write_rows(status, rows, transform, layout, targets)
+        except VerificationError as err:
+            problem = err
+    if problem is not None:
+        raise problem
+
+
+def _write_rows(
+    status: ShardStatus, rows: ShardRows, transform: np.ndarray | None, layout: _IdLayout, targets: _TensorFile
+) -> None:
+    """One range of a shard into the merged targets, re-aligned by `transform` unless that is None."""
+    aligned = rows.aligned  # finite: the reader checked it
+    if transform is not None:
+        aligned = apply_alignment(rows.raw, transform).astype(np.float16)
+        if not np.isfinite(aligned).all():
+            raise VerificationError(
+                f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
+                hint="Its targets are far off the reference's scale; that participant should run optimize again.",
+            )
+    positions = layout.position[rows.ids]
+    # A shard's rows are runs of consecutive ids (its storage units), so a run is one write.
+    for first, stop in _runs(positions):
+        start = int(positions[first])
+        targets.write_rows("raw", start, rows.raw[first:stop])
+        targets.write_rows("targets", start, aligned[first:stop])
 
 
 def _download_shard(hub: Hub, repo: str, status: ShardStatus, workdir: Path) -> Path:
