@@ -101,6 +101,7 @@ def render_card(manifest: Manifest, plan: Plan, features, source_card: dict[str,
         partial=manifest.partial,
         missing=list(manifest.missing),
         plan_hash=manifest.plan_hash,
+        verification=manifest.verification,
         tool_version=__version__,
     )
     return str(card)

@@ -4,8 +4,9 @@ Nothing reaches main until every check has passed. The work streams so that memo
 of rows, not a shard or the dataset: each shard is downloaded, then read range by range, checked
 and (re-)aligned, and its targets go straight into a safetensors file laid out up front in id order;
 the parquet files are then written row group by row group from that file and the source's row
-groups. Main changes in one commit pinned to the head the merge was computed against, and that
-commit is tagged.
+groups. With `verify`, each shard is also re-encoded in part with its declared prior
+(coopt_hub.verify) and the merge is refused unless every shard passes. Main changes in one commit
+pinned to the head the merge was computed against, and that commit is tagged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
 from coopt_hub import __version__, faults
 from coopt_hub.align import apply_alignment, fit_alignment
-from coopt_hub.card import render_card
+from coopt_hub.card import prior_label, render_card
 from coopt_hub.errors import ConfigError, ConflictError, ShardFileError, SourceError, VerificationError
 from coopt_hub.hub import Hub
 from coopt_hub.plan import Plan
@@ -43,6 +44,9 @@ from coopt_hub.storage import (
     remote_paths,
     shard_prefix,
 )
+
+if TYPE_CHECKING:
+    from coopt_hub.verify import ShardVerification
 
 MANIFEST_PATH = "coopt/manifest.json"
 TARGETS_PATH = "targets/train.safetensors"
@@ -61,6 +65,8 @@ FILE_BYTES = 1 << 30
 # Rows of a shard read, checked and re-aligned at a time: bounds what a shard costs in memory to
 # about 16384 x dim x 14 bytes (fp16 raw and aligned as read, float32 product, fp16 result).
 ALIGN_CHUNK_ROWS = 16384
+# `verify` draws each shard's sample with this seed, as `coopt-hub verify` does by default.
+VERIFY_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,16 @@ class MergedShard:
 
 
 @dataclass(frozen=True)
+class MergeVerification:
+    """How every merged shard was verified against its declared prior before the merge."""
+
+    sample: int  # images of each shard re-encoded (all anchors are re-encoded too)
+    seed: int
+    min_cosine: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
 class SplitRecord:
     files: tuple[str, ...]
     num_rows: int
@@ -118,11 +134,20 @@ class Manifest:
     missing: tuple[int, ...]
     splits: dict[str, SplitRecord]
     tool_version: str
+    verification: MergeVerification | None = None  # None: the shards were not verified at merge
 
     @property
     def content_key(self) -> tuple:
         """What makes two merges the same dataset: the plan, the image mode and each shard's commit."""
         return self.plan_hash, self.images, tuple((s.shard, s.commit) for s in self.shards)
+
+    def satisfies(self, content_key: tuple, verification: MergeVerification | None) -> bool:
+        """Whether this merge is the one asked for: the same dataset, verified the same way when that is asked.
+
+        A merge without verification accepts a verified one; a verified merge of a dataset published
+        unverified is a new version, so that its card says it was verified.
+        """
+        return self.content_key == content_key and (verification is None or verification == self.verification)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
@@ -139,6 +164,7 @@ class Manifest:
                     "missing": tuple(data["missing"]),
                     "splits": {name: SplitRecord(tuple(s["files"]), s["num_rows"])
                                for name, s in data["splits"].items()},
+                    "verification": MergeVerification(**data["verification"]) if data.get("verification") else None,
                 }
             )
         except (KeyError, TypeError, AttributeError) as err:
@@ -168,11 +194,19 @@ def merge(
     tag: str | None = None,
     images: str = "copy",
     allow_partial: bool = False,
+    verify: bool = False,
+    verify_sample: int = 64,
     progress: Callable[[str], None] = _quiet,
 ) -> MergeResult:
-    """Check every shard, align them to the lowest-V prior, and publish the dataset on main as a tag."""
+    """Check every shard, align them to the lowest-V prior, and publish the dataset on main as a tag.
+
+    `verify` also re-encodes `verify_sample` images of each shard and all anchors with the shard's
+    declared prior (coopt_hub.verify.verify_shard) and refuses the merge unless every shard passes.
+    """
     if images not in IMAGE_MODES:
         raise ConfigError(f"--images must be one of {IMAGE_MODES}, got {images!r}.")
+    if verify_sample < 1:
+        raise ConfigError(f"--verify-sample must be at least 1, got {verify_sample}.")
     status = collaboration_status(hub, repo)
     plan = status.plan
     _, tags = hub.refs(repo)
@@ -183,9 +217,11 @@ def merge(
 
     previous = _read_manifest(hub, repo, status.main)
     wanted_key = (plan.plan_hash, images, tuple((s.shard, s.commit) for s in done))
+    verification = _Verification(hub, repo, plan, verify_sample, progress) if verify else None
+    record = verification.record if verification is not None else None
     if (
         previous is not None
-        and previous.content_key == wanted_key
+        and previous.satisfies(wanted_key, record)
         and _claim_tag(hub, repo, previous.tag, status.main)
     ):
         return MergeResult(repo, previous.tag, status.main, created=False, manifest=previous)
@@ -216,7 +252,9 @@ def merge(
         )
         with targets:
             targets.write_rows("ids", 0, layout_ids.present_ids)
-            merged = _merge_targets(hub, repo, plan, done, reference, layout_ids, targets, workdir, progress)
+            merged = _merge_targets(
+                hub, repo, plan, done, reference, layout_ids, targets, workdir, verification, progress
+            )
             progress("Writing parquet files.")
             data_files, splits = _write_splits(
                 layout, plan, features, _TargetJoin(plan, layout_ids, targets), workdir, hub.token
@@ -244,6 +282,7 @@ def merge(
                 missing=missing,
                 splits=splits,
                 tool_version=__version__,
+                verification=record,
             )
 
         source_card = read_source_card(hub, layout)
@@ -366,20 +405,26 @@ def _merge_targets(
     layout: _IdLayout,
     targets: _TensorFile,
     workdir: Path,
+    verification: _Verification | None,
     progress: Callable[[str], None],
 ) -> tuple[MergedShard, ...]:
     """Download, check and align one shard at a time into `targets`; the reference goes first,
-    so its anchors are at hand for the others."""
+    so its anchors are at hand for the others. With `verification`, every shard is verified before
+    the refusal that names each one that did not pass."""
     reference_space: np.ndarray | None = None
     merged = []
     for status in sorted(done, key=lambda s: (s.shard != reference.shard, s.shard)):
         progress(f"Shard {status.shard}: downloading and checking {status.branch}@{status.commit[:12]}.")
         directory = _download_shard(hub, repo, status, workdir)
-        entry, projected = _merge_shard(plan, status, directory, reference, reference_space, layout, targets, progress)
+        entry, projected = _merge_shard(
+            plan, status, directory, reference, reference_space, layout, targets, verification, progress
+        )
         reference_space = projected if reference_space is None else reference_space
         merged.append(entry)
         shutil.rmtree(directory)
         faults.reach("merge-shard")
+    if verification is not None:
+        verification.refuse_failures()
     return tuple(sorted(merged, key=lambda s: s.shard))
 
 
@@ -391,6 +436,7 @@ def _merge_shard(
     reference_space: np.ndarray | None,
     layout: _IdLayout,
     targets: _TensorFile,
+    verification: _Verification | None,
     progress: Callable[[str], None],
 ) -> tuple[MergedShard, np.ndarray]:
     """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its
@@ -408,6 +454,8 @@ def _merge_shard(
                 progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} "
                          f"(residual {realigned_residual:.4f}).")
             _stream_rows(status, shard, plan, transform, layout, targets)
+            if verification is not None:
+                verification.check(status, shard.mapped(), anchors)
     except ShardFileError as err:
         raise VerificationError(f"{_where(status)}: {err} Nothing was written.", hint=err.hint) from err
     entry = MergedShard(
@@ -470,6 +518,48 @@ def _write_rows(
         start = int(positions[first])
         targets.write_rows("raw", start, rows.raw[first:stop])
         targets.write_rows("targets", start, aligned[first:stop])
+
+
+class _Verification:
+    """`merge --verify`: each shard checked against its declared prior (coopt_hub.verify) while its
+    downloaded files are at hand; the refusal comes after the last shard, naming every failure."""
+
+    def __init__(self, hub: Hub, repo: str, plan: Plan, sample: int, progress: Callable[[str], None]):
+        from coopt_hub.verify import PriorLoader, Thresholds  # torch and open_clip: only when asked
+
+        thresholds = Thresholds()
+        self.record = MergeVerification(sample, VERIFY_SEED, thresholds.min_cosine, thresholds.tolerance)
+        self.hub, self.repo, self.plan, self.progress = hub, repo, plan, progress
+        self.thresholds = thresholds
+        self.priors = PriorLoader()  # keeps the last prior loaded: shards often share one
+        self.results: list[ShardVerification] = []
+
+    def check(self, status: ShardStatus, result: ShardResult, anchors: AnchorOutputs) -> None:
+        from coopt_hub.verify import verify_shard
+
+        self.progress(f"Shard {status.shard}: verifying with its declared prior {prior_label(status.header.prior)} "
+                      f"({self.record.sample} images and all anchors re-encoded).")
+        report = verify_shard(
+            self.hub, self.repo, self.plan, status.shard, self.record.sample, self.record.seed,
+            thresholds=self.thresholds, commit=status.commit, files=(result, anchors), priors=self.priors,
+        )
+        self.progress(f"Shard {status.shard}: verification {report.status}.")
+        for check in report.problems():
+            self.progress(f"Shard {status.shard}: {check.name} ({check.status}): {check.message}")
+        self.results.append(report)
+
+    def refuse_failures(self) -> None:
+        from coopt_hub.verify import FAILED, failure_error
+
+        error = failure_error(self.results, self.repo)
+        if error is None:
+            return
+        if any(report.status == FAILED for report in self.results):
+            hint = error.hint
+        else:
+            hint = (f"The declared weights are not available here. `coopt-hub verify {self.repo} --checkpoint-dir DIR` "
+                    "checks with local copies of them; merging without --verify publishes the shards unverified.")
+        raise VerificationError(f"{error} Nothing was written.", hint=hint)
 
 
 def _download_shard(hub: Hub, repo: str, status: ShardStatus, workdir: Path) -> Path:
@@ -735,7 +825,7 @@ def _publish(
     the tags that exist then; the big files are uploaded once and reused.
     """
     uploaded_paths = {path for _, path in uploads}
-    content_key = manifest_for("").content_key
+    wanted = manifest_for("")
     for _ in range(hub.retry.attempts):
         state: dict[str, Any] = {"manifest": None, "committed": False}
 
@@ -743,7 +833,8 @@ def _publish(
             state["committed"] = False
             _, tags = hub.refs(repo)
             current = _read_manifest(hub, repo, head)
-            if current is not None and current.content_key == content_key and tags.get(current.tag, head) == head:
+            there = current is not None and current.satisfies(wanted.content_key, wanted.verification)
+            if there and tags.get(current.tag, head) == head:
                 # This merge is already there (an earlier try, or a concurrent merge of the same
                 # shards) and its version name is still its own.
                 state["manifest"] = current

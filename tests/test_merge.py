@@ -286,6 +286,71 @@ def test_reference_mode_writes_no_images(hub, source, new_repo_id):
     assert next_tag(hub.refs(collab.repo)[1]) == "v1"
 
 
+def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, source, new_repo_id):
+    """Shard 1 labeled with open_clip prior B but declaring prior A, with consistent checksums, as in
+    test_verify: only re-encoding tells. `merge --verify` refuses it and a plain merge publishes it;
+    once shard 1 is honest, a verified merge of the same kind makes a new version that says so."""
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+    from test_verify import PRIOR_A, PRIOR_B, Pushed, label
+    from test_verify import Collaboration as Participants
+
+    from coopt_hub.cli import cli
+    from coopt_hub.publish import initialize
+    from coopt_hub.storage import ShardResult
+    from coopt_hub.verify import PriorLoader
+
+    repo = new_repo_id("digits-verified")
+    plan = initialize(hub, repo, source=source, source_revision=None, split="train", image_column="image",
+                      shards=2, anchors=32, dim=16, seed=0, temperature=2.0).plan
+    people = Participants(hub, repo, plan, PriorLoader(keep=2), {})
+    result, anchors = label(people, 0, PRIOR_A, None)
+    people.shards[0] = Pushed(0, people.push(0, result, anchors), result, anchors)
+    honest, honest_anchors = label(people, 1, PRIOR_B, people.shards[0])
+    declared = people.shards[0].result.header
+    claims_a = ShardResult(replace(honest.header, prior=declared.prior, fingerprint=declared.fingerprint),
+                           honest.ids, honest.raw, honest.aligned)
+    people.push(1, claims_a, honest_anchors)
+
+    runner = CliRunner()
+    head = hub.head(repo)
+    refused = runner.invoke(cli, ["merge", repo, "--images", "reference", "--verify", "--verify-sample", "16"])
+    assert refused.exit_code == 1 and isinstance(refused.exception, VerificationError), refused.output
+    assert "shard 1 fail (targets, anchors)" in str(refused.exception) and "shard 0" not in str(refused.exception)
+    assert "Nothing was written" in str(refused.exception)
+    assert hub.head(repo) == head and hub.refs(repo)[1] == {}
+
+    plain = runner.invoke(cli, ["merge", repo, "--images", "reference", "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["verified"] is False
+    assert json.loads(hub.download(repo, MANIFEST_PATH, "v1").read_text())["verification"] is None
+    assert "re-encoded with their declared priors" in hub.download(repo, "README.md", "v1").read_text()
+
+    people.push(1, honest, honest_anchors)
+    verified = runner.invoke(cli, ["merge", repo, "--images", "reference", "--verify", "--verify-sample", "16",
+                                   "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["tag"] == "v2" and json.loads(verified.stdout)["verified"] is True
+    manifest = json.loads(hub.download(repo, MANIFEST_PATH, "v2").read_text())
+    assert manifest["verification"] == {"sample": 16, "seed": 0, "min_cosine": 0.999, "tolerance": 1e-4}
+    assert "Every merged shard was verified" in hub.download(repo, "README.md", "v2").read_text()
+    # The same verified merge again changes nothing; a plain merge accepts the verified version.
+    for again in (["--verify", "--verify-sample", "16"], []):
+        unchanged = runner.invoke(cli, ["merge", repo, "--images", "reference", "--json", *again])
+        assert unchanged.exit_code == 0 and json.loads(unchanged.stdout)["created"] is False, unchanged.output
+    assert set(hub.refs(repo)[1]) == {"v1", "v2"}
+
+
+def test_verify_sample_needs_verify():
+    from click.testing import CliRunner
+
+    from coopt_hub.cli import cli
+
+    refused = CliRunner().invoke(cli, ["merge", "org/any", "--verify-sample", "8"])
+    assert refused.exit_code == 2 and "pass --verify too" in refused.output
+
+
 def test_next_tag():
     assert next_tag([]) == "v1"
     assert next_tag(["v1", "v9", "v10", "release", "v2a"]) == "v11"

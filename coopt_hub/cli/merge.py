@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from coopt_hub.cli.options import json_option, repo_argument, token_option
 from coopt_hub.cli.output import Output
@@ -13,6 +14,7 @@ Examples:
   coopt-hub merge org/digits-coopt
   coopt-hub merge org/imagenet-coopt --images reference --tag v3
   coopt-hub merge org/digits-coopt --allow-partial --json
+  coopt-hub merge org/digits-coopt --verify --verify-sample 256
 """
 
 
@@ -27,10 +29,16 @@ Examples:
     help="copy: the parquet files carry the images; reference: ids only, recipes join with the pinned source.",
 )
 @click.option("--allow-partial", is_flag=True, help="Merge even if some shards were not pushed (recorded in the card).")
+@click.option("--verify", is_flag=True,
+              help="Also re-encode a sample of each shard and all anchors with its declared prior, as `coopt-hub "
+                   "verify` does, and refuse the merge unless every shard passes (recorded in the card).")
+@click.option("--verify-sample", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images of each shard that --verify re-encodes.")
 @token_option
 @json_option
-def merge(repo, tag, images, allow_partial, token, as_json):
-    """Verify every shard branch of REPO, align them to the best prior, and publish main as a new version.
+@click.pass_context
+def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, as_json):
+    """Check every shard branch of REPO, align them to the best prior, and publish main as a new version.
 
     Nothing is written unless every check passes; main changes in one commit, which is tagged.
     Running it again without new shards does nothing.
@@ -38,9 +46,12 @@ def merge(repo, tag, images, allow_partial, token, as_json):
     from coopt_hub.hub import Hub
     from coopt_hub.merge import merge as merge_shards
 
+    if not verify and ctx.get_parameter_source("verify_sample") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--verify-sample is the sample of --verify; pass --verify too.")
     out = Output(as_json)
     result = merge_shards(
-        Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, progress=out.info
+        Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, verify=verify,
+        verify_sample=verify_sample, progress=out.info,
     )
     manifest = result.manifest
     realigned = [shard.shard for shard in manifest.shards if shard.realigned]
@@ -56,6 +67,7 @@ def merge(repo, tag, images, allow_partial, token, as_json):
         "reference": manifest.reference.shard,
         "realigned": realigned,
         "images": manifest.images,
+        "verified": manifest.verification is not None,
     }
     if not result.created:
         text = f"Unchanged: main of {repo} already holds this merge as {result.tag} ({result.commit[:8]})."
@@ -65,6 +77,7 @@ def merge(repo, tag, images, allow_partial, token, as_json):
             f"{', '.join(str(s) for s in summary['shards'])}, aligned to shard {manifest.reference.shard}"
             + (f"; re-aligned shards {', '.join(map(str, realigned))}" if realigned else "")
             + (f"; PARTIAL, missing shards {', '.join(map(str, manifest.missing))}" if manifest.missing else "")
+            + ("; every shard verified against its declared prior" if manifest.verification else "")
             + f".\nLoad it with load_dataset({repo!r}, revision={result.tag!r})."
         )
     out.result(summary, text)
