@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from coopt_hub.errors import CoOptError
-from coopt_hub.training import load_training_data, make_accelerator, train
-from coopt_hub.training.arguments import add_dataset_arguments, add_training_arguments, config_from_arguments
+from coopt_hub.training import train
+from coopt_hub.training.arguments import add_dataset_arguments, add_training_arguments, prepare_run, run_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,23 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     add_training_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     args = parser.parse_args(argv)
-    try:
-        config = config_from_arguments(args)
-        accelerator = make_accelerator(config.precision)
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-        if accelerator.is_main_process:  # progress from this library only, not every HTTP request
-            logging.getLogger("coopt_hub").setLevel(logging.INFO)
-        with accelerator.main_process_first():  # one process fills the download caches, the rest reuse them
-            data = load_training_data(args.dataset, args.revision, image_size=args.image_size)
+
+    def body() -> int:
+        config, accelerator, data = prepare_run(args)
         result = train(config, data, accelerator)
-    except CoOptError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
-        return err.exit_code
-    if accelerator.is_main_process:
-        print(json.dumps(result.to_dict()))
-    return 0
+        if accelerator.is_main_process:
+            print(json.dumps(result.to_dict()))
+        return 0
+
+    return run_recipe(body)
 
 
 if __name__ == "__main__":

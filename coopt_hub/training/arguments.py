@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from coopt_hub.training.data import TARGET_KINDS
@@ -84,3 +88,36 @@ def config_from_arguments(args: argparse.Namespace, **overrides: Any) -> TrainCo
         values.update(objective=args.objective, targets=args.targets)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def prepare_run(args: argparse.Namespace):
+    """(config, accelerator, data) for a recipe: the dataset is read once per machine, progress
+    logged by the main process only."""
+    from coopt_hub.training.data import load_training_data
+    from coopt_hub.training.trainer import make_accelerator
+
+    config = config_from_arguments(args)
+    accelerator = make_accelerator(config.precision)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    if accelerator.is_main_process:  # progress from this library only, not every HTTP request
+        logging.getLogger("coopt_hub").setLevel(logging.INFO)
+    with accelerator.main_process_first():  # one process fills the download caches, the rest reuse them
+        data = load_training_data(args.dataset, args.revision, image_size=args.image_size)
+    return config, accelerator, data
+
+
+def run_recipe(body: Callable[[], int]) -> int:
+    """Run a recipe's body; any error becomes the CLI's message and next step (traceback with
+    COOPT_HUB_DEBUG=1), so recipes and `coopt-hub` commands fail alike."""
+    from coopt_hub.cli.errors import describe_error
+
+    try:
+        return body()
+    except Exception as err:  # noqa: BLE001 - the recipe's one exit point for errors
+        if os.environ.get("COOPT_HUB_DEBUG", "").lower() in {"1", "true", "yes"}:
+            raise
+        code, message, hint = describe_error(err)
+        print(f"Error: {message}", file=sys.stderr)
+        if hint:
+            print(f"Next step: {hint}", file=sys.stderr)
+        return code
