@@ -206,14 +206,21 @@ class GitRepo:
             return self._peel(sha)
         if _HEX40.match(revision) and self._is_commit(revision.encode()):
             return revision
-        raise revision_not_found(revision)
+        raise self._missing(revision)
 
     def branch_head(self, revision: str) -> str:
         """Commits go to branches only: a tag or commit id is RevisionNotFound here."""
         head = self._read_ref(_branch_ref(revision))
         if head is None:
-            raise revision_not_found(revision)
+            raise self._missing(revision)
         return head
+
+    def _missing(self, revision: str) -> HubError:
+        """A repo deleted after it was opened has no refs at all: that is RepoNotFound, not a
+        missing revision, so a client racing a delete gets the answer that is true."""
+        if not (self.path / "coopt-hub.json").is_file():
+            return repo_not_found(self.repo_id.id)
+        return revision_not_found(revision)
 
     def refs(self) -> dict[str, list[Ref]]:
         groups: dict[str, list[Ref]] = {"branches": [], "tags": [], "converts": [], "pullRequests": []}
