@@ -18,7 +18,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,19 +79,26 @@ class ShardHeader:
     uniformity: float
     reference: dict | None  # {"shard", "branch", "commit", "fingerprint"} of the best prior; None: itself
     residual: float
-    num_rows: int
+    num_rows: int  # rows stored: the plan's shard rows less the skipped ones
     tool_version: str
     checksums: dict[str, str]  # "targets/raw" -> sha256 of the stored bytes; filled by write_shard
+    # Shard ids whose image could not be decoded (optimize --on-bad-image skip), sorted; they have no row.
+    skipped_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ShardHeader:
+        # Headers written before skipped images were recorded have no such field: nothing was skipped.
+        data = {"skipped_ids": [], **data}
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             raise ValueError(f"header fields differ: missing {sorted(names - set(data))}, "
                              f"unexpected {sorted(set(data) - names)}")
+        problem = _skipped_ids_problem(data["skipped_ids"])
+        if problem:
+            raise ValueError(problem)
         return cls(**data)
 
 
@@ -127,6 +134,7 @@ def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) ->
         where = f"{path} (not written)"
         check_shapes(where, header, {name: array.shape for name, array in tensors.items()})
         _check_values(where, tensors)
+    _check_skipped(f"{targets_path} (not written)", header, targets["ids"])
     header.checksums = {
         **{f"targets/{name}": _sha256(array) for name, array in targets.items()},
         **{f"anchors/{name}": _sha256(array) for name, array in anchor_tensors.items()},
@@ -240,6 +248,7 @@ class ShardReader:
                 if problem is None:
                     try:
                         _check_values(path, tensors, after=last_id)
+                        _check_skipped(path, self.header, tensors["ids"])
                     except ShardFileError as err:
                         problem = err
                     if stop > start:
@@ -434,6 +443,24 @@ def _check_checksums(path: str, header: ShardHeader, group: str, digests: dict[s
         if digest is not None and digest != recorded[name]:
             raise ShardFileError(f"{path}: tensor '{name}' does not match its checksum (the file is damaged).",
                                  hint=_REFRESH_HINT)
+
+
+def _skipped_ids_problem(skipped) -> str | None:
+    """What is wrong with a header's skipped_ids, if anything."""
+    if not isinstance(skipped, list) or not all(type(i) is int for i in skipped):
+        return "skipped_ids is not a list of integers"
+    if any(i < 0 for i in skipped) or any(b <= a for a, b in zip(skipped, skipped[1:])):
+        return "skipped_ids are not sorted, unique and non-negative"
+    return None
+
+
+def _check_skipped(path: str, header: ShardHeader, ids: np.ndarray) -> None:
+    """The header's skipped ids are well formed and none of them has a row among `ids`."""
+    problem = _skipped_ids_problem(header.skipped_ids)
+    if problem is None and np.isin(ids, header.skipped_ids).any():
+        problem = "some ids recorded as skipped have a row"
+    if problem:
+        raise ShardFileError(f"{path}: {problem}.", hint=_REFRESH_HINT)
 
 
 def _check_values(path: str, tensors: dict[str, np.ndarray], after: int = -1) -> None:

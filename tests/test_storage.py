@@ -262,3 +262,36 @@ def test_write_refuses_what_could_not_be_read_back(tmp_path: Path):
     with pytest.raises(ShardFileError, match="'ids' has shape"):
         write_shard(tmp_path, result, anchors)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_skipped_ids_are_recorded_and_old_headers_read_as_none_skipped(tmp_path: Path):
+    result, anchors = make_pair()
+    result.header.skipped_ids = [1, 3]  # odd ids: the stored ids are even
+    write_shard(tmp_path, result, anchors)
+    assert read_shard(tmp_path)[0].header.skipped_ids == [1, 3]
+    assert read_in_ranges(tmp_path, rows=5).header.skipped_ids == [1, 3]
+
+    for file in (TARGETS_FILE, ANCHORS_FILE):  # as written before the field existed
+        with safe_open(str(tmp_path / file), framework="numpy") as stored:
+            header = json.loads(stored.metadata()["coopt"])
+            arrays = {name: stored.get_tensor(name) for name in stored.keys()}
+        del header["skipped_ids"]
+        save_file(arrays, str(tmp_path / file), metadata={"coopt": json.dumps(header)})
+    assert read_shard(tmp_path)[0].header.skipped_ids == []
+
+
+@pytest.mark.parametrize(("skipped", "words"), [
+    ([4], "recorded as skipped have a row"),
+    ([3, 1], "not sorted, unique and non-negative"),
+    (["1"], "not a list of integers"),
+])
+def test_bad_skipped_ids_are_refused_on_write_and_read(tmp_path: Path, skipped, words):
+    result, anchors = make_pair()
+    result.header.skipped_ids = skipped
+    with pytest.raises(ShardFileError, match=words):
+        write_shard(tmp_path / "refused", result, anchors)
+    write_shard(tmp_path, *make_pair())
+    header = rewrite(tmp_path / TARGETS_FILE, header_changes={"skipped_ids": skipped})
+    rewrite(tmp_path / ANCHORS_FILE, header_changes={"skipped_ids": header["skipped_ids"]})
+    with pytest.raises(ShardFileError, match=words):
+        read_shard(tmp_path)
