@@ -2,7 +2,8 @@
 
 Only the headers of the shard files are read (two small range reads per shard), so the status of a
 large collaboration costs no downloads. A shard is `done` when its branch holds a readable pair of
-files made for this plan, this source commit and this shard; `missing` when nothing was pushed;
+files made for this plan, this source commit and this shard, holding a row for every sample of the
+shard but those it records as skipped (undecodable images); `missing` when nothing was pushed;
 `stale` otherwise, with the reasons. `merge` re-checks done shards in full before using them.
 """
 
@@ -12,6 +13,8 @@ import json
 import struct
 from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from coopt_hub.hub import Hub
 from coopt_hub.plan import Plan
@@ -40,6 +43,11 @@ class ShardStatus:
     def rows(self) -> int | None:
         return self.header.num_rows if self.header else None
 
+    @property
+    def skipped(self) -> int | None:
+        """Samples of the shard left out as undecodable images."""
+        return len(self.header.skipped_ids) if self.header else None
+
     def to_dict(self) -> dict[str, Any]:
         header = self.header
         return {
@@ -49,6 +57,7 @@ class ShardStatus:
             "commit": self.commit,
             "expected_rows": self.expected_rows,
             "rows": self.rows,
+            "skipped": self.skipped,
             "prior": header.prior if header else None,
             "fingerprint": header.fingerprint if header else None,
             "output_dim": header.output_dim if header else None,
@@ -150,10 +159,19 @@ def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
         problems.append(f"holds shard {header.shard}, not shard {k}")
     if header.dim != plan.dim:
         problems.append(f"targets have {header.dim} dimensions, the plan says {plan.dim}")
-    expected = len(plan.shard_ids(k))
-    if header.num_rows != expected:
-        problems.append(f"holds {header.num_rows} rows, the plan gives shard {k} {expected}")
+    shard_ids = plan.shard_ids(k)
+    skipped = np.asarray(header.skipped_ids, dtype=np.int64)
+    if not np.isin(skipped, shard_ids).all():
+        problems.append(f"records skipped ids that are not shard {k}'s")
+    elif header.num_rows != shard_ids.size - skipped.size:
+        less = f" less the {skipped.size} it skipped" if skipped.size else ""
+        problems.append(f"holds {header.num_rows} rows, the plan gives shard {k} {shard_ids.size}{less}")
     return problems
+
+
+def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
+    """The sample ids shard k's rows must have, sorted: the plan's, less those the header records as skipped."""
+    return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64))
 
 
 def read_remote_header(hub: Hub, repo: str, commit: str, path: str) -> ShardHeader:

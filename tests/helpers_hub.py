@@ -148,6 +148,18 @@ class Collaboration:
             return self.hub.commit(self.repo, branch, lambda head: operations, message=f"shard {shard} by {prior.name}")
 
 
+def skipping(*ids: int) -> Callable[[ShardResult, AnchorOutputs], None]:
+    """An `edit` that leaves out the rows of `ids`, as optimize --on-bad-image skip does for undecodable images."""
+
+    def edit(result: ShardResult, anchors: AnchorOutputs) -> None:
+        keep = ~np.isin(result.ids, ids)
+        result.ids, result.raw, result.aligned = result.ids[keep], result.raw[keep], result.aligned[keep]
+        result.header.num_rows = int(keep.sum())
+        result.header.skipped_ids = sorted(ids)
+
+    return edit
+
+
 def start_collaboration(
     hub: Hub, repo: str, source: str, *, shards: int = 3, anchors: int = 96, dim: int = 16, seed: int = 0
 ) -> Collaboration:

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
-from helpers_hub import FakePrior, digits_source, start_collaboration
+from helpers_hub import FakePrior, digits_source, skipping, start_collaboration
 
 from coopt_hub.cli import cli
 from coopt_hub.hub import Hub
@@ -84,3 +84,24 @@ def test_status_after_merge_shows_what_main_holds(hub, source, new_repo_id):
     assert [(s.state, s.merged) for s in status.shards] == [(DONE, True), (DONE, False)]
     merge(hub, collab.repo)
     assert all(s.merged for s in collaboration_status(hub, collab.repo).shards)
+
+
+def test_a_shard_that_skipped_undecodable_images_is_done(hub, source, new_repo_id):
+    collab = start_collaboration(hub, new_repo_id("digits-skipped"), source, shards=3, anchors=64, dim=8)
+    plan = collab.plan
+    skipped = [int(i) for i in plan.shard_ids(0)[[3, 10, 11]]]
+    collab.push(0, GOOD, edit=skipping(*skipped))
+    not_its_own = int(plan.shard_ids(2)[0])  # a skipped id of another shard does not account for a row
+    collab.push(1, WEAK, edit=skipping(int(plan.shard_ids(1)[0]), not_its_own))
+
+    status = collaboration_status(hub, collab.repo)
+    by_shard = {s.shard: s for s in status.shards}
+    assert by_shard[0].state == DONE and by_shard[0].skipped == 3 and by_shard[0].problems == ()
+    assert by_shard[0].rows == len(plan.shard_ids(0)) - 3 and status.rows_done == by_shard[0].rows
+    assert by_shard[1].state == STALE and "skipped ids that are not shard 1's" in by_shard[1].problems[0]
+    assert by_shard[2].skipped is None
+
+    document = json.loads(CliRunner().invoke(cli, ["status", collab.repo, "--json"]).stdout)
+    assert [s["skipped"] for s in document["shards"]] == [3, 2, None]
+    text = CliRunner().invoke(cli, ["status", collab.repo]).output
+    assert "skipped" in text.splitlines()[3]

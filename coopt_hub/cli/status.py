@@ -39,7 +39,7 @@ def render(result) -> str:
 
     plan = result.plan
     best = result.best
-    rows = [("shard", "state", "branch", "commit", "prior", "out", "V", "reference", "residual", "rows", "merged")]
+    rows = [("shard", "state", "branch", "commit", "prior", "out", "V", "reference", "residual", "rows", "skipped", "merged")]
     for shard in result.shards:
         header = shard.header
         reference = "-"
@@ -56,6 +56,7 @@ def render(result) -> str:
             reference,
             f"{header.residual:.4f}" if header else "-",
             f"{header.num_rows}/{shard.expected_rows}" if header else f"0/{shard.expected_rows}",
+            str(shard.skipped) if header else "-",
             "yes" if shard.merged else "no",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
