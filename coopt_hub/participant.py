@@ -48,7 +48,7 @@ from coopt_hub.plan import Plan
 from coopt_hub.priors import Prior
 from coopt_hub.publish import check_source_pin, load_anchors, load_plan
 from coopt_hub.source import read_plan_unit
-from coopt_hub.status import header_problems
+from coopt_hub.status import expected_ids, header_problems
 from coopt_hub.storage import (
     ANCHORS_FILE,
     HEADER_KEY,
@@ -421,7 +421,7 @@ def _finish(
     notes: list[str] = []
     if skipped.size or skipped_anchors.size:
         note = (f"Skipped {skipped.size} undecodable image(s) of the shard and {skipped_anchors.size} of the "
-                f"anchors (ids recorded in the report).")
+                f"anchors (ids recorded in the report; the shard's also in the header).")
         notes.append(note)
         say.warn(note)
 
@@ -474,6 +474,7 @@ def _finish(
         num_rows=int(ids.size),
         tool_version=__version__,
         checksums={},
+        skipped_ids=sorted(int(i) for i in skipped),
     )
     directory = result_directory(store.directory)
     files = directory / shard_prefix(shard)
@@ -674,6 +675,8 @@ def push_shard(
         )
     # Intact files can still be the wrong ones (copied from another shard, edited by hand): check what they hold.
     problems = header_problems(plan, shard, result.header)
+    if not problems and not np.array_equal(result.ids, expected_ids(plan, shard, result.header)):
+        problems.append(f"its sample ids are not the plan's ids of shard {shard} less those it skipped")
     if problems:
         raise ShardFileError(
             f"The local result of shard {shard} does not fit the plan of {repo}: {'; '.join(problems)}.",

@@ -35,7 +35,7 @@ from coopt_hub.plan import Plan
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
 from coopt_hub.publish import load_anchors, load_plan
 from coopt_hub.source import decode_image, read_plan_unit
-from coopt_hub.status import header_problems
+from coopt_hub.status import expected_ids, header_problems
 from coopt_hub.storage import (
     HEADER_KEY,
     AnchorOutputs,
@@ -309,8 +309,8 @@ def _download(hub: Hub, repo: str, shard: int, commit: str) -> tuple[ShardResult
 
 def _id_problems(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOutputs) -> list[str]:
     problems = []
-    if not np.array_equal(result.ids, plan.shard_ids(shard)):
-        problems.append(f"its sample ids are not the plan's ids of shard {shard}")
+    if not np.array_equal(result.ids, expected_ids(plan, shard, result.header)):
+        problems.append(f"its sample ids are not the plan's ids of shard {shard} less those it skipped")
     if not np.array_equal(anchors.ids, np.asarray(plan.anchor_ids, dtype=np.int64)):
         problems.append("its anchor outputs are not for the plan's anchor ids")
     return problems

@@ -31,6 +31,7 @@ from coopt_hub.labeling import ChunkStore
 from coopt_hub.participant import OptimizeOptions, optimize_shard, run_directory
 from coopt_hub.plan import PLAN_PATH
 from coopt_hub.priors import Prior, PriorSpec, load_prior
+from coopt_hub.status import DONE, collaboration_status, read_remote_header
 from coopt_hub.storage import TARGETS_FILE, read_shard, remote_paths, shard_prefix
 
 # Seed 0 is what the command line builds from `--model ViT-S-32 --image-size 32`.
@@ -387,6 +388,17 @@ def test_undecodable_images_stop_the_job_or_are_skipped_and_recorded(hub, broken
     assert not set(recorded) & set(result.ids) and not set(recorded) & set(anchors.ids)
     assert any("anchors for 16 target dimensions" in w for w in messages.warnings)
     assert any("Skipped" in w for w in messages.warnings)
+    assert result.header.skipped_ids == sorted(report["skipped_ids"]["shard"]) and 5 in result.header.skipped_ids
+
+    # The rows the plan gives the shard less the skipped ones are the whole result: it pushes and counts as done.
+    pushed = CliRunner().invoke(cli, ["push", "--repo", broken.repo, "--shard", str(shard),
+                                      "--workdir", str(tmp_path), "--json"])
+    assert pushed.exit_code == 0, pushed.output
+    commit = json.loads(pushed.stdout)["commit"]
+    header = read_remote_header(hub, broken.repo, commit, remote_paths(shard).targets)
+    assert header.skipped_ids == result.header.skipped_ids and header.num_rows == result.ids.size
+    status = collaboration_status(hub, broken.repo).shards[shard]
+    assert status.state == DONE and status.skipped == len(header.skipped_ids)
 
 
 def test_source_main_moving_on_is_a_note_and_reading_stays_at_the_pin(hub, broken, small, tmp_path):
