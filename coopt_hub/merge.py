@@ -34,7 +34,7 @@ from coopt_hub.hub import Hub
 from coopt_hub.plan import Plan
 from coopt_hub.publish import load_plan
 from coopt_hub.source import SourceLayout, iter_source_batches, repo_path, resolve_source
-from coopt_hub.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status
+from coopt_hub.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status, expected_ids
 from coopt_hub.storage import (
     AnchorOutputs,
     ShardHeader,
@@ -101,6 +101,8 @@ class MergedShard:
     realigned_residual: float | None  # the fit made here, when realigned
     rows: int
     checksums: dict[str, str]
+    # Its samples left out as undecodable images: no target, so not in the merged split either.
+    skipped_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class Manifest:
                     **data,
                     "source": SourcePin(**data["source"]),
                     "reference": Reference(**data["reference"]),
-                    "shards": tuple(MergedShard(**shard) for shard in data["shards"]),
+                    "shards": tuple(MergedShard(**{**shard, "skipped_ids": tuple(shard.get("skipped_ids", ()))})
+                                    for shard in data["shards"]),
                     "missing": tuple(data["missing"]),
                     "splits": {name: SplitRecord(tuple(s["files"]), s["num_rows"])
                                for name, s in data["splits"].items()},
@@ -235,7 +238,7 @@ def merge(
 
     with tempfile.TemporaryDirectory(prefix="coopt-merge-") as scratch:
         workdir = Path(scratch)
-        layout_ids = _IdLayout(plan, [s.shard for s in done])
+        layout_ids = _IdLayout(plan, done)
         targets = _TensorFile(
             workdir / "targets.safetensors",
             {
@@ -371,11 +374,12 @@ def _check_shard(status: ShardStatus, header: ShardHeader, anchors: AnchorOutput
 
 
 def _check_rows(status: ShardStatus, rows: ShardRows, plan_ids: np.ndarray) -> None:
-    """The range's ids are the plan's for those rows (the header's row count is the plan's, checked by status)."""
+    """The range's ids are `plan_ids` (the plan's less the shard's skipped ids) for those rows; status
+    checked that the header's row count is theirs."""
     if not np.array_equal(rows.ids, plan_ids[rows.start : rows.start + rows.ids.size]):
         raise VerificationError(
-            f"{_where(status)}: its sample ids are not the plan's ids for shard {status.shard} "
-            "(a sample is missing, duplicated or belongs to another shard).",
+            f"{_where(status)}: its sample ids are not the plan's ids for shard {status.shard} less those it "
+            "skipped (a sample is missing, duplicated or belongs to another shard).",
             hint=_RERUN_HINT,
         )
 
@@ -384,12 +388,13 @@ def _check_rows(status: ShardStatus, rows: ShardRows, plan_ids: np.ndarray) -> N
 
 
 class _IdLayout:
-    """Which shard each sample id comes from, and its row in the merged (id-ordered) targets."""
+    """Which shard each sample id comes from, and its row in the merged (id-ordered) targets; ids a
+    shard skipped belong to none, like those of a missing shard."""
 
-    def __init__(self, plan: Plan, shards: list[int]):
+    def __init__(self, plan: Plan, shards: list[ShardStatus]):
         self.shard_of = np.full(plan.num_rows, -1, dtype=np.int32)
-        for k in shards:
-            self.shard_of[plan.shard_ids(k)] = k
+        for status in shards:
+            self.shard_of[expected_ids(plan, status.shard, status.header)] = status.shard
         present = self.shard_of >= 0
         self.present_ids = np.flatnonzero(present).astype(np.int64)
         self.position = np.cumsum(present, dtype=np.int64) - 1
@@ -471,6 +476,7 @@ def _merge_shard(
         realigned_residual=realigned_residual,
         rows=header.num_rows,
         checksums=header.checksums,
+        skipped_ids=tuple(header.skipped_ids),
     )
     return entry, anchors.projected
 
@@ -486,7 +492,7 @@ def _stream_rows(
     """Every range of `shard` into `targets`. A problem found in a range is raised only after the
     reader has compared the checksums (at the end of the ranges), so that bad ids or values that
     come from damage are reported as damage."""
-    plan_ids = plan.shard_ids(status.shard)
+    plan_ids = expected_ids(plan, status.shard, status.header)
     problem: VerificationError | None = None
     for rows in shard.chunks(ALIGN_CHUNK_ROWS):
         if problem is not None:
@@ -717,7 +723,8 @@ class _TargetJoin:
         self.plan, self.ids, self.targets = plan, ids, targets
 
     def rows(self, sample_ids: np.ndarray) -> tuple[np.ndarray, pa.Array, pa.Array]:
-        """(which ids were merged, their targets, their shards); ids of missing shards are dropped."""
+        """(which ids were merged, their targets, their shards); ids of missing shards, and ids a shard
+        skipped as undecodable, are dropped."""
         if sample_ids[-1] >= self.plan.num_rows:
             raise SourceError(
                 f"Split {self.plan.split} of {self.plan.source_repo} has more rows than the plan's "

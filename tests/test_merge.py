@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
-from helpers_hub import Collaboration, FakePrior, digits_source, start_collaboration
+from helpers_hub import Collaboration, FakePrior, digits_source, skipping, start_collaboration
 
 from coopt_hub import merge as merge_module
 from coopt_hub.align import apply_alignment, fit_alignment
@@ -273,6 +273,36 @@ def test_a_tag_taken_between_commit_and_tag_moves_this_merge_to_the_next_version
     assert result.commit == hub.head(collab.repo)
     assert json.loads(hub.download(collab.repo, MANIFEST_PATH, "v2").read_text())["tag"] == "v2"
     assert 'revision="v2"' in hub.download(collab.repo, "README.md", "v2").read_text()
+
+
+def test_rows_a_shard_skipped_as_undecodable_are_left_out_and_recorded(hub, collab):
+    plan = collab.plan
+    skipped = [int(i) for i in plan.shard_ids(1)[[0, 7, 8, -1]]]
+    first = collab.push(0, GOOD)
+    collab.push(1, WEAK, reference=(0, GOOD, first), edit=skipping(*skipped))
+    collab.push(2, MID, reference=(0, GOOD, first))
+    result = merge(hub, collab.repo)
+    kept = np.setdiff1d(np.arange(plan.num_rows), skipped)
+
+    train = load(collab.repo, result.tag)["train"]
+    assert train.num_rows == plan.num_rows - len(skipped)
+    columns = train.with_format("numpy")[:]
+    assert np.array_equal(columns["id"], kept) and not set(skipped) & set(columns["id"].tolist())
+    assert np.array_equal(np.sort(columns["id"][columns["shard"] == 1]), np.setdiff1d(plan.shard_ids(1), skipped))
+    assert np.array_equal(columns["label"], source_labels(collab.source)["train"][kept])
+    stored = read_targets(hub, collab.repo, result.tag)
+    assert np.array_equal(stored["ids"], kept)
+    _, raw = collab.projected(WEAK, kept[np.isin(kept, plan.shard_ids(1))])
+    assert np.allclose(stored["raw"][np.isin(kept, plan.shard_ids(1))], raw, atol=2e-3)
+
+    manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, result.tag).read_text())
+    assert {s["shard"]: s["skipped_ids"] for s in manifest["shards"]} == {0: [], 1: skipped, 2: []}
+    assert manifest["splits"]["train"]["num_rows"] == plan.num_rows - len(skipped)
+    card = hub.download(collab.repo, "README.md", result.tag).read_text()
+    assert "4 samples of the merged shards could not be decoded" in card and "4 in shard 1." in card
+    assert "`skipped_ids` of each shard in `coopt/manifest.json`" in card
+    again = merge(hub, collab.repo)  # the manifest read back is the same merge
+    assert (again.tag, again.created) == (result.tag, False) and again.manifest.shards[1].skipped_ids == tuple(skipped)
 
 
 def test_reference_mode_writes_no_images(hub, source, new_repo_id):
