@@ -172,8 +172,16 @@ def _collaborate(config: DemoConfig, root: Path, endpoint: str, say: Callable[[s
          "residual": s.header.residual if s.header else None}
         for s in status.shards
     ]
-    _step(report, say, "status: " + ", ".join(f"shard {p['shard']} {p['state']} ({p['prior']}, V={p['uniformity']:.3f})"
-                                              for p in report.priors), t)
+    _step(report, say, "status: " + ", ".join(
+        f"shard {p['shard']} {p['state']} ({p['prior']}" + (f", V={p['uniformity']:.3f})" if p["prior"] else ")")
+        for p in report.priors), t)
+    unfinished = [s for s in status.shards if s.state != "done"]
+    if unfinished:
+        raise CoOptError(
+            "the participants finished but status reports " + "; ".join(
+                f"shard {s.shard} {s.state}: {', '.join(s.problems) or 'no result'}" for s in unfinished),
+            hint="Rerun `coopt-hub demo --debug`; `coopt-hub status` explains each state.",
+        )
 
     t = time.perf_counter()
     merged = merge(hub, COOPT_REPO)
