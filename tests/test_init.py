@@ -6,7 +6,6 @@ import io
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
