@@ -179,31 +179,25 @@ class Hub:
         returns None (or nothing) when the branch already holds what it wants: then no commit is
         made and the current head is returned.
         """
-        for attempt in range(self.retry.attempts):
+
+        def attempt() -> str | None:
             parent = self.head(repo_id, branch)
             operations = build(parent)
             if not operations:
                 return parent
             faults.reach("commit")
-            try:
-                info = self.api.create_commit(
-                    repo_id,
-                    list(operations),
-                    commit_message=message,
-                    commit_description=description,
-                    revision=branch,
-                    parent_commit=parent,
-                    repo_type=REPO_TYPE,
-                )
-            except Exception as err:  # noqa: BLE001 - filtered by is_transient
-                if not is_transient(err) or attempt == self.retry.attempts - 1:
-                    raise
-                delay = self.retry.delay(attempt)
-                logger.info("commit to %s@%s failed (%s); retrying in %.2fs", repo_id, branch, err, delay)
-                time.sleep(delay)
-                continue
+            info = self.api.create_commit(
+                repo_id,
+                list(operations),
+                commit_message=message,
+                commit_description=description,
+                revision=branch,
+                parent_commit=parent,
+                repo_type=REPO_TYPE,
+            )
             return info.oid
-        raise AssertionError("unreachable")
+
+        return self.with_retries(f"commit to {repo_id}@{branch}", attempt)
 
     def create_tag(self, repo_id: str, tag: str, revision: str, message: str) -> None:
         try:
