@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from coopt_hub.align import fit_alignment, uniformity
+from coopt_hub.core.align import fit_alignment, uniformity
 
 
 def main() -> None:

@@ -83,14 +83,15 @@ def cheap_prior():
 
 def participant_bytes(server, repo: str, shards: int, workdir: Path) -> list[int]:
     """Bytes the server sent while each participant labelled (without pushing) its shard."""
-    from coopt_hub.hub import Hub
-    from coopt_hub.participant import OptimizeOptions, Silent, optimize_shard
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.core.progress import Silent
+    from coopt_hub.participant.job import OptimizeOptions, optimize_shard
 
     fetched = []
     for shard in range(shards):
         before = server.bytes_sent
         optimize_shard(Hub(), repo, shard, cheap_prior(), workdir=workdir / f"p{shard}",
-                       options=OptimizeOptions(batch_size=64, workers=2), messages=Silent())
+                       options=OptimizeOptions(batch_size=64, workers=2), progress=Silent())
         fetched.append(server.bytes_sent - before)
     return fetched
 
@@ -98,8 +99,8 @@ def participant_bytes(server, repo: str, shards: int, workdir: Path) -> list[int
 def run(row_groups: int, rows_per_group: int, shards: int, anchors: int, size: int) -> float:
     server = start_server()
     try:
-        from coopt_hub.hub import Hub
-        from coopt_hub.publish import initialize
+        from coopt_hub.hub.client import Hub
+        from coopt_hub.platform.init import initialize
 
         source_bytes = publish_noise_source("bench/noise", row_groups, rows_per_group, size)
         plan = initialize(Hub(), "bench/noise-coopt", source="bench/noise", source_revision=None, split="train",

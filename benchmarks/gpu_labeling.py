@@ -31,9 +31,9 @@ import pyarrow.parquet as pq
 import torch
 from labeling import synthetic_jpeg  # benchmarks/labeling.py, next to this file
 
-from coopt_hub.labeling import Chunk, ChunkStore, SingleProcess, collect_chunks, label_chunks
-from coopt_hub.priors import Preprocessing, PriorSpec, load_prior
-from coopt_hub.source import decode_image
+from coopt_hub.participant.collective import SingleProcess
+from coopt_hub.participant.labeling import Chunk, ChunkStore, collect_chunks, label_chunks
+from coopt_hub.priors import Preprocessing, PriorSpec, decode_image, load_prior
 
 UNIQUE_IMAGES = 1024  # generating JPEGs is slow; the measured streams cycle through these
 CHUNK_ROWS = 1024  # rows per chunk, like a storage unit of the source

@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.numpy import save_file
 
-from coopt_hub.labeling import Chunk, ChunkStore, SingleProcess, collect_chunks, label_chunks
-from coopt_hub.priors import PriorSpec, load_prior
-from coopt_hub.source import decode_image
+from coopt_hub.participant.collective import SingleProcess
+from coopt_hub.participant.labeling import Chunk, ChunkStore, collect_chunks, label_chunks
+from coopt_hub.priors import PriorSpec, decode_image, load_prior
 
 
 def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, noise: float = 8.0) -> bytes:

@@ -77,7 +77,8 @@ def push(hub, repo: str, branch: str, files: dict[str, Path], message: str) -> s
 
 def write_shards(hub, repo: str, plan, directory: Path, seed: int) -> None:
     """One branch per shard; shards below half align to shard 0's prior, the rest to the best (the last)."""
-    from coopt_hub.storage import AnchorOutputs, ShardHeader, ShardResult, remote_paths, shard_branch, write_shard
+    from coopt_hub.core.layout import remote_paths, shard_branch
+    from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
 
     rng = np.random.default_rng(seed)
     best = plan.num_shards - 1
@@ -182,8 +183,8 @@ def main() -> None:
                "HF_DATASETS_CACHE": str(root / "datasets-cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         os.environ.update(env)
 
-        from coopt_hub.hub import Hub
-        from coopt_hub.publish import initialize
+        from coopt_hub.hub.client import Hub
+        from coopt_hub.platform.init import initialize
 
         hub = Hub(token=TOKEN)
         started = time.perf_counter()

@@ -1,10 +1,14 @@
-"""Exceptions that carry a message for the user and the next step to take.
+"""Exceptions that carry a message for the user and the next step to take, and THE error table.
 
-The CLI turns these (and the huggingface_hub errors it knows) into one short message plus a hint,
-in one table (coopt_hub.cli.errors). Library code raises the most specific class that fits.
+Library code raises the most specific class that fits. `describe_error` turns any exception into
+(exit code, message, next step): ours carry their own; the errors of huggingface_hub and httpx
+that reach a user are mapped by ERROR_TABLE. The command line and the recipes both use it.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 
 class CoOptError(Exception):
@@ -53,3 +57,69 @@ class ConflictError(CoOptError):
 
 class VerificationError(CoOptError):
     """A merge or verify check failed; the message names the shard and the check."""
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """How one exception class reaches the user."""
+
+    error: type[BaseException]
+    exit_code: int
+    message: str
+    hint: str
+
+
+@functools.cache
+def error_table() -> tuple[ErrorRow, ...]:
+    """The table, first match wins (subclasses before their bases).
+
+    Built on first use: importing huggingface_hub and httpx costs a quarter of a second that
+    `coopt-hub --help` and the pure core should not pay.
+    """
+    import httpx2
+    from huggingface_hub import errors as hf
+
+    status_hint = "`coopt-hub status REPO` shows what each branch holds."
+    return (
+        ErrorRow(hf.RevisionNotFoundError, 3, "Revision not found",
+                 "List the repo's branches and tags with `coopt-hub status REPO` (or the Hub's web page), "
+                 "or pass an existing --revision."),
+        ErrorRow(hf.RemoteEntryNotFoundError, 3, "File not found in the repo", f"Check the path and revision; {status_hint}"),
+        ErrorRow(hf.LocalEntryNotFoundError, 5, "Cannot reach the Hub and the file is not cached",
+                 "Check HF_ENDPOINT and your network (or start `coopt-hub hub serve`), then retry."),
+        ErrorRow(hf.EntryNotFoundError, 3, "File not found", f"Check the path and revision; {status_hint}"),
+        ErrorRow(hf.GatedRepoError, 4, "Access to this repo is gated",
+                 "Request access on the Hub, then set HF_TOKEN to a token of the account that has it."),
+        ErrorRow(hf.RepositoryNotFoundError, 3, "Repository not found",
+                 "Check the repo id and HF_ENDPOINT; private repos need HF_TOKEN set to a token that can read them."),
+        ErrorRow(hf.HFValidationError, 2, "Invalid repo id",
+                 "Name repos ORG/NAME: letters, digits, '-', '_' and '.', at most 96 characters, no '--' or '..'."),
+        ErrorRow(hf.HfHubHTTPError, 5, "The Hub refused the request",
+                 "Read the server's message above; 401 means HF_TOKEN is missing or wrong, 412 that someone "
+                 "committed first (rerun the command)."),
+        ErrorRow(httpx2.ConnectError, 5, "Cannot connect to the Hub endpoint",
+                 "Check HF_ENDPOINT (is `coopt-hub hub serve` running?) and your network, then retry."),
+        ErrorRow(httpx2.TransportError, 5, "The connection to the Hub failed",
+                 "Check the network and HF_ENDPOINT, then rerun: finished work is kept and not redone."),
+        ErrorRow(ConnectionError, 5, "Cannot connect", "Check HF_ENDPOINT and your network, then retry."),
+    )
+
+
+def describe_error(err: BaseException) -> tuple[int, str, str | None]:
+    """Map an exception to (exit code, message, next step)."""
+    if isinstance(err, CoOptError):
+        return err.exit_code, str(err), err.hint
+    for row in error_table():
+        if isinstance(err, row.error):
+            detail = str(err).strip().splitlines()
+            detail_text = f": {detail[0]}" if detail else ""
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            hint = row.hint
+            if status == 412:
+                hint = "Someone committed to that branch first. Rerun the command; it starts from the new state."
+            elif status == 401:
+                hint = "Set HF_TOKEN to a token the endpoint accepts (`coopt-hub hub serve` prints one)."
+            return row.exit_code, f"{row.message}{detail_text}", hint
+    return 1, f"Unexpected error: {type(err).__name__}: {err}", (
+        "Rerun with --debug for the traceback, and report it if the input looks right."
+    )

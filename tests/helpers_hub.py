@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from coopt_hub import __version__
-from coopt_hub.align import apply_alignment, fit_alignment, normalize, uniformity
-from coopt_hub.hub import Hub
-from coopt_hub.plan import Plan
-from coopt_hub.publish import initialize
-from coopt_hub.sample_data import publish_digits
-from coopt_hub.storage import AnchorOutputs, ShardHeader, ShardResult, remote_paths, shard_branch, write_shard
+from coopt_hub.core.align import apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.layout import remote_paths, shard_branch
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
+from coopt_hub.demo.sample_data import publish_digits
+from coopt_hub.hub.client import Hub
+from coopt_hub.platform.init import initialize
 
 LATENT_DIM = 24
 

@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from coopt_hub.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
 
 
 def direct_uniformity(features: np.ndarray, t: float) -> float:

@@ -30,11 +30,11 @@ from test_faults import PIXEL_MODEL, PixelPrior, publish_small_source
 
 from coopt_hub import errors
 from coopt_hub.cli import main
-from coopt_hub.hub import Hub
-from coopt_hub.participant import optimize_shard
-from coopt_hub.plan import PLAN_PATH
+from coopt_hub.core.layout import ANCHORS_FILE, PLAN_PATH, TARGETS_FILE, shard_prefix
+from coopt_hub.core.shardfile import HEADER_KEY
+from coopt_hub.hub.client import Hub
+from coopt_hub.participant.job import optimize_shard
 from coopt_hub.priors import PriorSpec
-from coopt_hub.storage import ANCHORS_FILE, HEADER_KEY, TARGETS_FILE, shard_prefix
 
 BIN = Path(sys.executable).parent
 BROKEN_ROWS = (3, 4)  # rows of the broken source that hold no image
@@ -465,7 +465,7 @@ def damaged_chunk(world: World, tmp: Path) -> None:
 
 
 def nan_shard(world: World, tmp: Path) -> None:
-    from coopt_hub.storage import AnchorOutputs, ShardResult, read_shard, write_shard
+    from coopt_hub.core.shardfile import AnchorOutputs, ShardResult, read_shard, write_shard
 
     (directory,) = world.result.glob(f"*/shard-00001/*/result/{shard_prefix(1)}")
     result, anchors = read_shard(directory)
@@ -476,15 +476,15 @@ def nan_shard(world: World, tmp: Path) -> None:
 
 
 def edited_plan(world: World, tmp: Path) -> None:
-    from coopt_hub.plan import Plan
-    from coopt_hub.publish import load_plan
+    from coopt_hub.core.plan import Plan
+    from coopt_hub.hub.repo import load_plan
 
     data = json.loads(load_plan(world.hub, world.repos["repo"]).to_json())
     Plan.from_json(json.dumps({**data, "num_shards": 500}))
 
 
 def call_initialize(**overrides) -> Callable[[World, Path], object]:
-    from coopt_hub.publish import initialize
+    from coopt_hub.platform.init import initialize
 
     def call(world: World, tmp: Path) -> object:
         arguments = dict(source=world.repos["source"], source_revision=None, split="train", image_column="image",
@@ -495,7 +495,7 @@ def call_initialize(**overrides) -> Callable[[World, Path], object]:
 
 
 def status_of(placeholder: str) -> Callable[[World, Path], object]:
-    from coopt_hub.status import collaboration_status
+    from coopt_hub.platform.status import collaboration_status
 
     return lambda world, tmp: collaboration_status(world.hub, world.repos[placeholder])
 

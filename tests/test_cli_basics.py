@@ -4,8 +4,7 @@ import sys
 from click.testing import CliRunner
 
 from coopt_hub.cli import COMMANDS, cli
-from coopt_hub.cli.errors import describe_error
-from coopt_hub.errors import PlanError
+from coopt_hub.errors import PlanError, describe_error
 
 
 def test_help_lists_every_command_without_importing_them():

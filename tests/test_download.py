@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from coopt_hub.hub import Hub
-from coopt_hub.publish import initialize
+from coopt_hub.hub.client import Hub
+from coopt_hub.platform.init import initialize
 
 _spec = importlib.util.spec_from_file_location("download_bench", Path(__file__).parents[1] / "benchmarks/download.py")
 download_bench = importlib.util.module_from_spec(_spec)

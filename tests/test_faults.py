@@ -35,14 +35,16 @@ import torch
 from helpers_hub import FakePrior, start_collaboration
 from PIL import Image
 
-from coopt_hub import faults
+from coopt_hub.core import faults
+from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_PATH, remote_paths, shard_branch
 from coopt_hub.errors import CoOptError
-from coopt_hub.hub import Hub, RetryPolicy, is_transient
-from coopt_hub.labeling import ChunkStore
-from coopt_hub.merge import MANIFEST_PATH, TARGETS_PATH, merge
-from coopt_hub.participant import optimize_shard, publish_result, run_directory
+from coopt_hub.hub.client import Hub, RetryPolicy, is_transient
+from coopt_hub.participant.job import optimize_shard
+from coopt_hub.participant.labeling import ChunkStore
+from coopt_hub.participant.push import publish_result
+from coopt_hub.participant.workdir import run_directory
+from coopt_hub.platform.merge.run import merge
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec
-from coopt_hub.storage import remote_paths, shard_branch
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
@@ -365,7 +367,7 @@ def publish_small_source(hub: Hub, broken: tuple[int, ...] = ()) -> str:
     The rows in `broken` hold bytes that are no image."""
     from huggingface_hub import CommitOperationAdd
 
-    from coopt_hub.sample_data import digits_images
+    from coopt_hub.demo.sample_data import digits_images
 
     images, labels = digits_images(16)
     cells = []
@@ -581,7 +583,7 @@ def test_a_hub_that_refuses_connections_for_a_while_is_waited_for(tmp_path):
 def test_an_unreachable_hub_is_not_taken_for_a_missing_file(monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from coopt_hub import hub as hub_module
+    from coopt_hub.hub import client as hub_module
 
     calls = []
 

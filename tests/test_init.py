@@ -10,12 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from coopt_hub.cli import cli
+from coopt_hub.core.layout import ANCHORS_PATH, PLAN_PATH
+from coopt_hub.demo.sample_data import ROWS_PER_GROUP, digits_dataset, publish_digits
 from coopt_hub.errors import PlanError, SourceError
-from coopt_hub.hub import Hub
-from coopt_hub.plan import ANCHORS_PATH, PLAN_PATH
-from coopt_hub.publish import check_source_pin, initialize, load_anchors, load_plan
-from coopt_hub.sample_data import ROWS_PER_GROUP, digits_dataset, publish_digits
-from coopt_hub.source import decode_image, read_plan_unit, resolve_source
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan
+from coopt_hub.hub.source import read_plan_unit, resolve_source
+from coopt_hub.platform.init import initialize
+from coopt_hub.priors import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_init_source_errors_are_clear(digits_source, new_repo_id, overrides, mes
 def test_read_unit_returns_exactly_that_row_group(digits_source):
     repo, _ = digits_source
     layout = resolve_source(repo, None, "train", "image")
-    from coopt_hub.source import read_unit
+    from coopt_hub.hub.source import read_unit
 
     unit = layout.units[3]
     table = read_unit(repo, layout.revision, unit, ["image", "label"])

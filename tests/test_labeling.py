@@ -14,14 +14,8 @@ import pytest
 import torch
 
 from coopt_hub.errors import PriorError, ShardFileError
-from coopt_hub.labeling import (
-    Chunk,
-    ChunkStore,
-    SingleProcess,
-    collect_chunks,
-    label_chunks,
-    rank_chunks,
-)
+from coopt_hub.participant.collective import SingleProcess
+from coopt_hub.participant.labeling import Chunk, ChunkStore, collect_chunks, label_chunks, rank_chunks
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec
 
 SIZE = 8
@@ -84,8 +78,8 @@ def make_chunks(sizes: Sequence[int], broken: Sequence[int] = (), loads: list[st
 
 
 def expected_features(prior: LinearPrior, ids: np.ndarray) -> np.ndarray:
-    from coopt_hub.align import normalize
-    from coopt_hub.source import decode_image
+    from coopt_hub.core.align import normalize
+    from coopt_hub.priors import decode_image
 
     pixels = torch.stack([prior.preprocess(decode_image(image_cell(int(i)))) for i in ids])
     return normalize((pixels.reshape(len(ids), -1) @ prior.weights).numpy())

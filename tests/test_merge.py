@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from helpers_hub import Collaboration, FakePrior, digits_source, skipping, start_collaboration
 
-from coopt_hub import merge as merge_module
-from coopt_hub.align import apply_alignment, fit_alignment
+from coopt_hub.core.align import apply_alignment, fit_alignment
+from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
+from coopt_hub.core.manifest import next_tag
 from coopt_hub.errors import ConflictError, VerificationError
-from coopt_hub.hub import Hub
-from coopt_hub.merge import MANIFEST_PATH, TARGETS_PATH, merge, next_tag
-from coopt_hub.storage import TARGETS_FILE
+from coopt_hub.hub.client import Hub
+from coopt_hub.platform.merge import parquet as merge_module
+from coopt_hub.platform.merge.run import merge
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -327,9 +328,9 @@ def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, source
     from test_verify import Collaboration as Participants
 
     from coopt_hub.cli import cli
-    from coopt_hub.publish import initialize
-    from coopt_hub.storage import ShardResult
-    from coopt_hub.verify import PriorLoader
+    from coopt_hub.core.shardfile import ShardResult
+    from coopt_hub.platform.init import initialize
+    from coopt_hub.platform.verify import PriorLoader
 
     repo = new_repo_id("digits-verified")
     plan = initialize(hub, repo, source=source, source_revision=None, split="train", image_column="image",

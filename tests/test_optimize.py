@@ -23,16 +23,18 @@ import torch
 from click.testing import CliRunner
 from helpers_hub import start_collaboration
 
-from coopt_hub.align import apply_alignment, fit_alignment
 from coopt_hub.cli import cli
+from coopt_hub.core.align import apply_alignment, fit_alignment
+from coopt_hub.core.layout import PLAN_PATH, TARGETS_FILE, remote_paths, shard_prefix
+from coopt_hub.core.shardfile import read_shard
 from coopt_hub.errors import BadImageError, ConflictError, PlanError, PriorError, SourceError
-from coopt_hub.hub import Hub
-from coopt_hub.labeling import ChunkStore
-from coopt_hub.participant import OptimizeOptions, optimize_shard, run_directory
-from coopt_hub.plan import PLAN_PATH
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import read_remote_header
+from coopt_hub.participant.job import OptimizeOptions, optimize_shard
+from coopt_hub.participant.labeling import ChunkStore
+from coopt_hub.participant.workdir import run_directory
+from coopt_hub.platform.status import DONE, collaboration_status
 from coopt_hub.priors import Prior, PriorSpec, load_prior
-from coopt_hub.status import DONE, collaboration_status, read_remote_header
-from coopt_hub.storage import TARGETS_FILE, read_shard, remote_paths, shard_prefix
 
 # Seed 0 is what the command line builds from `--model ViT-S-32 --image-size 32`.
 SMALL = PriorSpec(model="ViT-S-32", image_size=32)
@@ -49,7 +51,7 @@ def publish_digits(hub: Hub, rows: int, rows_per_group: int, broken: tuple[int, 
     """The first `rows` scikit-learn digits as 16 px RGB PNGs in small row groups; `broken` rows hold junk."""
     from huggingface_hub import CommitOperationAdd
 
-    from coopt_hub.sample_data import digits_images
+    from coopt_hub.demo.sample_data import digits_images
 
     images, _ = digits_images(16)
     cells = []
@@ -260,8 +262,8 @@ def test_two_accelerate_processes_give_the_same_targets_as_one(quiet, clean, sma
 KILLABLE_JOB = """
 import sys, time
 from pathlib import Path
-from coopt_hub.hub import Hub
-from coopt_hub.participant import OptimizeOptions, optimize_shard
+from coopt_hub.hub.client import Hub
+from coopt_hub.participant.job import OptimizeOptions, optimize_shard
 from coopt_hub.priors import Prior, PriorSpec, load_prior
 
 class Slow(Prior):
@@ -413,9 +415,16 @@ def test_source_main_moving_on_is_a_note_and_reading_stays_at_the_pin(hub, broke
 
 
 def test_repo_and_prior_come_from_options_then_environment_then_the_saved_config(tmp_path, monkeypatch):
-    from coopt_hub.config import (CONFIG_FILE, REPO_ENV, ParticipantConfig, load_config, resolve_prior,
-                                  resolve_repo, save_config)
     from coopt_hub.errors import ConfigError
+    from coopt_hub.participant.config import (
+        CONFIG_FILE,
+        REPO_ENV,
+        ParticipantConfig,
+        load_config,
+        resolve_prior,
+        resolve_repo,
+        save_config,
+    )
 
     monkeypatch.delenv(REPO_ENV, raising=False)
     with pytest.raises(ConfigError, match="No CoOpt repo"):

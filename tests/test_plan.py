@@ -4,8 +4,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from coopt_hub.core.plan import Plan, Unit, make_plan
 from coopt_hub.errors import ConfigError, PlanError
-from coopt_hub.plan import Plan, Unit, make_plan
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from coopt_hub.errors import ConfigError, PriorError
-from coopt_hub.priors import OpenClipPrior, Preprocessing, Prior, PriorSpec, load_prior
+from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
+from coopt_hub.priors.open_clip import OpenClipPrior
 
 # Two small architectures with different output sizes, at a tiny input size to keep tests fast.
 SMALL = PriorSpec(model="ViT-S-32", seed=3, image_size=32)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers_hub import FakePrior, digits_source, start_collaboration
 
-from coopt_hub.hub import Hub
-from coopt_hub.merge import merge
+from coopt_hub.hub.client import Hub
+from coopt_hub.platform.merge.run import merge
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from helpers_hub import FakePrior, digits_source, skipping, start_collaboration
 
 from coopt_hub.cli import cli
-from coopt_hub.hub import Hub
-from coopt_hub.merge import merge
-from coopt_hub.status import DONE, MISSING, STALE, collaboration_status
-from coopt_hub.storage import TARGETS_FILE, remote_paths, shard_branch
+from coopt_hub.core.layout import TARGETS_FILE, remote_paths, shard_branch
+from coopt_hub.hub.client import Hub
+from coopt_hub.platform.merge.run import merge
+from coopt_hub.platform.status import DONE, MISSING, STALE, collaboration_status
 
 GOOD = FakePrior("good-net", output_dim=40, rank=18)
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)

@@ -7,9 +7,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE, remote_paths, shard_branch, shard_prefix
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardReader, ShardResult, read_shard, write_shard
 from coopt_hub.errors import ShardFileError
-from coopt_hub.storage import (ANCHORS_FILE, TARGETS_FILE, AnchorOutputs, ShardHeader, ShardReader, ShardResult,
-                               read_shard, remote_paths, shard_branch, shard_prefix, write_shard)
 
 ROWS, DIM, OUTPUT_DIM, ANCHORS = 12, 8, 6, 4
 

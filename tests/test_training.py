@@ -23,7 +23,7 @@ from safetensors.numpy import save, save_file
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from coopt_hub.errors import CoOptError, ConfigError
+from coopt_hub.errors import ConfigError, CoOptError
 from coopt_hub.training import (
     BackboneConfig,
     ByolConfig,

@@ -22,17 +22,18 @@ import torch
 from click.testing import CliRunner
 
 from coopt_hub import __version__
-from coopt_hub.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
 from coopt_hub.cli import cli
+from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.layout import remote_paths, shard_branch
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
+from coopt_hub.demo.sample_data import publish_digits
 from coopt_hub.errors import VerificationError
-from coopt_hub.hub import Hub
-from coopt_hub.plan import Plan
-from coopt_hub.priors import Prior, PriorSpec
-from coopt_hub.publish import initialize, load_anchors
-from coopt_hub.sample_data import publish_digits
-from coopt_hub.source import decode_image, read_plan_unit
-from coopt_hub.storage import AnchorOutputs, ShardHeader, ShardResult, remote_paths, shard_branch, write_shard
-from coopt_hub.verify import (
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import load_anchors
+from coopt_hub.hub.source import read_plan_unit
+from coopt_hub.platform.init import initialize
+from coopt_hub.platform.verify import (
     CHECKS,
     FAILED,
     MISSING,
@@ -46,6 +47,7 @@ from coopt_hub.verify import (
     verify_repo,
     verify_shard,
 )
+from coopt_hub.priors import Prior, PriorSpec, decode_image
 
 # Same architecture and size, different seeds: the "other model" differs only in its weights.
 PRIOR_A = PriorSpec(model="ViT-S-32", seed=0, image_size=32)

@@ -7,7 +7,7 @@ import importlib
 import click
 
 from coopt_hub import __version__
-from coopt_hub.cli.errors import run_with_error_table
+from coopt_hub.cli.runner import run_with_error_table
 
 # command name -> "module:attribute"; modules are imported only when their command runs,
 # so `coopt-hub --help` stays fast and a heavy dependency (torch) loads only where needed.

@@ -34,7 +34,7 @@ def demo(keep, root, fast, student, epochs, as_json):
     its dataset card, loads it back with `load_dataset`, and trains a new architecture on it with
     CoOpt targets, unaligned targets, BYOL and labels.
     """
-    from coopt_hub.demo import DemoConfig, explain, run_demo
+    from coopt_hub.demo.demo import DemoConfig, explain, run_demo
 
     out = Output(as_json)
     config = DemoConfig(root=root, keep=keep, fast=fast, student=student, epochs=epochs)

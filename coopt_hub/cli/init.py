@@ -44,8 +44,8 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
 
     Re-running with the same arguments does nothing; different arguments are refused.
     """
-    from coopt_hub.hub import Hub
-    from coopt_hub.publish import initialize
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.init import initialize
 
     out = Output(as_json)
     result = initialize(

@@ -50,12 +50,12 @@ def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
 
     Checks that REPO holds a plan and lists the shards nobody has pushed yet.
     """
-    from coopt_hub.config import ParticipantConfig, save_config
+    from coopt_hub.core.layout import shard_branch
     from coopt_hub.errors import ConfigError
-    from coopt_hub.hub import Hub
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.hub.repo import load_plan
+    from coopt_hub.participant.config import ParticipantConfig, save_config
     from coopt_hub.priors import PriorSpec
-    from coopt_hub.publish import load_plan
-    from coopt_hub.storage import shard_branch
 
     out = Output(as_json)
     if not model:

@@ -43,8 +43,8 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, a
     Nothing is written unless every check passes; main changes in one commit, which is tagged.
     Running it again without new shards does nothing.
     """
-    from coopt_hub.hub import Hub
-    from coopt_hub.merge import merge as merge_shards
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.merge.run import merge as merge_shards
 
     if not verify and ctx.get_parameter_source("verify_sample") is not ParameterSource.DEFAULT:
         raise click.UsageError("--verify-sample is the sample of --verify; pass --verify too.")

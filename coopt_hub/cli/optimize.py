@@ -60,7 +60,7 @@ def _launch_state(device: str | None) -> tuple[Any, str]:
     import torch
     from accelerate import PartialState
 
-    from coopt_hub.labeling import SingleProcess
+    from coopt_hub.participant.collective import SingleProcess
 
     use_cpu = (
         (device or "").startswith("cpu")
@@ -102,10 +102,10 @@ def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overw
     Resumable: rerun the same command after an interruption and only unfinished chunks are computed.
     Runs as one process or under `accelerate launch` (every process labels its part; rank 0 writes).
     """
-    from coopt_hub.config import load_config, resolve_prior, resolve_repo
     from coopt_hub.errors import CoOptError
-    from coopt_hub.hub import Hub
-    from coopt_hub.participant import OptimizeOptions, optimize_shard
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.participant.config import load_config, resolve_prior, resolve_repo
+    from coopt_hub.participant.job import OptimizeOptions, optimize_shard
     from coopt_hub.priors import load_prior
 
     config = load_config()

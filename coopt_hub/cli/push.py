@@ -30,9 +30,9 @@ def push(repo, shard, workdir, overwrite, token, as_json):
 
     Nothing is committed when the branch already holds the same result.
     """
-    from coopt_hub.config import load_config, resolve_repo
-    from coopt_hub.hub import Hub
-    from coopt_hub.participant import push_shard
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.participant.config import load_config, resolve_repo
+    from coopt_hub.participant.push import push_shard
 
     out = Output(as_json)
     repo = resolve_repo(repo, load_config())

@@ -25,8 +25,8 @@ def status(repo, token, as_json):
     A shard is done (its branch holds files made for this plan and source commit), missing (nothing
     pushed) or stale (made for another plan or source commit, or its files do not read).
     """
-    from coopt_hub.hub import Hub
-    from coopt_hub.status import collaboration_status
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.status import collaboration_status
 
     out = Output(as_json)
     result = collaboration_status(Hub(token=token), repo)
@@ -34,8 +34,8 @@ def status(repo, token, as_json):
 
 
 def render(result) -> str:
-    from coopt_hub.card import prior_label
-    from coopt_hub.status import DONE, MISSING, STALE
+    from coopt_hub.platform.card import prior_label
+    from coopt_hub.platform.status import DONE, MISSING, STALE
 
     plan = result.plan
     best = result.best

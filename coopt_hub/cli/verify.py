@@ -47,8 +47,8 @@ def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_
     or cannot be verified (for instance when its weights are not available here).
     """
     from coopt_hub.errors import VerificationError
-    from coopt_hub.hub import Hub
-    from coopt_hub.verify import MISSING, PriorLoader, Thresholds, failure_error, verify_repo
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.verify import MISSING, PriorLoader, Thresholds, failure_error, verify_repo
 
     out = Output(as_json)
     thresholds = Thresholds(min_cosine=threshold, tolerance=tolerance)
@@ -77,7 +77,7 @@ def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_
 
 
 def render(repo: str, results) -> str:
-    from coopt_hub.card import prior_label
+    from coopt_hub.platform.card import prior_label
 
     def cosines(agreement) -> str:
         return f"{agreement.min_cosine:.7f}/{agreement.mean_cosine:.7f}" if agreement else "-"

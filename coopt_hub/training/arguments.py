@@ -109,7 +109,7 @@ def prepare_run(args: argparse.Namespace):
 def run_recipe(body: Callable[[], int]) -> int:
     """Run a recipe's body; any error becomes the CLI's message and next step (traceback with
     COOPT_HUB_DEBUG=1), so recipes and `coopt-hub` commands fail alike."""
-    from coopt_hub.cli.errors import describe_error
+    from coopt_hub.errors import describe_error
 
     try:
         return body()

@@ -129,11 +129,11 @@ def _step(report: DemoReport, say: Callable[[str], None], name: str, started: fl
 
 
 def _collaborate(config: DemoConfig, root: Path, endpoint: str, say: Callable[[str], None]) -> DemoReport:
-    from coopt_hub.hub import Hub
-    from coopt_hub.merge import merge
-    from coopt_hub.publish import initialize
-    from coopt_hub.sample_data import publish_digits
-    from coopt_hub.status import collaboration_status
+    from coopt_hub.demo.sample_data import publish_digits
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.init import initialize
+    from coopt_hub.platform.merge.run import merge
+    from coopt_hub.platform.status import collaboration_status
 
     hub = Hub(token=os.environ["HF_TOKEN"])
     report = DemoReport(endpoint=endpoint, repo=COOPT_REPO, tag="")

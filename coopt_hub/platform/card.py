@@ -12,10 +12,11 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from coopt_hub import __version__
-from coopt_hub.plan import ANCHORS_PATH, Plan
+from coopt_hub.core.layout import ANCHORS_PATH
+from coopt_hub.core.plan import Plan
 
 if TYPE_CHECKING:
-    from coopt_hub.merge import Manifest
+    from coopt_hub.core.manifest import Manifest
 
 TEMPLATE = "coopt_dataset.md"
 TAGS = ("coopt", "coopt-hub", "representation-learning", "knowledge-distillation")

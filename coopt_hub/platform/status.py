@@ -9,23 +9,16 @@ shard but those it records as skipped (undecodable images); `missing` when nothi
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
-from coopt_hub.hub import Hub
-from coopt_hub.plan import Plan
-from coopt_hub.publish import load_plan
-from coopt_hub.storage import HEADER_KEY, ShardHeader, remote_paths, shard_branch
+from coopt_hub.core.layout import remote_paths, shard_branch
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.shardfile import ShardHeader, header_problems
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import load_plan, read_remote_header
 
 DONE, MISSING, STALE = "done", "missing", "stale"
-# A coopt header is a few KB; anything far larger is not a shard file.
-_MAX_HEADER_BYTES = 1 << 24
-# One range read normally covers the length prefix and the whole header.
-_READ_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,8 @@ class CollaborationStatus:
 
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     """Read the plan on main and the header of every shard branch."""
-    from coopt_hub.merge import MANIFEST_PATH, Manifest  # merge builds on status, not the other way
+    from coopt_hub.core.layout import MANIFEST_PATH
+    from coopt_hub.core.manifest import Manifest
 
     main = hub.head(repo, "main")
     plan = load_plan(hub, repo, main)
@@ -146,52 +140,7 @@ def shard_status(hub: Hub, repo: str, plan: Plan, k: int, commit: str | None) ->
     return ShardStatus(k, branch, STALE if problems else DONE, expected, commit, header, tuple(problems))
 
 
-def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
-    """What makes a shard's header unusable with this plan; empty when it fits."""
-    problems = []
-    if header.plan_hash != plan.plan_hash:
-        problems.append(f"made for plan {header.plan_hash[:12]}, the plan on main is {plan.plan_hash[:12]}")
-    if header.source_revision != plan.source_revision:
-        problems.append(
-            f"made from source commit {header.source_revision[:12]}, the plan pins {plan.source_revision[:12]}"
-        )
-    if header.shard != k:
-        problems.append(f"holds shard {header.shard}, not shard {k}")
-    if header.dim != plan.dim:
-        problems.append(f"targets have {header.dim} dimensions, the plan says {plan.dim}")
-    shard_ids = plan.shard_ids(k)
-    skipped = np.asarray(header.skipped_ids, dtype=np.int64)
-    if not np.isin(skipped, shard_ids).all():
-        problems.append(f"records skipped ids that are not shard {k}'s")
-    elif header.num_rows != shard_ids.size - skipped.size:
-        less = f" less the {skipped.size} it skipped" if skipped.size else ""
-        problems.append(f"holds {header.num_rows} rows, the plan gives shard {k} {shard_ids.size}{less}")
-    return problems
 
 
-def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
-    """The sample ids shard k's rows must have, sorted: the plan's, less those the header records as skipped."""
-    return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64))
 
 
-def read_remote_header(hub: Hub, repo: str, commit: str, path: str) -> ShardHeader:
-    """The coopt header of a safetensors file on the Hub, from two range reads of its start.
-
-    Raises FileNotFoundError when the file is absent and ValueError when it is not a shard file.
-    """
-    from huggingface_hub import HfFileSystem
-
-    fs = HfFileSystem(token=hub.token, endpoint=hub.endpoint)
-    with fs.open(f"datasets/{repo}@{commit}/{path}", "rb", block_size=_READ_BLOCK) as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError("truncated: no safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"not a safetensors file (header length {length})")
-        raw = handle.read(length)
-    try:
-        metadata = json.loads(raw)["__metadata__"]
-        return ShardHeader.from_dict(json.loads(metadata[HEADER_KEY]))
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"unreadable coopt header ({err})") from err

@@ -13,8 +13,6 @@ the row norm added to the targets gives ~0.9987, so the default threshold sits b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -26,25 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from coopt_hub.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
-from coopt_hub.errors import BadImageError, ConfigError, PriorError, ShardFileError, VerificationError
-from coopt_hub.hub import Hub
-from coopt_hub.plan import Plan
-from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
-from coopt_hub.publish import load_anchors, load_plan
-from coopt_hub.source import decode_image, read_plan_unit
-from coopt_hub.status import expected_ids, header_problems
-from coopt_hub.storage import (
-    HEADER_KEY,
+from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.layout import remote_paths, shard_branch
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.shardfile import (
     AnchorOutputs,
     ShardHeader,
     ShardResult,
+    expected_ids,
+    header_problems,
     read_shard,
-    remote_paths,
-    shard_branch,
 )
+from coopt_hub.errors import BadImageError, ConfigError, PriorError, ShardFileError, VerificationError
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import load_anchors, load_plan, read_reference_anchors
+from coopt_hub.hub.source import read_plan_unit
+from coopt_hub.priors import Preprocessing, Prior, PriorSpec, decode_image, load_prior
 
 PASSED, FAILED, UNVERIFIABLE, SKIPPED, MISSING = "pass", "fail", "cannot verify", "skipped", "missing"
 CHECKS = ("files", "prior", "targets", "anchors", "uniformity", "alignment")
@@ -487,7 +484,12 @@ def _check_alignment(hub: Hub, repo: str, plan: Plan, result: ShardResult, ancho
         transform, residual, target = np.eye(header.dim), 0.0, "itself"
     else:
         try:
-            reference_ids, reference_projected = _reference_anchors(hub, repo, plan, header.reference)
+            reference = header.reference
+            if reference.get("branch") != shard_branch(int(reference["shard"])):
+                raise ValueError(f"it names branch {reference.get('branch')!r} for shard {reference['shard']}")
+            reference_ids, reference_projected = read_reference_anchors(
+                hub, repo, plan, int(reference["shard"]), str(reference["commit"]), reference.get("fingerprint")
+            )
         except (ShardFileError, KeyError, TypeError, ValueError) as err:
             report.checks.append(Check("alignment", FAILED, f"the declared reference cannot be used: {err}"))
             return
@@ -527,32 +529,6 @@ def _aligned_agreement(result: ShardResult, transform: np.ndarray) -> Agreement:
     return Agreement(int(cosine.size), float(cosine[worst]), float(cosine.mean()), int(result.ids[worst]))
 
 
-def _reference_anchors(hub: Hub, repo: str, plan: Plan, reference: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The declared reference's anchor ids and projected outputs, at the declared commit, checked."""
-    from safetensors import safe_open
-
-    shard, commit = int(reference["shard"]), str(reference["commit"])
-    where = f"shard {shard}@{commit[:12]}"
-    if reference.get("branch") != shard_branch(shard):
-        raise ValueError(f"it names branch {reference.get('branch')!r} for shard {shard}")
-    try:
-        path = hub.download(repo, remote_paths(shard).anchors, commit)
-    except (RemoteEntryNotFoundError, RevisionNotFoundError) as err:
-        raise ShardFileError(f"{remote_paths(shard).anchors} does not exist at {where}") from err
-    with safe_open(str(path), framework="numpy") as stored:
-        header = ShardHeader.from_dict(json.loads((stored.metadata() or {})[HEADER_KEY]))
-        ids, projected = stored.get_tensor("ids"), stored.get_tensor("projected")
-    if header.plan_hash != plan.plan_hash or header.shard != shard:
-        raise ShardFileError(f"the anchors at {where} were made for another plan or shard")
-    if header.fingerprint != reference.get("fingerprint"):
-        raise ShardFileError(f"the prior at {where} has fingerprint {header.fingerprint[:12]}, "
-                             f"not the declared {str(reference.get('fingerprint'))[:12]}")
-    checksums = header.checksums
-    if checksums.get("anchors/ids") != _sha256(ids) or checksums.get("anchors/projected") != _sha256(projected):
-        raise ShardFileError(f"the anchors at {where} do not match their checksums")
-    return ids, projected.astype(np.float32)
-
-
 # Arithmetic --------------------------------------------------------------------------------------
 
 
@@ -565,8 +541,3 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _relative_error(pushed: np.ndarray, expected: np.ndarray) -> float:
     scale = float(np.linalg.norm(expected.astype(np.float64)))
     return float(np.linalg.norm(pushed.astype(np.float64) - expected)) / max(scale, np.finfo(np.float64).tiny)
-
-
-def _sha256(array: np.ndarray) -> str:
-    """The checksum storage records for a tensor: sha256 of its contiguous bytes."""
-    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()

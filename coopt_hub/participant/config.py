@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coopt_hub.core.files import write_text_atomically
 from coopt_hub.errors import ConfigError
 from coopt_hub.priors import PriorSpec
 
@@ -43,9 +44,7 @@ def config_path(directory: Path | None = None) -> Path:
 
 def save_config(config: ParticipantConfig, directory: Path | None = None) -> Path:
     path = config_path(directory)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_text_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -16,20 +16,19 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from coopt_hub.core.files import atomic_path
+from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE
+from coopt_hub.core.plan import Plan
 from coopt_hub.errors import ShardFileError
 
-TARGETS_FILE = "targets.safetensors"
-ANCHORS_FILE = "anchors.safetensors"
-REPORT_FILE = "report.json"
 HEADER_KEY = "coopt"
 
 # Tensor name -> stored dtype, per file.
@@ -39,31 +38,19 @@ _ANCHOR_TENSORS = {"ids": np.int64, "features": np.float32, "projected": np.floa
 _SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                        "BOOL": np.bool_, "F64": np.float64, "F32": np.float32, "F16": np.float16}
 # safetensors' own bound on the JSON header: a corrupt length must not make a reader allocate gigabytes.
-_MAX_HEADER_BYTES = 100_000_000
+MAX_HEADER_BYTES = 100_000_000
 # Rows per range when a caller does not say: 64 MiB per fp16 tensor at 512 dimensions.
 CHUNK_ROWS = 65536
 _REFRESH_HINT = ("Run `coopt-hub optimize` for this shard again (finished chunks are kept), "
                  "or download the branch again.")
 
 
-def shard_branch(k: int) -> str:
-    return f"shard/{k}"
 
 
-def shard_prefix(k: int) -> str:
-    return f"shards/{k}"
 
 
-class RemotePaths(NamedTuple):
-    targets: str
-    anchors: str
-    report: str
 
 
-def remote_paths(k: int) -> RemotePaths:
-    """Where shard k's files live in its branch."""
-    prefix = shard_prefix(k)
-    return RemotePaths(f"{prefix}/{TARGETS_FILE}", f"{prefix}/{ANCHORS_FILE}", f"{prefix}/{REPORT_FILE}")
 
 
 @dataclass
@@ -136,13 +123,14 @@ def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) ->
         _check_values(where, tensors)
     _check_skipped(f"{targets_path} (not written)", header, targets["ids"])
     header.checksums = {
-        **{f"targets/{name}": _sha256(array) for name, array in targets.items()},
-        **{f"anchors/{name}": _sha256(array) for name, array in anchor_tensors.items()},
+        **{f"targets/{name}": tensor_sha256(array) for name, array in targets.items()},
+        **{f"anchors/{name}": tensor_sha256(array) for name, array in anchor_tensors.items()},
     }
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {HEADER_KEY: json.dumps(header.to_dict(), sort_keys=True)}
-    _write_atomically(targets_path, targets, metadata)
-    _write_atomically(anchors_path, anchor_tensors, metadata)
+    for path, tensors in ((targets_path, targets), (anchors_path, anchor_tensors)):
+        with atomic_path(path) as temp:
+            save_file(tensors, temp, metadata=metadata)
     return [targets_path, anchors_path]
 
 
@@ -217,7 +205,7 @@ class ShardReader:
             tensors = {name: stored.read(name) for name in _ANCHOR_TENSORS}
         if self.verify:
             _check_checksums(str(self.anchors_path), self.header, "anchors",
-                             {name: _sha256(array) for name, array in tensors.items()})
+                             {name: tensor_sha256(array) for name, array in tensors.items()})
             _check_values(str(self.anchors_path), tensors)
             # Before the targets are read, not after: a file that cannot pass is refused at no cost.
             _check_checksums(str(self.targets_path), self.header, "targets", dict.fromkeys(_TARGET_TENSORS))
@@ -275,22 +263,8 @@ def _cast(outputs: ShardResult | AnchorOutputs, dtypes: dict[str, type]) -> dict
         return {name: np.ascontiguousarray(getattr(outputs, name), dtype=dtype) for name, dtype in dtypes.items()}
 
 
-def _sha256(array: np.ndarray) -> str:
+def tensor_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
-
-
-def _write_atomically(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write next to `path`, flush to disk, then rename: readers see the old file or the new one."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        with open(temp_name, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 # Reading safetensors -----------------------------------------------------------------------------
@@ -335,7 +309,7 @@ class _SafetensorsFile:
         if len(prefix) < 8:
             raise ValueError(f"{size} bytes cannot hold the 8-byte header length")
         (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, _MAX_HEADER_BYTES):
+        if length > min(size - 8, MAX_HEADER_BYTES):
             raise ValueError(f"a header of {length} bytes does not fit in the file's {size}")
         header = json.loads(self._file.read(length))
         if not isinstance(header, dict):
@@ -383,6 +357,26 @@ def _stored_tensor(name: str, entry, data_bytes: int) -> _StoredTensor:
     return _StoredTensor(dtype, shape, begin)
 
 
+def header_from_metadata(metadata: dict) -> ShardHeader:
+    """The ShardHeader in a safetensors file's `__metadata__`; ValueError names what is wrong."""
+    try:
+        return ShardHeader.from_dict(json.loads(metadata[HEADER_KEY]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"unreadable coopt header ({type(err).__name__}: {err})") from err
+
+
+def read_anchor_file(path: Path) -> tuple[ShardHeader, AnchorOutputs]:
+    """One anchors file on its own (a reference shard's, say), with every check that needs no targets file."""
+    path = Path(path)
+    stored, header = _open(path, _ANCHOR_TENSORS)
+    with stored:
+        _check_anchor_shapes(str(path), header, stored.shapes(_ANCHOR_TENSORS))
+        tensors = {name: stored.read(name) for name in _ANCHOR_TENSORS}
+    _check_checksums(str(path), header, "anchors", {name: tensor_sha256(array) for name, array in tensors.items()})
+    _check_values(str(path), tensors)
+    return header, AnchorOutputs(**tensors)
+
+
 def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardHeader]:
     """One of a shard's files, open, with its coopt header, once its tensors' names and dtypes are right."""
     if not path.is_file():
@@ -395,8 +389,8 @@ def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardH
         if HEADER_KEY not in stored.metadata:
             raise ShardFileError(f"{path} has no coopt header; it was not written by coopt-hub.", hint=_REFRESH_HINT)
         try:
-            header = ShardHeader.from_dict(json.loads(stored.metadata[HEADER_KEY]))
-        except (ValueError, TypeError) as err:
+            header = header_from_metadata(stored.metadata)
+        except ValueError as err:
             raise ShardFileError(f"{path} has an unreadable coopt header: {err}", hint=_REFRESH_HINT) from err
         for name, dtype in dtypes.items():
             found = stored.tensors[name].dtype
@@ -472,3 +466,80 @@ def _check_values(path: str, tensors: dict[str, np.ndarray], after: int = -1) ->
     ids = tensors["ids"]
     if ids.size and (ids[0] <= after or np.any(np.diff(ids) <= 0)):
         raise ShardFileError(f"{path}: ids are not sorted, unique and non-negative.", hint=_REFRESH_HINT)
+
+
+def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
+    """What makes a shard's header unusable with this plan; empty when it fits."""
+    problems = []
+    if header.plan_hash != plan.plan_hash:
+        problems.append(f"made for plan {header.plan_hash[:12]}, the plan on main is {plan.plan_hash[:12]}")
+    if header.source_revision != plan.source_revision:
+        problems.append(
+            f"made from source commit {header.source_revision[:12]}, the plan pins {plan.source_revision[:12]}"
+        )
+    if header.shard != k:
+        problems.append(f"holds shard {header.shard}, not shard {k}")
+    if header.dim != plan.dim:
+        problems.append(f"targets have {header.dim} dimensions, the plan says {plan.dim}")
+    shard_ids = plan.shard_ids(k)
+    skipped = np.asarray(header.skipped_ids, dtype=np.int64)
+    if not np.isin(skipped, shard_ids).all():
+        problems.append(f"records skipped ids that are not shard {k}'s")
+    elif header.num_rows != shard_ids.size - skipped.size:
+        less = f" less the {skipped.size} it skipped" if skipped.size else ""
+        problems.append(f"holds {header.num_rows} rows, the plan gives shard {k} {shard_ids.size}{less}")
+    return problems
+
+
+def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
+    """The sample ids shard k's rows must have, sorted: the plan's, less those the header records as skipped."""
+    return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64))
+
+
+class TensorFile:
+    """A safetensors file whose header is written first and whose tensors are filled in row ranges.
+
+    Plain file I/O rather than a memory map: mapped pages count toward the process's resident memory
+    until unmapped, page-cache pages do not, and the merged targets are the largest thing a merge holds.
+    """
+
+    _DTYPES = {np.dtype(np.int64): "I64", np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
+
+    def __init__(self, path: Path, tensors: dict[str, tuple[np.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, Any] = {"__metadata__": metadata}
+        self._tensors: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        offset = 0
+        for name, (dtype, shape) in tensors.items():
+            size = int(np.prod(shape)) * dtype.itemsize
+            header[name] = {"dtype": self._DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._tensors[name] = (dtype, shape, offset)
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8-byte alignment
+        self._data_start = 8 + len(encoded)
+        self._file = open(path, "w+b")  # noqa: SIM115 - closed by __exit__
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file.truncate(self._data_start + offset)
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def _seek(self, name: str, row: int) -> tuple[np.dtype, int]:
+        dtype, shape, offset = self._tensors[name]
+        row_items = int(np.prod(shape[1:]))
+        self._file.seek(self._data_start + offset + row * row_items * dtype.itemsize)
+        return dtype, row_items
+
+    def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        dtype, _ = self._seek(name, start)
+        self._file.write(np.ascontiguousarray(rows, dtype=dtype).data)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        dtype, row_items = self._seek(name, start)
+        shape = self._tensors[name][1]
+        out = np.empty((stop - start, *shape[1:]), dtype=dtype)
+        self._file.readinto(out.data)
+        return out

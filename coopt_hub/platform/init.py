@@ -19,10 +19,11 @@ import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd
 
 from coopt_hub import __version__
-from coopt_hub.errors import PlanError, SourceError
-from coopt_hub.hub import Hub
-from coopt_hub.plan import ANCHORS_PATH, PLAN_PATH, Plan, make_plan
-from coopt_hub.source import SourceLayout, read_unit, resolve_source
+from coopt_hub.core.layout import ANCHORS_PATH, PLAN_PATH
+from coopt_hub.core.plan import Plan, make_plan
+from coopt_hub.errors import PlanError
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.source import SourceLayout, read_unit, resolve_source
 
 README_STUB = """---
 tags:
@@ -57,27 +58,8 @@ class InitResult:
     created: bool
 
 
-def load_plan(hub: Hub, repo: str, revision: str = "main") -> Plan:
-    """The plan on `repo`'s main, or a PlanError that says how to create one."""
-    data = hub.read_json(repo, PLAN_PATH, revision)
-    if data is None:
-        raise PlanError(
-            f"No CoOpt plan in {repo} (no {PLAN_PATH} at {revision}).",
-            hint=f"Create it with `coopt-hub init {repo} --source ORG/DATASET --shards K --anchors A`.",
-        )
-    return Plan.from_json(json.dumps(data))
 
 
-def load_anchors(hub: Hub, repo: str, plan: Plan) -> pa.Table:
-    """The anchor rows (`id` + image column) published by `init`, checked against the plan."""
-    table = pq.read_table(hub.download(repo, ANCHORS_PATH, "main"))
-    ids = table.column("id").to_numpy()
-    if plan.image_column not in table.column_names or not np.array_equal(ids, np.asarray(plan.anchor_ids, np.int64)):
-        raise PlanError(
-            f"{ANCHORS_PATH} in {repo} does not hold the plan's anchor ids and image column {plan.image_column!r}.",
-            hint="The repo was edited by hand; re-run `coopt-hub init` on a fresh repo.",
-        )
-    return table
 
 
 def anchor_table(layout: SourceLayout, anchor_ids: tuple[int, ...], token: str | None = None) -> pa.Table:
@@ -176,21 +158,3 @@ def initialize(
     return InitResult(plan=plan, commit=commit if state["created"] else None, created=state["created"])
 
 
-def check_source_pin(plan: Plan, token: str | None = None) -> str | None:
-    """None when the source's main still is the pinned commit, else a note; raises when the pin is gone."""
-    from coopt_hub.source import pin_revision
-
-    try:
-        pinned, _ = pin_revision(plan.source_repo, plan.source_revision, token)
-    except SourceError as err:
-        raise SourceError(
-            f"The plan's pinned source commit {plan.source_repo}@{plan.source_revision} can no longer be read.",
-            hint="The source's history was rewritten or the repo removed; the platform must publish a new plan.",
-        ) from err
-    current, _ = pin_revision(plan.source_repo, None, token)
-    if current != pinned:
-        return (
-            f"Source {plan.source_repo} has moved on to {current[:8]}; reading stays at the plan's pinned "
-            f"commit {pinned[:8]}."
-        )
-    return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
 import queue
 import threading
 import time
@@ -24,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,11 +31,12 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 from tqdm.auto import tqdm
 
-from coopt_hub import faults
-from coopt_hub.align import normalize
+from coopt_hub.core import faults
+from coopt_hub.core.align import normalize
+from coopt_hub.core.files import write_bytes_atomically
 from coopt_hub.errors import BadImageError, PriorError, ShardFileError
-from coopt_hub.priors import Prior
-from coopt_hub.source import decode_image
+from coopt_hub.participant.collective import Collective
+from coopt_hub.priors import Prior, decode_image
 
 T = TypeVar("T")
 
@@ -45,34 +45,8 @@ T = TypeVar("T")
 ANCHOR_CHUNK_ROWS = 256
 
 
-class Collective(Protocol):
-    """The few collective operations a distributed job needs; every rank calls each in the same order."""
-
-    rank: int
-    world_size: int
-
-    def barrier(self) -> None: ...
-
-    def all_gather(self, value: T) -> list[T]: ...
-
-    def broadcast(self, value: T | None, src: int) -> T: ...
 
 
-@dataclass(frozen=True)
-class SingleProcess:
-    """The collective of a job that runs in one process."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def barrier(self) -> None:
-        return None
-
-    def all_gather(self, value: T) -> list[T]:
-        return [value]
-
-    def broadcast(self, value: T | None, src: int) -> T:
-        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,9 +113,9 @@ class ChunkStore:
 
     def put(self, name: str, data: bytes, marker: dict[str, Any]) -> None:
         """Store a chunk's bytes, then its marker: a marker never points at missing or partial data."""
-        _write_atomically(self.data_path(name), data)
+        write_bytes_atomically(self.data_path(name), data)
         faults.reach("chunk-data")
-        _write_atomically(self.marker_path(name), json.dumps(marker, sort_keys=True).encode())
+        write_bytes_atomically(self.marker_path(name), json.dumps(marker, sort_keys=True).encode())
 
     def export(self, name: str) -> tuple[bytes, dict[str, Any]]:
         """The chunk as it travels between machines: its bytes and its marker."""
@@ -161,21 +135,6 @@ class ChunkStore:
             )
         tensors = load_tensors(data)
         return ChunkOutput(name=name, ids=tensors["ids"], features=tensors["features"], bad_ids=tensors["bad_ids"])
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique per process and thread: ranks sharing a work directory never write the same temp file.
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def rank_chunks(chunks: Sequence[Chunk], rank: int, world_size: int) -> list[Chunk]:

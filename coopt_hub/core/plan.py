@@ -18,10 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from coopt_hub.core.layout import PLAN_PATH
 from coopt_hub.errors import ConfigError, PlanError
-
-PLAN_PATH = "coopt/plan.json"
-ANCHORS_PATH = "coopt/anchors.parquet"
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("row_group", "file", "row")

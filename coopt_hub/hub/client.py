@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from huggingface_hub import CommitOperation, HfApi, hf_hub_download
+from huggingface_hub import CommitOperation, HfApi, HfFileSystem, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -28,7 +28,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from coopt_hub import faults
+from coopt_hub.core import faults
 from coopt_hub.errors import ConflictError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,26 @@ def _status(err: BaseException) -> int | None:
 def _is_connection_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
     return bool(names & {"TransportError", "ConnectionError", "TimeoutException", "RemoteProtocolError"})
+
+
+def open_remote(repo_id: str, revision: str, path: str, token: str | None = None, endpoint: str | None = None,
+                block_size: int | None = None):
+    """A file of a dataset repo at `revision`, open for reading through HfFileSystem range requests.
+
+    Without `block_size` every read is an exact range request (no read-ahead): parquet readers ask
+    for whole column chunks and the footer, and read-ahead would fetch bytes of other participants'
+    units. With it, reads are buffered in blocks of that size (for small headers read in pieces).
+    """
+    fs = HfFileSystem(token=token, endpoint=endpoint)
+    where = f"datasets/{repo_id}@{revision}/{path}"
+    if block_size is None:
+        return fs.open(where, "rb", cache_type="none")
+    return fs.open(where, "rb", block_size=block_size)
+
+
+def dataset_info(repo_id: str, revision: str, token: str | None = None, endpoint: str | None = None):
+    """huggingface_hub's DatasetInfo of `repo_id` at `revision` (its sha and card data)."""
+    return HfApi(endpoint=endpoint, token=token).dataset_info(repo_id, revision=revision)
 
 
 class Hub:
@@ -150,6 +170,10 @@ class Hub:
         except (RemoteEntryNotFoundError, RevisionNotFoundError):
             return None
         return json.loads(local.read_text())
+
+    def open(self, repo_id: str, revision: str, path: str, block_size: int | None = None):
+        """A remote file open for range reads (see open_remote)."""
+        return open_remote(repo_id, revision, path, self.token, self.endpoint, block_size)
 
     # Writes ----------------------------------------------------------------------------------
 

@@ -14,87 +14,51 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from coopt_hub import __version__, errors
-from coopt_hub.align import AlignmentWarning, apply_alignment, fit_alignment, uniformity
-from coopt_hub.errors import BadImageError, CoOptError, ConflictError, PlanError, PriorError, ShardFileError
-from coopt_hub.hub import Hub
-from coopt_hub.labeling import (
+from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, uniformity
+from coopt_hub.core.files import write_text_atomically
+from coopt_hub.core.layout import ANCHORS_FILE, REPORT_FILE, TARGETS_FILE, shard_branch, shard_prefix
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.progress import LogProgress, Progress, Silent
+from coopt_hub.core.shardfile import (
+    AnchorOutputs,
+    ShardHeader,
+    ShardResult,
+    write_shard,
+)
+from coopt_hub.errors import BadImageError, ConflictError, PlanError, PriorError
+from coopt_hub.hub.client import Hub
+from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan, read_reference_anchors
+from coopt_hub.hub.source import read_plan_unit
+from coopt_hub.participant.collective import Collective, SingleProcess, agreed
+from coopt_hub.participant.labeling import (
     ANCHOR_CHUNK_ROWS,
     Chunk,
     ChunkOutput,
     ChunkStore,
-    Collective,
     LabelingStats,
-    SingleProcess,
     collect_chunks,
     label_chunks,
     rank_chunks,
 )
-from coopt_hub.plan import Plan
+from coopt_hub.participant.push import check_branch_owner, publish_result
+from coopt_hub.participant.reference import find_reference
+from coopt_hub.participant.workdir import LATEST_FILE, OptimizeResult, result_directory, run_directory, shard_workdir
 from coopt_hub.priors import Prior
-from coopt_hub.publish import check_source_pin, load_anchors, load_plan
-from coopt_hub.source import read_plan_unit
-from coopt_hub.status import expected_ids, header_problems
-from coopt_hub.storage import (
-    ANCHORS_FILE,
-    HEADER_KEY,
-    REPORT_FILE,
-    TARGETS_FILE,
-    AnchorOutputs,
-    ShardHeader,
-    ShardResult,
-    read_shard,
-    remote_paths,
-    shard_branch,
-    shard_prefix,
-    write_shard,
-)
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BAD_IMAGE_POLICIES = ("error", "skip")
-LATEST_FILE = "latest"
-
-
-class Messages(Protocol):
-    """Where the job reports notes and warnings as they happen (the CLI's Output is one)."""
-
-    def info(self, message: str) -> None: ...
-
-    def warn(self, message: str) -> None: ...
-
-
-class LogMessages:
-    def info(self, message: str) -> None:
-        logger.info(message)
-
-    def warn(self, message: str) -> None:
-        logger.warning(message)
-
-
-class Silent:
-    """For ranks other than 0: one process speaks for the job."""
-
-    def info(self, message: str) -> None:
-        return None
-
-    def warn(self, message: str) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -116,136 +80,30 @@ class OptimizeOptions:
             )
 
 
-@dataclass(frozen=True)
-class Reference:
-    """The pushed shard whose prior has the lowest uniformity: the space every shard aligns to."""
-
-    shard: int
-    commit: str
-    fingerprint: str
-    uniformity: float
-
-    @property
-    def branch(self) -> str:
-        return shard_branch(self.shard)
-
-    def to_header(self) -> dict[str, Any]:
-        return {"shard": self.shard, "branch": self.branch, "commit": self.commit, "fingerprint": self.fingerprint}
 
 
-@dataclass
-class OptimizeResult:
-    repo: str
-    shard: int
-    directory: Path  # holds shards/{k}/ with the three files, as they are laid out in the branch
-    report: dict[str, Any]
-    commit: str | None = None  # the branch head holding this result, when pushed
-    pushed: bool = False  # a new commit was made (False: the branch already held this result)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def files(self) -> list[Path]:
-        prefix = self.directory / shard_prefix(self.shard)
-        return [prefix / TARGETS_FILE, prefix / ANCHORS_FILE, prefix / REPORT_FILE]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "repo": self.repo,
-            "shard": self.shard,
-            "branch": shard_branch(self.shard),
-            "directory": str(self.directory),
-            "files": [str(path) for path in self.files],
-            "commit": self.commit,
-            "pushed": self.pushed,
-            "notes": self.notes,
-            "report": self.report,
-        }
 
 
 # Work directory layout --------------------------------------------------------------------------
 
 
-def shard_workdir(workdir: Path, repo: str, shard: int) -> Path:
-    return Path(workdir) / repo.replace("/", "--") / f"shard-{shard:05d}"
 
 
-def prior_key(prior: Prior) -> str:
-    """What fixes a prior's outputs: its weights (fingerprint), its preprocessing and its precision."""
-    # `precision` is an attribute of OpenClipPrior, not yet of the Prior interface; fakes run in fp32.
-    settings = {"fingerprint": prior.fingerprint, "preprocessing": prior.preprocessing.to_dict(),
-                "precision": getattr(prior, "precision", "fp32")}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def run_directory(workdir: Path, repo: str, shard: int, plan: Plan, prior: Prior) -> Path:
-    name = f"{plan.plan_hash[:16]}-{prior.fingerprint[:12]}-{prior_key(prior)[:8]}"
-    return shard_workdir(workdir, repo, shard) / name
 
 
-def result_directory(run_dir: Path) -> Path:
-    """Mirrors the branch: the files sit under shards/{k}/ inside it."""
-    return run_dir / "result"
 
 
-def latest_result(workdir: Path, repo: str, shard: int) -> Path | None:
-    """The result directory of the newest finished run of this shard, if any."""
-    pointer = shard_workdir(workdir, repo, shard) / LATEST_FILE
-    try:
-        run_name = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    directory = result_directory(pointer.parent / run_name)
-    return directory if (directory / remote_paths(shard).report).is_file() else None
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 # Agreement between ranks ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _RankFailure:
-    """An exception in a form every rank can rebuild (exceptions with extra fields do not pickle)."""
-
-    rank: int
-    kind: str
-    message: str
-    hint: str | None
-
-    @classmethod
-    def of(cls, rank: int, err: BaseException) -> _RankFailure:
-        if isinstance(err, CoOptError):
-            return cls(rank, type(err).__name__, str(err), err.hint)
-        return cls(rank, type(err).__name__, f"{type(err).__name__}: {err}", None)
-
-    def rebuild(self) -> CoOptError:
-        kind = getattr(errors, self.kind, None)
-        prefix = f"Process {self.rank}: "
-        if isinstance(kind, type) and issubclass(kind, CoOptError) and kind is not BadImageError:
-            return kind(prefix + self.message, hint=self.hint)
-        return CoOptError(prefix + self.message, hint=self.hint or "Rerun with --debug for that process's traceback.")
 
 
-def _agreed(collective: Collective, step: Callable[[], T]) -> T:
-    """Run `step` on every rank; if it fails anywhere, fail everywhere instead of leaving ranks waiting."""
-    failure: BaseException | None = None
-    value: T | None = None
-    try:
-        value = step()
-    except Exception as err:  # noqa: BLE001 - re-raised below, on this rank and the others
-        failure = err
-    reports = collective.all_gather(None if failure is None else _RankFailure.of(collective.rank, failure))
-    if failure is not None:
-        raise failure
-    first = next((report for report in reports if report is not None), None)
-    if first is not None:
-        raise first.rebuild()
-    return value  # type: ignore[return-value]
 
 
 # Chunks ----------------------------------------------------------------------------------------
@@ -313,7 +171,7 @@ def optimize_shard(
     workdir: Path,
     options: OptimizeOptions = OptimizeOptions(),
     collective: Collective = SingleProcess(),
-    messages: Messages | None = None,
+    messages: Progress | None = None,
 ) -> OptimizeResult | None:
     """Label shard `shard` of `repo`'s plan with `prior`, align it, write it, and push it if asked.
 
@@ -324,7 +182,7 @@ def optimize_shard(
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
     root = collective.rank == 0
-    say = (messages or LogMessages()) if root else Silent()
+    say = (messages or LogProgress()) if root else Silent()
     notes: list[str] = []
 
     def check_plan() -> Plan:
@@ -337,7 +195,7 @@ def optimize_shard(
                 say.info(note)
         return plan
 
-    plan = _agreed(collective, check_plan)
+    plan = agreed(collective, check_plan)
     hashes = collective.all_gather(plan.plan_hash)
     if len(set(hashes)) > 1:
         raise ConflictError(f"The plan of {repo} changed while the processes started.", hint="Rerun the command.")
@@ -347,10 +205,10 @@ def optimize_shard(
         loaded = given if isinstance(given, Prior) else given()
         if root and options.push and not options.overwrite:
             # Before hours of encoding, not at the end: the branch may hold someone else's shard.
-            _check_branch_owner(hub, repo, shard, loaded.fingerprint)
+            check_branch_owner(hub, repo, shard, loaded.fingerprint)
         return loaded
 
-    prior = _agreed(collective, check_prior)
+    prior = agreed(collective, check_prior)
 
     run_dir = run_directory(workdir, repo, shard, plan, prior)
     store = ChunkStore(run_dir)
@@ -361,7 +219,7 @@ def optimize_shard(
              f"{len(chunks)} chunks, {collective.world_size} process(es); work in {run_dir}")
 
     labeling_started = time.perf_counter()
-    stats = _agreed(
+    stats = agreed(
         collective,
         lambda: label_chunks(
             prior, mine, store, batch_size=options.batch_size, workers=options.workers,
@@ -378,7 +236,7 @@ def optimize_shard(
             hint="Fix those rows in the source, or rerun with --on-bad-image skip to leave them out "
             "(they are recorded in the report); finished chunks are kept.",
         )
-    _agreed(collective, lambda: collect_chunks(store, [c.name for c in chunks], collective))
+    agreed(collective, lambda: collect_chunks(store, [c.name for c in chunks], collective))
     if not root:
         return None
 
@@ -387,8 +245,8 @@ def optimize_shard(
     result.notes = notes + result.notes
     result.report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     # The report goes last: its presence marks the result as complete.
-    _write_text_atomically(result.files[2], json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-    _write_text_atomically(shard_workdir(workdir, repo, shard) / LATEST_FILE, run_dir.name + "\n")
+    write_text_atomically(result.files[2], json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(shard_workdir(workdir, repo, shard) / LATEST_FILE, run_dir.name + "\n")
     if options.push:
         result.commit, result.pushed = publish_result(hub, repo, shard, result.directory, options.overwrite, say)
     return result
@@ -406,7 +264,7 @@ def _finish(
     all_stats: list[LabelingStats],
     labeling_seconds: float,
     options: OptimizeOptions,
-    say: Messages,
+    say: Progress,
 ) -> OptimizeResult:
     """Rank 0: from the gathered chunks to the three files of the shard."""
     ids, features, skipped = _concat([store.read(c.name) for c in shard_chunks], prior.output_dim)
@@ -442,7 +300,9 @@ def _finish(
         aligned, residual = raw, 0.0
         say.info(f"Uniformity V = {value:.4f}: the best prior pushed so far; this shard is its own reference.")
     else:
-        reference_ids, reference_projected = _reference_anchors(hub, repo, plan, reference)
+        reference_ids, reference_projected = read_reference_anchors(
+            hub, repo, plan, reference.shard, reference.commit, reference.fingerprint
+        )
         common, own_rows, reference_rows = np.intersect1d(anchor_ids, reference_ids, return_indices=True)
         if common.size < 2:
             raise PlanError(f"Shard {reference.shard}'s anchors and this shard's share {common.size} decodable rows.",
@@ -541,146 +401,16 @@ def _id_list(ids: Sequence[int], limit: int = 20) -> str:
 # The reference --------------------------------------------------------------------------------
 
 
-def find_reference(hub: Hub, repo: str, plan: Plan, shard: int, own_uniformity: float) -> Reference | None:
-    """The pushed shard of this plan with the lowest V (ties: lowest shard), None when this prior is better.
-
-    Shard `shard`'s own branch is left out: its content is what this run replaces.
-    """
-    branches, _ = hub.refs(repo)
-    best: Reference | None = None
-    for name, commit in sorted(branches.items()):
-        prefix, _, number = name.partition("/")
-        if prefix != "shard" or not number.isdigit() or int(number) == shard or int(number) >= plan.num_shards:
-            continue
-        report = hub.read_json(repo, remote_paths(int(number)).report, commit)
-        if not report or report.get("plan_hash") != plan.plan_hash or not _is_number(report.get("uniformity")):
-            continue
-        candidate = Reference(int(number), commit, str(report.get("fingerprint")), float(report["uniformity"]))
-        if best is None or (candidate.uniformity, candidate.shard) < (best.uniformity, best.shard):
-            best = candidate
-    if best is None or own_uniformity < best.uniformity:
-        return None
-    return best
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _reference_anchors(hub: Hub, repo: str, plan: Plan, reference: Reference) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's anchor ids and W-projected anchor outputs, checked against their header."""
-    from safetensors import safe_open
-
-    path = hub.download(repo, remote_paths(reference.shard).anchors, reference.commit)
-    with safe_open(str(path), framework="numpy") as stored:
-        header = json.loads((stored.metadata() or {}).get(HEADER_KEY, "{}"))
-        ids, projected = stored.get_tensor("ids"), stored.get_tensor("projected")
-    expected = header.get("checksums", {}).get("anchors/projected")
-    actual = hashlib.sha256(np.ascontiguousarray(projected).reshape(-1).view(np.uint8)).hexdigest()
-    if header.get("plan_hash") != plan.plan_hash or expected != actual or projected.shape != (ids.size, plan.dim):
-        raise ShardFileError(
-            f"The anchors of reference shard {reference.shard} ({reference.branch}@{reference.commit[:8]}) are "
-            "damaged or made for another plan.",
-            hint=f"Ask the owner of shard {reference.shard} to run `coopt-hub optimize --shard {reference.shard} "
-            "--push` again.",
-        )
-    return ids, projected.astype(np.float32)
 
 
 # Publishing -----------------------------------------------------------------------------------
 
 
-def _check_branch_owner(hub: Hub, repo: str, shard: int, fingerprint: str, head: str | None = None) -> None:
-    """ConflictError when shard/{k} (at `head`, default: now) holds a result of another prior."""
-    head = head or hub.head(repo, shard_branch(shard))
-    if head is None:
-        return
-    remote = hub.read_json(repo, remote_paths(shard).report, head)
-    if remote is not None and remote.get("fingerprint") != fingerprint:
-        who = remote.get("participant") or "another participant"
-        model = (remote.get("prior") or {}).get("model", "another prior")
-        raise ConflictError(
-            f"Branch {shard_branch(shard)} of {repo} already holds shard {shard} labeled by {who} with {model} "
-            f"(fingerprint {str(remote.get('fingerprint'))[:12]}), not this prior ({fingerprint[:12]}).",
-            hint="Pick a shard nobody has pushed (`coopt-hub status REPO`), or pass --overwrite to replace it "
-            "(the old result stays in the branch history).",
-        )
 
 
-def publish_result(
-    hub: Hub, repo: str, shard: int, directory: Path, overwrite: bool = False, messages: Messages | None = None
-) -> tuple[str, bool]:
-    """Commit a result directory's three files to shard/{k} in one commit; (branch head, new commit made).
-
-    No commit is made when the branch already holds the very same targets and anchors.
-    """
-    say = messages or LogMessages()
-    paths = remote_paths(shard)
-    local = Path(directory)
-    report = json.loads((local / paths.report).read_text())
-    branch = shard_branch(shard)
-    hub.ensure_branch(repo, branch, "main")
-    outcome = {"unchanged": False}
-
-    def build(head: str | None):
-        from huggingface_hub import CommitOperationAdd
-
-        remote = hub.read_json(repo, paths.report, head) if head else None
-        if remote is not None and remote.get("files") == report["files"]:
-            outcome["unchanged"] = True
-            return None
-        if not overwrite:
-            _check_branch_owner(hub, repo, shard, report["fingerprint"], head)
-        outcome["unchanged"] = False
-        return [CommitOperationAdd(path, str(local / path)) for path in paths]
-
-    model = report["prior"]["model"]
-    reference = report["reference"]
-    aligned_to = "itself" if reference is None else f"{reference['branch']}@{reference['commit'][:8]}"
-    commit = hub.commit(
-        repo,
-        branch,
-        build,
-        message=f"coopt-hub: shard {shard} labeled with {model} ({report['counts']['rows']} rows)",
-        description=(f"Prior fingerprint {report['fingerprint']}, uniformity {report['uniformity']:.4f}, "
-                     f"aligned to {aligned_to} (residual {report['residual']:.4f}); "
-                     f"coopt-hub {report['tool_version']}."),
-    )
-    if outcome["unchanged"]:
-        say.info(f"{branch} of {repo} already holds this result ({commit[:8]}); nothing to push.")
-    else:
-        say.info(f"Pushed shard {shard} to {branch} of {repo} ({commit[:8]}).")
-    return commit, not outcome["unchanged"]
 
 
-def push_shard(
-    hub: Hub, repo: str, shard: int, *, workdir: Path, overwrite: bool = False, messages: Messages | None = None
-) -> OptimizeResult:
-    """Push the newest finished local result of shard `shard` (written by optimize without --push)."""
-    workdir = Path(workdir).resolve()
-    directory = latest_result(workdir, repo, shard)
-    if directory is None:
-        raise ShardFileError(
-            f"No finished result of shard {shard} of {repo} under {workdir}.",
-            hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` first (with the same --workdir).",
-        )
-    result, _ = read_shard(directory / shard_prefix(shard), verify=True)
-    report = json.loads((directory / remote_paths(shard).report).read_text())
-    plan = load_plan(hub, repo)
-    if report["plan_hash"] != plan.plan_hash:
-        raise PlanError(
-            f"The local result of shard {shard} was made for plan {report['plan_hash'][:12]}, but {repo} now has "
-            f"plan {plan.plan_hash[:12]}.",
-            hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again for the current plan.",
-        )
-    # Intact files can still be the wrong ones (copied from another shard, edited by hand): check what they hold.
-    problems = header_problems(plan, shard, result.header)
-    if not problems and not np.array_equal(result.ids, expected_ids(plan, shard, result.header)):
-        problems.append(f"its sample ids are not the plan's ids of shard {shard} less those it skipped")
-    if problems:
-        raise ShardFileError(
-            f"The local result of shard {shard} does not fit the plan of {repo}: {'; '.join(problems)}.",
-            hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again; nothing was pushed.",
-        )
-    commit, pushed = publish_result(hub, repo, shard, directory, overwrite, messages)
-    return OptimizeResult(repo=repo, shard=shard, directory=directory, report=report, commit=commit, pushed=pushed)

@@ -9,25 +9,17 @@ indices of the split at the pinned commit, in file order, so they never change.
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from coopt_hub.errors import BadImageError, SourceError
-from coopt_hub.plan import Plan, Unit
-
-REPO_TYPE = "dataset"
-
-
-def _open(fs, path: str):
-    """A remote parquet file read with exact range requests: pyarrow asks for whole column chunks
-    and the footer, so a read-ahead cache would only fetch bytes of other participants' units."""
-    return fs.open(path, "rb", cache_type="none")
+from coopt_hub.core.plan import Plan, Unit
+from coopt_hub.errors import SourceError
+from coopt_hub.hub.client import dataset_info, open_remote
 
 
 @dataclass(frozen=True)
@@ -48,27 +40,14 @@ class SourceLayout:
 def _footer(repo: str, revision: str, file: str, token: str | None) -> pq.FileMetaData:
     """A file's parquet footer, read once per process: files at a commit sha never change, and a
     participant reads several row groups of the same file."""
-    with _open(_filesystem(token), repo_path(repo, revision, file)) as handle:
+    with open_remote(repo, revision, file, token) as handle:
         return pq.ParquetFile(handle).metadata
-
-
-def _filesystem(token: str | None = None):
-    from huggingface_hub import HfFileSystem
-
-    return HfFileSystem(token=token)
-
-
-def repo_path(repo: str, revision: str, file: str) -> str:
-    return f"datasets/{repo}@{revision}/{file}"
 
 
 def pin_revision(repo: str, revision: str | None, token: str | None = None) -> tuple[str, dict[str, Any]]:
     """The commit sha `revision` points to now, and the repo's card data."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     try:
-        info = HfApi(token=token).dataset_info(repo, revision=revision or "main")
+        info = dataset_info(repo, revision or "main", token)
     except RepositoryNotFoundError as err:
         raise SourceError(
             f"Source dataset {repo} not found.",
@@ -165,7 +144,7 @@ def read_unit(
 ) -> pa.Table:
     """The rows of one storage unit, fetched with range reads of that row group only."""
     metadata = _footer(repo, revision, unit.file, token)
-    with _open(_filesystem(token), repo_path(repo, revision, unit.file)) as handle:
+    with open_remote(repo, revision, unit.file, token) as handle:
         parquet = pq.ParquetFile(handle, metadata=metadata)
         missing = [name for name in columns or () if name not in parquet.schema_arrow.names]
         if missing:
@@ -193,10 +172,9 @@ def iter_source_batches(
     repo: str, revision: str, files: tuple[str, ...] | list[str], columns: list[str] | None = None, token: str | None = None
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first id, batch) over the given files in id order, one row group at a time."""
-    fs = _filesystem(token)
     start = 0
     for file in files:
-        with _open(fs, repo_path(repo, revision, file)) as handle:
+        with open_remote(repo, revision, file, token) as handle:
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.metadata.num_row_groups):
                 for batch in parquet.read_row_group(group, columns=columns).to_batches():
@@ -205,22 +183,3 @@ def iter_source_batches(
                         start += batch.num_rows
 
 
-def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
-    """A PIL image (RGB) from a datasets Image cell ({"bytes", "path"}) or raw bytes."""
-    data = value.get("bytes") if isinstance(value, dict) else value
-    if not data:
-        raise BadImageError(
-            f"Sample {sample_id} has no embedded image bytes.",
-            ids=[sample_id] if sample_id is not None else [],
-            hint="Publish the source with embedded images (datasets' Image feature does by default).",
-        )
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise BadImageError(
-            f"Sample {sample_id} is not a decodable image ({err}).",
-            ids=[sample_id] if sample_id is not None else [],
-            hint="Fix or drop that row in the source, or pass --on-bad-image skip to record and leave it out.",
-        ) from err
-    return image.convert("RGB")

@@ -1,0 +1,1 @@
+"""The end-to-end demo on an embedded hub, with scikit-learn's digits as the source."""

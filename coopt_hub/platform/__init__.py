@@ -1,0 +1,1 @@
+"""The platform's commands: init, status, verify, merge (and the dataset card)."""
