@@ -4,60 +4,47 @@
     -> raw targets f @ W -> uniformity V on S -> reference (the lowest V pushed so far, or itself)
     -> T_k fitted on S -> aligned targets -> targets/anchors/report files -> one commit to shard/{k}
 
-Work lives under `{workdir}/{repo}/shard-{k}/{plan hash}-{prior fingerprint}-{settings}/`: a
-different plan, prior or precision never reuses another's chunks, and a rerun of the same job only
-computes what is missing.
+Each step is a function that returns what the next needs. Work lives under
+`{workdir}/{repo}/shard-{k}/{plan hash}-{prior fingerprint}-{settings}/`: a different plan, prior or
+precision never reuses another's chunks, and a rerun of the same job only computes what is missing.
 Rank and world size come in through a `Collective`; only the command line reads a launcher's state.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 
 from coopt_hub import __version__, errors
-from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, uniformity
-from coopt_hub.core.files import write_text_atomically
-from coopt_hub.core.layout import ANCHORS_FILE, REPORT_FILE, TARGETS_FILE, shard_branch, shard_prefix
+from coopt_hub.core.align import uniformity
+from coopt_hub.core.layout import REPORT_FILE, shard_prefix
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import LogProgress, Progress, Silent
-from coopt_hub.core.shardfile import (
-    AnchorOutputs,
-    ShardHeader,
-    ShardResult,
-    write_shard,
-)
-from coopt_hub.errors import BadImageError, ConflictError, PlanError, PriorError
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
+from coopt_hub.errors import BadImageError, ConflictError, PriorError
 from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan, read_reference_anchors
-from coopt_hub.hub.source import read_plan_unit
+from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan
+from coopt_hub.participant.chunks import JobChunks, JobOutputs, job_chunks, read_outputs
 from coopt_hub.participant.collective import Collective, SingleProcess, agreed
 from coopt_hub.participant.labeling import (
-    ANCHOR_CHUNK_ROWS,
-    Chunk,
-    ChunkOutput,
     ChunkStore,
     LabelingStats,
     collect_chunks,
+    id_list,
     label_chunks,
     rank_chunks,
 )
 from coopt_hub.participant.push import check_branch_owner, publish_result
-from coopt_hub.participant.reference import find_reference
-from coopt_hub.participant.workdir import LATEST_FILE, OptimizeResult, result_directory, run_directory, shard_workdir
+from coopt_hub.participant.reference import Alignment, align_to_reference
+from coopt_hub.participant.report import RunSummary, build_report, write_report
+from coopt_hub.participant.workdir import OptimizeResult, mark_latest, result_directory, run_directory
 from coopt_hub.priors import Prior
 
-T = TypeVar("T")
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -68,7 +55,6 @@ class OptimizeOptions:
     on_bad_image: str = "error"  # "error" | "skip"
     push: bool = False
     overwrite: bool = False
-    progress: bool = False
     participant: str | None = None
 
     def __post_init__(self) -> None:
@@ -80,88 +66,6 @@ class OptimizeOptions:
             )
 
 
-
-
-
-
-# Work directory layout --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# Agreement between ranks ------------------------------------------------------------------------
-
-
-
-
-
-
-# Chunks ----------------------------------------------------------------------------------------
-
-
-def job_chunks(
-    plan: Plan, shard: int, anchors: Callable[[], Any], token: str | None = None
-) -> tuple[list[Chunk], list[Chunk]]:
-    """(shard chunks, anchor chunks): one per storage unit holding shard rows, and S in fixed slices.
-
-    `anchors` returns the anchor table; it is called only when an anchor chunk is actually encoded.
-    """
-    shard_ids = plan.shard_ids(shard)
-    shard_chunks = []
-    for index, unit in enumerate(plan.units):
-        if plan.granularity != "row" and plan.unit_shards[index] != shard:
-            continue
-        lo, hi = np.searchsorted(shard_ids, [unit.start, unit.stop])
-        ids = shard_ids[lo:hi]
-        if ids.size:
-            shard_chunks.append(Chunk(f"unit-{index:05d}", ids, _unit_loader(plan, unit, ids, token)))
-    anchor_ids = np.asarray(plan.anchor_ids, dtype=np.int64)
-    anchor_chunks = [
-        Chunk(f"anchors-{i // ANCHOR_CHUNK_ROWS:05d}", anchor_ids[i : i + ANCHOR_CHUNK_ROWS],
-              _anchor_loader(plan, anchors, i, i + ANCHOR_CHUNK_ROWS))
-        for i in range(0, len(anchor_ids), ANCHOR_CHUNK_ROWS)
-    ]
-    return shard_chunks, anchor_chunks
-
-
-def _unit_loader(plan: Plan, unit, ids: np.ndarray, token: str | None) -> Callable[[], list[Any]]:
-    def load() -> list[Any]:
-        column = read_plan_unit(plan, unit, [plan.image_column], token).column(plan.image_column)
-        if len(ids) != unit.num_rows:
-            column = column.take(ids - unit.start)
-        return column.to_pylist()
-
-    return load
-
-
-def _anchor_loader(plan: Plan, anchors: Callable[[], Any], start: int, stop: int) -> Callable[[], list[Any]]:
-    def load() -> list[Any]:
-        return anchors().column(plan.image_column).slice(start, stop - start).to_pylist()
-
-    return load
-
-
-def _concat(outputs: Sequence[ChunkOutput], output_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, features, bad ids) of chunks in order; chunks are in id order, so ids stay sorted."""
-    ids = np.concatenate([o.ids for o in outputs]) if outputs else np.zeros(0, np.int64)
-    features = np.concatenate([o.features for o in outputs]) if outputs else np.zeros((0, output_dim), np.float32)
-    bad = np.concatenate([o.bad_ids for o in outputs]) if outputs else np.zeros(0, np.int64)
-    return ids, features, bad
-
-
-# The job ---------------------------------------------------------------------------------------
-
-
 def optimize_shard(
     hub: Hub,
     repo: str,
@@ -171,156 +75,212 @@ def optimize_shard(
     workdir: Path,
     options: OptimizeOptions = OptimizeOptions(),
     collective: Collective = SingleProcess(),
-    messages: Progress | None = None,
+    progress: Progress | None = None,
 ) -> OptimizeResult | None:
     """Label shard `shard` of `repo`'s plan with `prior`, align it, write it, and push it if asked.
 
     `prior` may be a function that loads the prior: it is then called after the plan has been
     checked, so a wrong shard number fails before a model is loaded. Every rank calls this with
     the same arguments; rank 0 returns the result, the other ranks None once their part is handed over.
+    `progress` (default: logging) hears rank 0 only.
     """
     started = time.perf_counter()
     workdir = Path(workdir).resolve()
     root = collective.rank == 0
-    say = (messages or LogProgress()) if root else Silent()
-    notes: list[str] = []
+    notes = _Notes((progress or LogProgress()) if root else Silent())
+    job = _start(hub, repo, shard, prior, workdir, options, collective, notes)
+    labeled = _label(job, options, collective, notes.say)
+    if not root:
+        return None
+    result = _finish(hub, job, labeled, options, notes)
+    result.report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    write_report(result.files[2], result.report)  # last: its presence marks the result as complete
+    mark_latest(workdir, repo, shard, job.store.directory)
+    if options.push:
+        result.commit, result.pushed = publish_result(hub, repo, shard, result.directory, options.overwrite,
+                                                      notes.say)
+    return result
 
+
+@dataclass
+class _Notes:
+    """What the job says (to `say`), keeping the notes that also go into its result."""
+
+    say: Progress
+    notes: list[str] = field(default_factory=list)
+
+    def info(self, message: str) -> None:
+        self.notes.append(message)
+        self.say.info(message)
+
+    def warn(self, message: str) -> None:
+        self.notes.append(message)
+        self.say.warn(message)
+
+
+# Every rank: agree on the plan and the prior, then label ---------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every rank agreed on before encoding: the plan, the loaded prior, and where the work lives."""
+
+    repo: str
+    shard: int
+    plan: Plan
+    prior: Prior
+    store: ChunkStore  # in the run directory of (plan, prior, settings)
+    chunks: JobChunks
+
+
+def _start(
+    hub: Hub, repo: str, shard: int, prior: Prior | Callable[[], Prior], workdir: Path,
+    options: OptimizeOptions, collective: Collective, notes: _Notes,
+) -> _Job:
+    plan = _agree_on_plan(hub, repo, shard, collective, notes)
+    loaded = agreed(collective, lambda: _load_prior(hub, repo, shard, prior, options, collective.rank == 0))
+    run_dir = run_directory(workdir, repo, shard, plan, loaded)
+    chunks = job_chunks(plan, shard, cache(lambda: load_anchors(hub, repo, plan)), hub.token)
+    notes.say.info(f"Shard {shard} of {repo}: {len(plan.shard_ids(shard))} rows + {len(plan.anchor_ids)} anchors "
+                   f"in {len(chunks.all)} chunks, {collective.world_size} process(es); work in {run_dir}")
+    return _Job(repo=repo, shard=shard, plan=plan, prior=loaded, store=ChunkStore(run_dir), chunks=chunks)
+
+
+def _agree_on_plan(hub: Hub, repo: str, shard: int, collective: Collective, notes: _Notes) -> Plan:
     def check_plan() -> Plan:
         plan = load_plan(hub, repo)
         plan.shard_ids(shard)  # PlanError when the shard does not exist
-        if root:
-            note = check_source_pin(plan, hub.token)
-            if note:
-                notes.append(note)
-                say.info(note)
+        if collective.rank == 0:
+            moved = check_source_pin(plan, hub.token)
+            if moved:
+                notes.info(moved)
         return plan
 
     plan = agreed(collective, check_plan)
-    hashes = collective.all_gather(plan.plan_hash)
-    if len(set(hashes)) > 1:
+    if len(set(collective.all_gather(plan.plan_hash))) > 1:
         raise ConflictError(f"The plan of {repo} changed while the processes started.", hint="Rerun the command.")
-    given = prior
+    return plan
 
-    def check_prior() -> Prior:
-        loaded = given if isinstance(given, Prior) else given()
-        if root and options.push and not options.overwrite:
-            # Before hours of encoding, not at the end: the branch may hold someone else's shard.
-            check_branch_owner(hub, repo, shard, loaded.fingerprint)
-        return loaded
 
-    prior = agreed(collective, check_prior)
+def _load_prior(
+    hub: Hub, repo: str, shard: int, prior: Prior | Callable[[], Prior], options: OptimizeOptions, root: bool
+) -> Prior:
+    loaded = prior if isinstance(prior, Prior) else prior()
+    if root and options.push and not options.overwrite:
+        # Before hours of encoding, not at the end: the branch may hold someone else's shard.
+        check_branch_owner(hub, repo, shard, loaded.fingerprint)
+    return loaded
 
-    run_dir = run_directory(workdir, repo, shard, plan, prior)
-    store = ChunkStore(run_dir)
-    shard_chunks, anchor_chunks = job_chunks(plan, shard, cache(lambda: load_anchors(hub, repo, plan)), hub.token)
-    chunks = shard_chunks + anchor_chunks
-    mine = rank_chunks(chunks, collective.rank, collective.world_size)
-    say.info(f"Shard {shard} of {repo}: {len(plan.shard_ids(shard))} rows + {len(plan.anchor_ids)} anchors in "
-             f"{len(chunks)} chunks, {collective.world_size} process(es); work in {run_dir}")
 
-    labeling_started = time.perf_counter()
+@dataclass(frozen=True)
+class _Labeled:
+    stats: list[LabelingStats]  # one per rank
+    seconds: float
+
+
+def _label(job: _Job, options: OptimizeOptions, collective: Collective, say: Progress) -> _Labeled:
+    """Every rank encodes its chunks; then rank 0 holds them all."""
+    mine = rank_chunks(job.chunks.all, collective.rank, collective.world_size)
+    started = time.perf_counter()
     stats = agreed(
         collective,
         lambda: label_chunks(
-            prior, mine, store, batch_size=options.batch_size, workers=options.workers,
-            stop_on_bad_image=options.on_bad_image == "error", progress=options.progress and root,
+            job.prior, mine, job.store, batch_size=options.batch_size, workers=options.workers,
+            stop_on_bad_image=options.on_bad_image == "error",
+            progress=say, description=f"Encoding shard {job.shard}",
         ),
     )
     all_stats: list[LabelingStats] = collective.all_gather(stats)
-    labeling_seconds = time.perf_counter() - labeling_started
+    seconds = time.perf_counter() - started
     bad = sorted({i for s in all_stats for i in s.bad_ids})
     if bad and options.on_bad_image == "error":
         raise BadImageError(
-            f"{len(bad)} image(s) of shard {shard} or the anchors cannot be decoded: ids {_id_list(bad)}.",
+            f"{len(bad)} image(s) of shard {job.shard} or the anchors cannot be decoded: ids {id_list(bad)}.",
             ids=bad,
             hint="Fix those rows in the source, or rerun with --on-bad-image skip to leave them out "
             "(they are recorded in the report); finished chunks are kept.",
         )
-    agreed(collective, lambda: collect_chunks(store, [c.name for c in chunks], collective))
-    if not root:
-        return None
-
-    result = _finish(hub, repo, shard, plan, prior, store, shard_chunks, anchor_chunks, all_stats,
-                     labeling_seconds, options, say)
-    result.notes = notes + result.notes
-    result.report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
-    # The report goes last: its presence marks the result as complete.
-    write_text_atomically(result.files[2], json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-    write_text_atomically(shard_workdir(workdir, repo, shard) / LATEST_FILE, run_dir.name + "\n")
-    if options.push:
-        result.commit, result.pushed = publish_result(hub, repo, shard, result.directory, options.overwrite, say)
-    return result
+    agreed(collective, lambda: collect_chunks(job.store, [c.name for c in job.chunks.all], collective))
+    return _Labeled(stats=all_stats, seconds=seconds)
 
 
-def _finish(
-    hub: Hub,
-    repo: str,
-    shard: int,
-    plan: Plan,
-    prior: Prior,
-    store: ChunkStore,
-    shard_chunks: list[Chunk],
-    anchor_chunks: list[Chunk],
-    all_stats: list[LabelingStats],
-    labeling_seconds: float,
-    options: OptimizeOptions,
-    say: Progress,
-) -> OptimizeResult:
-    """Rank 0: from the gathered chunks to the three files of the shard."""
-    ids, features, skipped = _concat([store.read(c.name) for c in shard_chunks], prior.output_dim)
-    anchor_outputs = [store.read(c.name) for c in anchor_chunks]
-    anchor_ids, anchor_features, skipped_anchors = _concat(anchor_outputs, prior.output_dim)
-    if ids.size == 0:
-        raise BadImageError(f"No image of shard {shard} could be decoded.", ids=[int(i) for i in skipped],
+# Rank 0: gather -> judge -> align -> write the files and the report ----------------------------
+
+
+def _finish(hub: Hub, job: _Job, labeled: _Labeled, options: OptimizeOptions, notes: _Notes) -> OptimizeResult:
+    """From the gathered chunks to the shard's targets and anchors files, and its report (not written yet)."""
+    outputs = _gather(job, notes)
+    started = time.perf_counter()
+    judged = _judge(job.plan, job.prior, outputs)
+    alignment = _align(hub, job, outputs, judged, notes)
+    alignment_seconds = time.perf_counter() - started
+    directory = result_directory(job.store.directory)
+    files = directory / shard_prefix(job.shard)
+    header = _write_files(files, job, outputs, judged, alignment)
+    run = RunSummary(participant=options.participant, batch_size=options.batch_size, workers=options.workers,
+                     chunks=len(job.chunks.all), stats=labeled.stats, labeling_seconds=labeled.seconds,
+                     alignment_seconds=alignment_seconds)
+    report = build_report(job.repo, job.plan, job.prior, header, alignment.reference, outputs, run, files)
+    return OptimizeResult(repo=job.repo, shard=job.shard, directory=directory, report=report, notes=notes.notes)
+
+
+def _gather(job: _Job, notes: _Notes) -> JobOutputs:
+    outputs = read_outputs(job.store, job.chunks, job.prior.output_dim)
+    shard, anchors = outputs.shard, outputs.anchors
+    if shard.ids.size == 0:
+        raise BadImageError(f"No image of shard {job.shard} could be decoded.", ids=[int(i) for i in shard.bad_ids],
                             hint="Check the source's image column.")
-    if anchor_ids.size < 2:
-        raise BadImageError(f"Fewer than two anchor images could be decoded ({anchor_ids.size}).",
-                            ids=[int(i) for i in skipped_anchors], hint="Check the source's image column.")
-    notes: list[str] = []
-    if skipped.size or skipped_anchors.size:
-        note = (f"Skipped {skipped.size} undecodable image(s) of the shard and {skipped_anchors.size} of the "
-                f"anchors (ids recorded in the report; the shard's also in the header).")
-        notes.append(note)
-        say.warn(note)
+    if anchors.ids.size < 2:
+        raise BadImageError(f"Fewer than two anchor images could be decoded ({anchors.ids.size}).",
+                            ids=[int(i) for i in anchors.bad_ids], hint="Check the source's image column.")
+    if shard.bad_ids.size or anchors.bad_ids.size:
+        notes.warn(f"Skipped {shard.bad_ids.size} undecodable image(s) of the shard and {anchors.bad_ids.size} of "
+                   f"the anchors (ids recorded in the report; the shard's also in the header).")
+    return outputs
 
-    images = sum(s.images for s in all_stats)
-    aligning_started = time.perf_counter()
+
+@dataclass(frozen=True)
+class _Judged:
+    """The prior's outputs through the plan's projection W, and its uniformity V on the anchors."""
+
+    raw: np.ndarray  # the shard's f @ W
+    projected_anchors: np.ndarray  # the anchors' f @ W
+    uniformity: float
+
+
+def _judge(plan: Plan, prior: Prior, outputs: JobOutputs) -> _Judged:
     projection = plan.projection(prior.output_dim)
-    raw = features @ projection
-    projected_anchors = anchor_features @ projection
-    value = uniformity(anchor_features, t=plan.temperature)
-    if anchor_ids.size < plan.dim:
-        note = (f"Only {anchor_ids.size} anchors for {plan.dim} target dimensions: alignment to the reference is "
-                "under-determined (ridge-regularised) and loses part of its information. The platform should "
-                "use at least as many anchors as dimensions, or a smaller --dim.")
-        notes.append(note)
-        say.warn(note)
-    reference = find_reference(hub, repo, plan, shard, value)
+    return _Judged(raw=outputs.shard.features @ projection,
+                   projected_anchors=outputs.anchors.features @ projection,
+                   uniformity=uniformity(outputs.anchors.features, t=plan.temperature))
+
+
+def _align(hub: Hub, job: _Job, outputs: JobOutputs, judged: _Judged, notes: _Notes) -> Alignment:
+    anchor_ids, value = outputs.anchors.ids, judged.uniformity
+    if anchor_ids.size < job.plan.dim:
+        notes.warn(f"Only {anchor_ids.size} anchors for {job.plan.dim} target dimensions: alignment to the "
+                   "reference is under-determined (ridge-regularised) and loses part of its information. The "
+                   "platform should use at least as many anchors as dimensions, or a smaller --dim.")
+    alignment = align_to_reference(hub, job.repo, job.plan, job.shard, value, judged.raw, anchor_ids,
+                                   judged.projected_anchors)
+    reference = alignment.reference
     if reference is None:
-        aligned, residual = raw, 0.0
-        say.info(f"Uniformity V = {value:.4f}: the best prior pushed so far; this shard is its own reference.")
+        notes.say.info(f"Uniformity V = {value:.4f}: the best prior pushed so far; this shard is its own reference.")
     else:
-        reference_ids, reference_projected = read_reference_anchors(
-            hub, repo, plan, reference.shard, reference.commit, reference.fingerprint
-        )
-        common, own_rows, reference_rows = np.intersect1d(anchor_ids, reference_ids, return_indices=True)
-        if common.size < 2:
-            raise PlanError(f"Shard {reference.shard}'s anchors and this shard's share {common.size} decodable rows.",
-                            hint="Both must have labeled the plan's anchors; check the source images.")
-        with warnings.catch_warnings():
-            # The under-determined case was reported above, in the participant's words.
-            warnings.simplefilter("ignore", AlignmentWarning)
-            transform, residual = fit_alignment(projected_anchors[own_rows], reference_projected[reference_rows])
-        aligned = apply_alignment(raw, transform)
-        say.info(f"Uniformity V = {value:.4f}; aligned to shard {reference.shard} (V = {reference.uniformity:.4f}, "
-                 f"commit {reference.commit[:8]}), relative fit residual {residual:.4f}.")
-    aligning_seconds = time.perf_counter() - aligning_started
-    if not np.isfinite(aligned).all():
+        notes.say.info(f"Uniformity V = {value:.4f}; aligned to shard {reference.shard} (V = "
+                       f"{reference.uniformity:.4f}, commit {reference.commit[:8]}), relative fit residual "
+                       f"{alignment.residual:.4f}.")
+    if not np.isfinite(alignment.targets).all():
         raise PriorError("The aligned targets hold NaN or infinite values.",
                          hint="The reference's anchors or this prior's outputs are degenerate; try another prior.")
+    return alignment
 
+
+def _write_files(files: Path, job: _Job, outputs: JobOutputs, judged: _Judged, alignment: Alignment) -> ShardHeader:
+    """Write targets and anchors into `files`; the header returned carries their checksums."""
+    plan, prior, shard = job.plan, job.prior, outputs.shard
     header = ShardHeader(
-        shard=shard,
+        shard=job.shard,
         plan_hash=plan.plan_hash,
         source_revision=plan.source_revision,
         prior=prior.spec.to_dict(),
@@ -328,89 +288,19 @@ def _finish(
         fingerprint=prior.fingerprint,
         output_dim=prior.output_dim,
         dim=plan.dim,
-        uniformity=value,
-        reference=None if reference is None else reference.to_header(),
-        residual=float(residual),
-        num_rows=int(ids.size),
+        uniformity=judged.uniformity,
+        reference=None if alignment.reference is None else alignment.reference.to_header(),
+        residual=alignment.residual,
+        num_rows=int(shard.ids.size),
         tool_version=__version__,
         checksums={},
-        skipped_ids=sorted(int(i) for i in skipped),
+        skipped_ids=sorted(int(i) for i in shard.bad_ids),
     )
-    directory = result_directory(store.directory)
-    files = directory / shard_prefix(shard)
     (files / REPORT_FILE).unlink(missing_ok=True)  # until the new report is written, no result is complete
     write_shard(
         files,
-        ShardResult(header=header, ids=ids, raw=raw, aligned=aligned),
-        AnchorOutputs(ids=anchor_ids, features=anchor_features, projected=projected_anchors),
+        ShardResult(header=header, ids=shard.ids, raw=judged.raw, aligned=alignment.targets),
+        AnchorOutputs(ids=outputs.anchors.ids, features=outputs.anchors.features,
+                      projected=judged.projected_anchors),
     )
-    report = {
-        "tool_version": __version__,
-        "repo": repo,
-        "shard": shard,
-        "branch": shard_branch(shard),
-        "participant": options.participant,
-        "plan_hash": plan.plan_hash,
-        "source": {"repo": plan.source_repo, "revision": plan.source_revision, "split": plan.split},
-        "prior": header.prior,
-        "preprocessing": header.preprocessing,
-        "fingerprint": prior.fingerprint,
-        "random_init": bool(prior.random_init),
-        "output_dim": prior.output_dim,
-        "dim": plan.dim,
-        "uniformity": value,
-        "temperature": plan.temperature,
-        "reference": None if reference is None else {**reference.to_header(), "uniformity": reference.uniformity},
-        "residual": float(residual),
-        "counts": {
-            "shard_rows": int(len(plan.shard_ids(shard))),
-            "rows": int(ids.size),
-            "anchors": len(plan.anchor_ids),
-            "anchor_rows": int(anchor_ids.size),
-            "skipped": int(skipped.size + skipped_anchors.size),
-        },
-        "skipped_ids": {"shard": [int(i) for i in skipped], "anchors": [int(i) for i in skipped_anchors]},
-        "chunks": {
-            "total": len(shard_chunks) + len(anchor_chunks),
-            "computed": sum(len(s.computed) for s in all_stats),
-            "reused": sum(len(s.reused) for s in all_stats),
-        },
-        "run": {"world_size": len(all_stats), "batch_size": options.batch_size, "workers": options.workers},
-        "timings": {"labeling_s": round(labeling_seconds, 3), "alignment_s": round(aligning_seconds, 3)},
-        "images_per_s": round(images / labeling_seconds, 2) if images and labeling_seconds > 0 else None,
-        "checksums": header.checksums,
-        "files": {name: _file_sha256(files / name) for name in (TARGETS_FILE, ANCHORS_FILE)},
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return OptimizeResult(repo=repo, shard=shard, directory=directory, report=report, notes=notes)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _id_list(ids: Sequence[int], limit: int = 20) -> str:
-    shown = ", ".join(str(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
-
-
-# The reference --------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# Publishing -----------------------------------------------------------------------------------
-
-
-
-
-
-
+    return header

@@ -1,9 +1,9 @@
 """Reader -> prior -> writer: encode a participant's chunks of images, resumably.
 
-A job is cut into chunks (one per storage unit of the shard, plus fixed-size slices of the anchors).
-Chunk i belongs to rank i % world_size, and a chunk's batches are cut from the chunk alone, so every
-image meets the prior in the same batch whatever the number of processes: the outputs do not depend
-on how the job was distributed.
+A job is cut into chunks (participant/chunks.py: one per storage unit of the shard, plus fixed-size
+slices of the anchors). Chunk i belongs to rank i % world_size, and a chunk's batches are cut from
+the chunk alone, so every image meets the prior in the same batch whatever the number of processes:
+the outputs do not depend on how the job was distributed.
 
 Each finished chunk is written to the ChunkStore, data first and its completion marker after, both
 by atomic rename; a rerun skips chunks that have a marker. Reading, decoding and preprocessing run
@@ -19,34 +19,24 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
-from tqdm.auto import tqdm
 
 from coopt_hub.core import faults
 from coopt_hub.core.align import normalize
 from coopt_hub.core.files import write_bytes_atomically
+from coopt_hub.core.progress import Bar, Progress, Silent
 from coopt_hub.errors import BadImageError, PriorError, ShardFileError
 from coopt_hub.participant.collective import Collective
 from coopt_hub.priors import Prior, decode_image
-
-T = TypeVar("T")
-
-# Anchors are cut into slices of this many rows, so that S is spread over the processes too and an
-# interrupted run keeps most of it.
-ANCHOR_CHUNK_ROWS = 256
-
-
-
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,13 +216,14 @@ def _encode(prior: Prior, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     if not finite.all():
         bad = [int(i) for i in ids[~finite]]
         raise PriorError(
-            f"The prior produced NaN or infinite outputs for {len(bad)} sample(s): ids {_id_list(bad)}.",
+            f"The prior produced NaN or infinite outputs for {len(bad)} sample(s): ids {id_list(bad)}.",
             hint="Check the checkpoint; with --precision fp16 try bf16 or fp32, which do not overflow.",
         )
     return normalize(features)
 
 
-def _id_list(ids: Sequence[int], limit: int = 20) -> str:
+def id_list(ids: Sequence[int], limit: int = 20) -> str:
+    """Ids for a message: the first `limit`, then how many more."""
     shown = ", ".join(str(i) for i in ids[:limit])
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
@@ -245,17 +236,40 @@ def label_chunks(
     batch_size: int,
     workers: int,
     stop_on_bad_image: bool = False,
-    progress: bool = False,
+    progress: Progress = Silent(),
+    description: str = "Encoding",
 ) -> LabelingStats:
     """Encode every chunk that `store` does not hold yet, and store it.
 
     `workers` threads decode and preprocess batches ahead of the prior. With `stop_on_bad_image`,
     the first chunk that holds an undecodable image is still stored (nothing is lost) and then no
     further chunk is started, so a broken source is reported early. The pixels handed to
-    `prior.encode_batch` are reused for a later batch once it has returned.
+    `prior.encode_batch` are reused for a later batch once it has returned. `progress` draws a bar
+    named `description` over the images to encode.
     """
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}.")
+    stats, todo = _reuse_finished(chunks, store, stop_on_bad_image)
+    if not todo:
+        return stats
+    started = time.perf_counter()
+    images = int(sum(len(chunk.ids) for chunk in todo))
+    # Exits run in reverse: the reader stops before the writer drains, so a failure does not wait on reads.
+    with (
+        _ChunkWriter(store) as writer,
+        _Prefetcher(prior, todo, batch_size, workers) as batches,
+        progress.bar(images, description, unit="img") as bar,
+    ):
+        _encode_chunks(prior, batches, writer, bar, stats, stop_on_bad_image)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _reuse_finished(
+    chunks: Sequence[Chunk], store: ChunkStore, stop_on_bad_image: bool
+) -> tuple[LabelingStats, list[Chunk]]:
+    """The stats of the chunks `store` holds already, and the chunks left to encode (none when a
+    finished chunk holds an undecodable image and `stop_on_bad_image`)."""
     stats = LabelingStats()
     todo: list[Chunk] = []
     for chunk in chunks:
@@ -266,98 +280,143 @@ def label_chunks(
         stats.reused.append(chunk.name)
         stats.bad_ids.extend(marker["bad_ids"])
         if stop_on_bad_image and marker["bad_ids"]:
-            return stats
-    if not todo:
-        return stats
+            return stats, []
+    return stats, todo
 
-    started = time.perf_counter()
-    stop = threading.Event()
-    # Room for one batch being encoded and one ready per worker: enough to keep the prior fed,
-    # few enough that prefetched pixels stay a small multiple of one batch.
-    batches: queue.Queue = queue.Queue(maxsize=workers + 1)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare", initializer=_serial_torch_ops)
-    buffers = _PixelBuffers(batch_size)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coopt-write")
 
-    def offer(item: object) -> bool:
-        while not stop.is_set():
+@dataclass
+class _ChunkParts:
+    """The encoded batches of the chunk being encoded, until its last batch."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    bad_ids: list[int] = field(default_factory=list)
+
+    def output(self, name: str, output_dim: int) -> ChunkOutput:
+        return ChunkOutput(
+            name=name,
+            ids=np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64),
+            features=np.concatenate(self.features) if self.features else np.zeros((0, output_dim), np.float32),
+            bad_ids=np.asarray(self.bad_ids, dtype=np.int64),
+        )
+
+
+def _encode_chunks(
+    prior: Prior, batches: _Prefetcher, writer: _ChunkWriter, bar: Bar, stats: LabelingStats, stop_on_bad_image: bool
+) -> None:
+    """The forward pass, on the calling thread: prepared batches in, finished chunks handed to the writer."""
+    parts = _ChunkParts()
+    for batch in batches:
+        pixels, kept, bad, buffer = batch.prepared.result()
+        if pixels is not None:
+            parts.features.append(_encode(prior, pixels, kept))
+            batches.release(buffer)
+            faults.reach("encode")
+            parts.ids.append(kept)
+            stats.images += len(kept)
+        parts.bad_ids.extend(bad)
+        bar.update(len(kept) + len(bad))
+        if not batch.last:
+            continue
+        writer.submit(parts.output(batch.chunk.name, prior.output_dim))
+        stats.computed.append(batch.chunk.name)
+        stats.bad_ids.extend(parts.bad_ids)
+        if stop_on_bad_image and parts.bad_ids:
+            return
+        parts = _ChunkParts()
+        writer.raise_failed()  # a failed write surfaces now rather than after the whole shard
+
+
+class _Prefetcher:
+    """Reads chunks on a thread and prepares their batches on `workers` threads, ahead of the encoder.
+
+    Iterating yields the batches in order; an error while reading is raised there.
+    """
+
+    def __init__(self, prior: Prior, chunks: Sequence[Chunk], batch_size: int, workers: int):
+        self.prior, self.chunks, self.batch_size = prior, chunks, batch_size
+        self.stop = threading.Event()
+        # Room for one batch being encoded and one ready per worker: enough to keep the prior fed,
+        # few enough that prefetched pixels stay a small multiple of one batch.
+        self.queue: queue.Queue = queue.Queue(maxsize=workers + 1)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare",
+                                       initializer=_serial_torch_ops)
+        self.buffers = _PixelBuffers(batch_size)
+        self.reader = threading.Thread(target=self._read, name="coopt-read", daemon=True)
+
+    def __enter__(self) -> _Prefetcher:
+        self.reader.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.reader.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _ReaderFailed):
+                raise item.error
+            yield item
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """The encoder is done with a batch's pixels: a later batch may reuse them."""
+        self.buffers.give_back(buffer)
+
+    def _offer(self, item: object) -> bool:
+        while not self.stop.is_set():
             try:
-                batches.put(item, timeout=0.1)
+                self.queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def read() -> None:
+    def _read(self) -> None:
         try:
-            for chunk in todo:
-                if stop.is_set():
+            for chunk in self.chunks:
+                if self.stop.is_set():
                     return
                 cells = chunk.load()
                 if len(cells) != len(chunk.ids):
                     raise ShardFileError(f"Chunk {chunk.name} loaded {len(cells)} images for {len(chunk.ids)} ids.")
-                starts = range(0, len(chunk.ids), batch_size)
-                for start in starts:
-                    stop_at = start + batch_size
-                    future = pool.submit(_prepare, prior, buffers, cells[start:stop_at], chunk.ids[start:stop_at])
-                    if not offer(_Batch(chunk, last=stop_at >= len(chunk.ids), prepared=future)):
+                for start in range(0, len(chunk.ids), self.batch_size):
+                    stop_at = start + self.batch_size
+                    future = self.pool.submit(_prepare, self.prior, self.buffers, cells[start:stop_at],
+                                              chunk.ids[start:stop_at])
+                    if not self._offer(_Batch(chunk, last=stop_at >= len(chunk.ids), prepared=future)):
                         return
-            offer(_END)
+            self._offer(_END)
         except BaseException as err:  # noqa: BLE001 - handed to the encoding thread, which raises it
-            offer(_ReaderFailed(err))
+            self._offer(_ReaderFailed(err))
 
-    reader = threading.Thread(target=read, name="coopt-read", daemon=True)
-    writes: list[Future] = []
-    bar = tqdm(total=int(sum(len(c.ids) for c in todo)), unit="img", desc="encoding", disable=not progress,
-               dynamic_ncols=True)
-    reader.start()
-    try:
-        ids_parts: list[np.ndarray] = []
-        feature_parts: list[np.ndarray] = []
-        bad_ids: list[int] = []
-        while True:
-            item = batches.get()
-            if item is _END:
-                break
-            if isinstance(item, _ReaderFailed):
-                raise item.error
-            pixels, kept, bad, buffer = item.prepared.result()
-            if pixels is not None:
-                feature_parts.append(_encode(prior, pixels, kept))
-                buffers.give_back(buffer)
-                faults.reach("encode")
-                ids_parts.append(kept)
-                stats.images += len(kept)
-            bad_ids.extend(bad)
-            bar.update(len(kept) + len(bad))
-            if not item.last:
-                continue
-            empty = np.zeros((0, prior.output_dim), np.float32)
-            output = ChunkOutput(
-                name=item.chunk.name,
-                ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64),
-                features=np.concatenate(feature_parts) if feature_parts else empty,
-                bad_ids=np.asarray(bad_ids, dtype=np.int64),
-            )
-            writes.append(writer.submit(store.write, output))
-            stats.computed.append(item.chunk.name)
-            stats.bad_ids.extend(bad_ids)
-            if stop_on_bad_image and bad_ids:
-                break
-            ids_parts, feature_parts, bad_ids = [], [], []
-            # Surface a failed write now rather than after the whole shard.
-            for done in [w for w in writes if w.done()]:
-                done.result()
-    finally:
-        stop.set()
-        reader.join()
-        pool.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True)
-        bar.close()
-    for write in writes:
-        write.result()
-    stats.seconds = time.perf_counter() - started
-    return stats
+
+class _ChunkWriter:
+    """Stores finished chunks on a thread of its own; on a clean exit, waits for them and raises a failed write."""
+
+    def __init__(self, store: ChunkStore):
+        self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coopt-write")
+        self.writes: list[Future] = []
+
+    def __enter__(self) -> _ChunkWriter:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+        if error_type is None:
+            for write in self.writes:
+                write.result()
+
+    def submit(self, output: ChunkOutput) -> None:
+        self.writes.append(self.pool.submit(self.store.write, output))
+
+    def raise_failed(self) -> None:
+        for done in [write for write in self.writes if write.done()]:
+            done.result()
 
 
 def collect_chunks(store: ChunkStore, names: Sequence[str], collective: Collective, root: int = 0) -> None:

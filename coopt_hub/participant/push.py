@@ -4,7 +4,6 @@ result unless asked, and `coopt-hub push` for a result made without --push.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from coopt_hub.core.shardfile import expected_ids, header_problems, read_shard
 from coopt_hub.errors import ConflictError, PlanError, ShardFileError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_plan
+from coopt_hub.participant.report import read_report
 from coopt_hub.participant.workdir import OptimizeResult, latest_result
 
 
@@ -36,16 +36,16 @@ def check_branch_owner(hub: Hub, repo: str, shard: int, fingerprint: str, head: 
 
 
 def publish_result(
-    hub: Hub, repo: str, shard: int, directory: Path, overwrite: bool = False, messages: Progress | None = None
+    hub: Hub, repo: str, shard: int, directory: Path, overwrite: bool = False, progress: Progress | None = None
 ) -> tuple[str, bool]:
     """Commit a result directory's three files to shard/{k} in one commit; (branch head, new commit made).
 
     No commit is made when the branch already holds the very same targets and anchors.
     """
-    say = messages or LogProgress()
+    say = progress or LogProgress()
     paths = remote_paths(shard)
     local = Path(directory)
-    report = json.loads((local / paths.report).read_text())
+    report = read_report(local, shard)
     branch = shard_branch(shard)
     hub.ensure_branch(repo, branch, "main")
     outcome = {"unchanged": False}
@@ -82,7 +82,7 @@ def publish_result(
 
 
 def push_shard(
-    hub: Hub, repo: str, shard: int, *, workdir: Path, overwrite: bool = False, messages: Progress | None = None
+    hub: Hub, repo: str, shard: int, *, workdir: Path, overwrite: bool = False, progress: Progress | None = None
 ) -> OptimizeResult:
     """Push the newest finished local result of shard `shard` (written by optimize without --push)."""
     workdir = Path(workdir).resolve()
@@ -93,7 +93,7 @@ def push_shard(
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` first (with the same --workdir).",
         )
     result, _ = read_shard(directory / shard_prefix(shard), verify=True)
-    report = json.loads((directory / remote_paths(shard).report).read_text())
+    report = read_report(directory, shard)
     plan = load_plan(hub, repo)
     if report["plan_hash"] != plan.plan_hash:
         raise PlanError(
@@ -110,5 +110,5 @@ def push_shard(
             f"The local result of shard {shard} does not fit the plan of {repo}: {'; '.join(problems)}.",
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again; nothing was pushed.",
         )
-    commit, pushed = publish_result(hub, repo, shard, directory, overwrite, messages)
+    commit, pushed = publish_result(hub, repo, shard, directory, overwrite, progress)
     return OptimizeResult(repo=repo, shard=shard, directory=directory, report=report, commit=commit, pushed=pushed)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coopt_hub.core.files import write_text_atomically
 from coopt_hub.core.layout import ANCHORS_FILE, REPORT_FILE, TARGETS_FILE, remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.plan import Plan
 from coopt_hub.priors import Prior
@@ -37,6 +38,11 @@ def run_directory(workdir: Path, repo: str, shard: int, plan: Plan, prior: Prior
 def result_directory(run_dir: Path) -> Path:
     """Mirrors the branch: the files sit under shards/{k}/ inside it."""
     return run_dir / "result"
+
+
+def mark_latest(workdir: Path, repo: str, shard: int, run_dir: Path) -> None:
+    """Make `run_dir`, whose result is complete, the one `latest_result` finds."""
+    write_text_atomically(shard_workdir(workdir, repo, shard) / LATEST_FILE, run_dir.name + "\n")
 
 
 def latest_result(workdir: Path, repo: str, shard: int) -> Path | None:
