@@ -7,6 +7,7 @@ import importlib
 import click
 
 from coopt_hub import __version__
+from coopt_hub.cli.options import DEBUG_OPTION, accept_debug
 from coopt_hub.cli.runner import run_with_error_table
 
 # command name -> "module:attribute"; modules are imported only when their command runs,
@@ -32,26 +33,24 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module_name, attribute = COMMANDS[name][0].split(":")
-        return getattr(importlib.import_module(module_name), attribute)
+        command = getattr(importlib.import_module(module_name), attribute)
+        accept_debug(command)
+        return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, params=[DEBUG_OPTION], context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="coopt-hub")
-@click.option("--debug", is_flag=True, envvar="COOPT_HUB_DEBUG", help="Show full tracebacks on errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli() -> None:
     """Collaborative data optimization on the Hugging Face Hub.
 
     A platform splits an unlabeled image dataset into shards (`init`); participants label their
     shard with their own prior model and push aligned targets (`optimize`); the platform merges
     the shards into a versioned dataset (`merge`) that any architecture trains on (recipes/).
     """
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
 
 
 def main(argv: list[str] | None = None) -> None:

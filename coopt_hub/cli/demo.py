@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from coopt_hub.cli.options import json_option
-from coopt_hub.cli.output import Output
 
 EXAMPLES = """
 \b
@@ -26,7 +25,7 @@ Examples:
 @click.option("--student", default="resnet18", show_default=True, help="timm architecture trained on the result.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs per objective.")
 @json_option
-def demo(keep, root, fast, student, epochs, as_json):
+def demo(keep, root, fast, student, epochs, out):
     """Run a whole CoOpt collaboration on scikit-learn's digits, offline.
 
     Starts an embedded hub, publishes the digits, plans 3 shards, lets 3 participants with
@@ -36,14 +35,13 @@ def demo(keep, root, fast, student, epochs, as_json):
     """
     from coopt_hub.demo.demo import DemoConfig, explain, run_demo
 
-    out = Output(as_json)
     config = DemoConfig(root=root, keep=keep, fast=fast, student=student, epochs=epochs)
-    report = run_demo(config, out.info)
+    report = run_demo(config, progress=out)
     where = (
         f"\nDataset: {report.repo}@{report.tag} on the embedded hub ({report.endpoint}"
         f"{', stopped' if not keep else ''}); card: README.md of that revision; "
         f"recipe: accelerate launch recipes/train_from_hub.py --dataset {report.repo} --revision {report.tag} "
         f"--arch {student} --objective coopt"
     )
-    out.result({**report.to_dict(), "explanation": explain(report)},
-               f"{explain(report)}{where}\nTotal: {report.seconds:.0f}s")
+    out.result(f"{explain(report)}{where}\nTotal: {report.seconds:.0f}s",
+               **report.to_dict(), explanation=explain(report))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from coopt_hub.cli.options import json_option, repo_argument, token_option
-from coopt_hub.cli.output import Output
 
 EXAMPLES = """
 \b
@@ -26,7 +25,7 @@ def _anchors(value: str) -> int | float:
 
 
 @click.command(epilog=EXAMPLES)
-@repo_argument()
+@repo_argument(from_config=False)
 @click.option("--source", required=True, help="Source dataset repo id (unlabeled images, parquet).")
 @click.option("--source-revision", default=None, help="Branch, tag or commit of the source (pinned to its sha).")
 @click.option("--split", default="train", show_default=True, help="Split to optimize.")
@@ -39,7 +38,8 @@ def _anchors(value: str) -> int | float:
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @token_option
 @json_option
-def init(repo, source, source_revision, split, image_column, shards, anchors, dim, seed, temperature, private, token, as_json):
+def init(repo, source, source_revision, split, image_column, shards, anchors, dim, seed, temperature, private, token,
+         out):
     """Publish the plan: pin SOURCE to a commit, split it into shards, draw the anchors.
 
     Re-running with the same arguments does nothing; different arguments are refused.
@@ -47,7 +47,6 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
     from coopt_hub.hub.client import Hub
     from coopt_hub.platform.init import initialize
 
-    out = Output(as_json)
     result = initialize(
         Hub(token=token),
         repo,
@@ -61,13 +60,15 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
         seed=seed,
         temperature=temperature,
         private=private,
+        progress=out,
     )
     plan = result.plan
     sizes = [len(plan.shard_ids(k)) for k in range(plan.num_shards)]
     if plan.granularity == "row":
         out.warn(
             "the source has too few row groups to split; shards are sets of rows and every participant "
-            "reads the whole source. Re-publish it with smaller row groups to let participants download only their shard."
+            "reads the whole source. Re-publish it with smaller row groups to let participants download only "
+            "their shard."
         )
     if len(plan.anchor_ids) < plan.dim:
         out.warn(
@@ -87,7 +88,7 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
     }
     verb = "Published" if result.created else "Unchanged (same plan already published)"
     out.result(
-        summary,
         f"{verb}: {repo} plans {plan.num_shards} shards of {plan.source_repo}@{plan.source_revision[:8]} "
         f"({plan.num_rows} rows, {plan.granularity} granularity; shard sizes {sizes}; {len(plan.anchor_ids)} anchors).",
+        **summary,
     )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from coopt_hub.cli.options import json_option, repo_argument, token_option
-from coopt_hub.cli.output import Output
+from coopt_hub.cli.options import json_option, prior_options, repo_argument, token_option
 
 EXAMPLES = """
 \b
@@ -16,36 +15,13 @@ Examples:
 """
 
 
-def prior_options(function):
-    """The options that choose a prior, shared by `join` and `optimize`."""
-    for option in reversed(
-        [
-            click.option("--model", default=None,
-                         help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())."),
-            click.option("--pretrained", default=None,
-                         help="open_clip pretrained tag, e.g. openai or laion2b_s34b_b79k."),
-            click.option(
-                "--checkpoint",
-                type=click.Path(exists=True, dir_okay=False),
-                default=None,
-                help="A local weights file for the model instead of a pretrained tag.",
-            ),
-            click.option(
-                "--image-size", type=click.IntRange(min=8), default=None, help="Override the model's input size (px)."
-            ),
-        ]
-    ):
-        function = option(function)
-    return function
-
-
 @click.command(epilog=EXAMPLES)
-@repo_argument()
+@repo_argument(from_config=False)
 @prior_options
 @click.option("--name", default=None, help="Your name or organisation, recorded in your shards' reports.")
 @token_option
 @json_option
-def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
+def join(repo, model, pretrained, checkpoint, image_size, name, token, out):
     """Join the collaboration REPO with a prior: writes ./coopt-hub.json for the later commands.
 
     Checks that REPO holds a plan and lists the shards nobody has pushed yet.
@@ -57,7 +33,6 @@ def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
     from coopt_hub.participant.config import ParticipantConfig, save_config
     from coopt_hub.priors import PriorSpec
 
-    out = Output(as_json)
     if not model:
         raise ConfigError("join needs the prior's --model.",
                           hint="e.g. `coopt-hub join REPO --model ViT-B-32 --pretrained openai`.")
@@ -72,8 +47,8 @@ def join(repo, model, pretrained, checkpoint, image_size, name, token, as_json):
     )
     path = save_config(config)
     out.result(
-        {"repo": repo, "config": str(path), "prior": config.prior.to_dict(), "name": name,
-         "num_shards": plan.num_shards, "free_shards": free},
         f"Joined {repo} ({plan.num_shards} shards; not pushed yet: {free or 'none'}). Saved {path}.\n"
         f"Next: coopt-hub optimize --shard {free[0] if free else 'K'} --push",
+        repo=repo, config=str(path), prior=config.prior.to_dict(), name=name, num_shards=plan.num_shards,
+        free_shards=free,
     )

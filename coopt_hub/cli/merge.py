@@ -6,7 +6,6 @@ import click
 from click.core import ParameterSource
 
 from coopt_hub.cli.options import json_option, repo_argument, token_option
-from coopt_hub.cli.output import Output
 
 EXAMPLES = """
 \b
@@ -15,6 +14,7 @@ Examples:
   coopt-hub merge org/imagenet-coopt --images reference --tag v3
   coopt-hub merge org/digits-coopt --allow-partial --json
   coopt-hub merge org/digits-coopt --verify --verify-sample 256
+  coopt-hub merge                      # the repo of `coopt-hub join` in this directory
 """
 
 
@@ -37,7 +37,7 @@ Examples:
 @token_option
 @json_option
 @click.pass_context
-def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, as_json):
+def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, out):
     """Check every shard branch of REPO, align them to the best prior, and publish main as a new version.
 
     Nothing is written unless every check passes; main changes in one commit, which is tagged.
@@ -48,10 +48,9 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, a
 
     if not verify and ctx.get_parameter_source("verify_sample") is not ParameterSource.DEFAULT:
         raise click.UsageError("--verify-sample is the sample of --verify; pass --verify too.")
-    out = Output(as_json)
     result = merge_shards(
         Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, verify=verify,
-        verify_sample=verify_sample, progress=out.info,
+        verify_sample=verify_sample, progress=out,
     )
     manifest = result.manifest
     realigned = [shard.shard for shard in manifest.shards if shard.realigned]
@@ -80,4 +79,4 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, a
             + ("; every shard verified against its declared prior" if manifest.verification else "")
             + f".\nLoad it with load_dataset({repo!r}, revision={result.tag!r})."
         )
-    out.result(summary, text)
+    out.result(text, **summary)

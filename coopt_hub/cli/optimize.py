@@ -13,9 +13,17 @@ from typing import Any, TypeVar
 
 import click
 
-from coopt_hub.cli.join import prior_options
-from coopt_hub.cli.options import json_option, token_option
-from coopt_hub.cli.output import Output
+from coopt_hub.cli.options import (
+    batch_size_option,
+    device_option,
+    json_option,
+    precision_option,
+    prior_options,
+    repo_argument,
+    shard_option,
+    token_option,
+    workdir_option,
+)
 
 T = TypeVar("T")
 
@@ -23,7 +31,7 @@ EXAMPLES = """
 \b
 Examples:
   coopt-hub optimize --shard 3 --push                      # repo and prior from `coopt-hub join`
-  coopt-hub optimize --repo org/digits-coopt --shard 0 --model ViT-B-32 --pretrained openai
+  coopt-hub optimize org/digits-coopt --shard 0 --model ViT-B-32 --pretrained openai
   accelerate launch --multi_gpu --num_processes 8 -m coopt_hub optimize --shard 3 --push --precision bf16
   coopt-hub push --shard 3                                 # send a result made without --push
 """
@@ -77,69 +85,55 @@ def _launch_state(device: str | None) -> tuple[Any, str]:
 
 
 @click.command(epilog=EXAMPLES)
-@click.option("--repo", default=None, help="CoOpt repo (default: COOPT_HUB_REPO, then ./coopt-hub.json).")
-@click.option("--shard", type=click.IntRange(min=0), required=True, help="The shard k to label.")
+@repo_argument()
+@shard_option("The shard k to label.")
 @prior_options
 @click.option("--push", is_flag=True, help="Commit the result to branch shard/{k} (one commit).")
 @click.option("--overwrite", is_flag=True, help="Replace a shard/{k} result made with another prior.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per forward pass.")
+@batch_size_option
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Threads decoding and preprocessing ahead of the forward pass.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: this process's accelerator, else cpu).")
+@precision_option
+@device_option()
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="Undecodable images: stop with their ids, or leave them out and record their ids.")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("coopt-hub-work"),
-              show_default=True, envvar="COOPT_HUB_WORKDIR",
-              help="Where chunks and results are kept; a rerun continues from what is there.")
+@workdir_option("Where chunks and results are kept; a rerun continues from what is there.")
 @token_option
 @json_option
 def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overwrite, batch_size, workers, precision,
-             device, on_bad_image, workdir, token, as_json):
-    """Label shard K with a prior model, judge it on the anchors, align it to the best prior.
+             device, on_bad_image, workdir, token, out):
+    """Label shard K of REPO with a prior model, judge it on the anchors, align it to the best prior.
 
     Resumable: rerun the same command after an interruption and only unfinished chunks are computed.
     Runs as one process or under `accelerate launch` (every process labels its part; rank 0 writes).
     """
     from coopt_hub.errors import CoOptError
     from coopt_hub.hub.client import Hub
-    from coopt_hub.participant.config import load_config, resolve_prior, resolve_repo
+    from coopt_hub.participant.config import load_config, resolve_prior
     from coopt_hub.participant.job import OptimizeOptions, optimize_shard
     from coopt_hub.priors import load_prior
 
     config = load_config()
-    repo = resolve_repo(repo, config)
     spec = resolve_prior(model, pretrained, checkpoint, image_size, config)
     collective, device = _launch_state(device)
-    out = Output(as_json)
+    options = OptimizeOptions(batch_size=batch_size, workers=workers, on_bad_image=on_bad_image, push=push,
+                              overwrite=overwrite, participant=config.name if config else None)
     try:
         result = optimize_shard(
-            Hub(token=token),
-            repo,
-            shard,
-            lambda: load_prior(spec, device=device, precision=precision),
-            workdir=workdir,
-            options=OptimizeOptions(
-                batch_size=batch_size,
-                workers=workers,
-                on_bad_image=on_bad_image,
-                push=push,
-                overwrite=overwrite,
-                progress=out.progress,
-                participant=config.name if config else None,
-            ),
-            collective=collective,
-            messages=out,
+            Hub(token=token), repo, shard, lambda: load_prior(spec, device=device, precision=precision),
+            workdir=workdir, options=options, collective=collective, progress=out,
         )
     except CoOptError as err:
         if collective.rank == 0:
             raise
         # Every rank fails with the same error and rank 0 reports it: one message per job, not per process.
         raise click.exceptions.Exit(err.exit_code) from err
-    if result is None:
-        return
-    report = result.report
+    if result is not None:
+        out.result(_summary(result, push, workdir), **result.to_dict())
+
+
+def _summary(result, push: bool, workdir: Path) -> str:
+    repo, shard, report = result.repo, result.shard, result.report
     reference = report["reference"]
     aligned = "its own reference" if reference is None else f"aligned to shard {reference['shard']}"
     lines = [
@@ -150,5 +144,5 @@ def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overw
     if push:
         lines.append(f"{'Pushed' if result.pushed else 'Already on the branch'}: {report['branch']} @ {result.commit}")
     else:
-        lines.append(f"Not pushed. Send it with: coopt-hub push --repo {repo} --shard {shard} --workdir {workdir}")
-    out.result(result.to_dict(), "\n".join(lines))
+        lines.append(f"Not pushed. Send it with: coopt-hub push {repo} --shard {shard} --workdir {workdir}")
+    return "\n".join(lines)

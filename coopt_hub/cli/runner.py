@@ -1,5 +1,6 @@
 """Runs the command line: every exception becomes a short message, the next step and an exit code
-through the one error table (coopt_hub.errors). Tracebacks only with --debug (or COOPT_HUB_DEBUG=1)."""
+through the one error table (coopt_hub.errors). Tracebacks only with --debug, before or after the
+command, or COOPT_HUB_DEBUG=1."""
 
 from __future__ import annotations
 
@@ -8,23 +9,24 @@ import sys
 
 import click
 
+from coopt_hub.cli.options import Settings
 from coopt_hub.errors import describe_error
+
+DEBUG_ENV = "COOPT_HUB_DEBUG"
 
 
 def run_with_error_table(command: click.Command, argv: list[str] | None = None) -> None:
-    debug = os.environ.get("COOPT_HUB_DEBUG", "").lower() in {"1", "true", "yes"} or (
-        "--debug" in (argv if argv is not None else sys.argv[1:])
-    )
+    settings = Settings(debug=os.environ.get(DEBUG_ENV, "").lower() in {"1", "true", "yes"})
     try:
-        command.main(args=argv, standalone_mode=False, prog_name="coopt-hub")
+        command.main(args=argv, standalone_mode=False, prog_name="coopt-hub", obj=settings)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
         # A usage error ends like every other error: with the next step.
-        command = err.ctx.command_path if getattr(err, "ctx", None) else "coopt-hub"
-        click.echo(f"Next step: correct the command line; `{command} --help` lists every option and its values.",
+        command_path = err.ctx.command_path if getattr(err, "ctx", None) else "coopt-hub"
+        click.echo(f"Next step: correct the command line; `{command_path} --help` lists every option and its values.",
                    err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
@@ -33,7 +35,7 @@ def run_with_error_table(command: click.Command, argv: list[str] | None = None) 
         click.echo("Interrupted. Finished work is kept; rerun the same command to continue.", err=True)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the one place every error is turned into a message
-        if debug:
+        if settings.debug:
             raise
         code, message, hint = describe_error(err)
         click.secho(f"Error: {message}", fg="red", err=True)

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import click
 
-from coopt_hub.cli.options import json_option, repo_argument, token_option
-from coopt_hub.cli.output import Output
+from coopt_hub.cli.columns import COMMIT, PRIOR, SHARD, number
+from coopt_hub.cli.options import (
+    batch_size_option,
+    device_option,
+    json_option,
+    repo_argument,
+    shard_option,
+    token_option,
+)
+from coopt_hub.cli.output import Column
 
 EXAMPLES = """
 \b
@@ -19,10 +27,29 @@ Examples:
 """
 
 
+def _lowest_cosine(key: str) -> Column:
+    return Column(key, lambda row: row[key] and f"{row[key]['min_cosine']:.7f}")
+
+
+# The rows are `ShardVerification.to_dict()`s, as --json prints them. The cosine columns show the
+# lowest cosine, the figure the threshold applies to; the mean and the worst id are in --json and in
+# the note of a failed check.
+COLUMNS = (
+    SHARD,
+    Column("result", lambda row: row["status"]),
+    COMMIT,
+    PRIOR,
+    _lowest_cosine("targets"),
+    _lowest_cosine("anchors"),
+    _lowest_cosine("aligned"),
+    number("dV", "uniformity_delta", ".1e"),
+    number("dresidual", "residual_delta", ".1e"),
+)
+
+
 @click.command(epilog=EXAMPLES)
 @repo_argument()
-@click.option("--shard", "shards", type=click.IntRange(min=0), multiple=True,
-              help="Shard to verify (repeatable; default: every pushed shard).")
+@shard_option("Shard to verify (repeatable; default: every pushed shard).", multiple=True)
 @click.option("--sample", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images of each shard to re-encode (all anchors are re-encoded too).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sample.")
@@ -31,14 +58,13 @@ Examples:
                    "~0.9999999, bf16 ones ~0.9998; 5% noise on the targets gives ~0.9987.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
               help="Largest difference allowed between the declared and recomputed V and alignment residual.")
-@click.option("--device", default="cpu", show_default=True, help="Device the priors run on (cpu, cuda, cuda:N).")
+@device_option("cpu")
 @click.option("--checkpoint-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder holding declared checkpoints (matched by file name) that are not at their declared path.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images per forward pass.")
+@batch_size_option
 @token_option
 @json_option
-def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_dir, batch_size, token, as_json):
+def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_dir, batch_size, token, out):
     """Check that each pushed shard of REPO holds what its declared prior produces.
 
     The declared prior must load with the declared fingerprint; a seeded sample of the shard and
@@ -50,21 +76,20 @@ def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_
     from coopt_hub.hub.client import Hub
     from coopt_hub.platform.verify import MISSING, PriorLoader, Thresholds, failure_error, verify_repo
 
-    out = Output(as_json)
     thresholds = Thresholds(min_cosine=threshold, tolerance=tolerance)
     results = verify_repo(
         Hub(token=token), repo, shards=sorted(set(shards)) or None, sample=sample, seed=seed, thresholds=thresholds,
-        priors=PriorLoader(device, checkpoint_dir), batch_size=batch_size, progress=out.info,
+        priors=PriorLoader(device, checkpoint_dir), batch_size=batch_size, progress=out,
     )
-    summary = {
-        "repo": repo,
-        "sample": sample,
-        "seed": seed,
-        "thresholds": {"min_cosine": threshold, "tolerance": tolerance},
-        "passed": all(r.passed for r in results if r.status != MISSING),
-        "shards": [r.to_dict() for r in results],
-    }
-    out.result(summary, render(repo, results))
+    counts = ", ".join(f"{count} {result}" for result, count in Counter(r.status for r in results).items())
+    out.table(
+        [r.to_dict() for r in results], COLUMNS, key="shards",
+        message=f"{repo}: {counts}; cosines are the lowest of each comparison (threshold {threshold})",
+        notes=[f"shard {r.shard}: {check.name} ({check.status}): {check.message}" for r in results
+               for check in r.problems()],
+        repo=repo, sample=sample, seed=seed, thresholds={"min_cosine": threshold, "tolerance": tolerance},
+        passed=all(r.passed for r in results if r.status != MISSING),
+    )
     error = failure_error(results, repo)
     if error is not None:
         raise error
@@ -74,35 +99,3 @@ def verify(repo, shards, sample, seed, threshold, tolerance, device, checkpoint_
             f"Nothing has been pushed for shard(s) {', '.join(map(str, missing))} of {repo}; nothing to verify.",
             hint=f"`coopt-hub status {repo}` shows which shards have been pushed.",
         )
-
-
-def render(repo: str, results) -> str:
-    from coopt_hub.platform.card import prior_label
-
-    def cosines(agreement) -> str:
-        return f"{agreement.min_cosine:.7f}/{agreement.mean_cosine:.7f}" if agreement else "-"
-
-    def delta(value) -> str:
-        return f"{value:.1e}" if value is not None else "-"
-
-    rows = [("shard", "result", "commit", "prior", "targets min/mean", "anchors min/mean", "aligned min/mean",
-             "dV", "dresidual")]
-    for r in results:
-        rows.append((
-            str(r.shard),
-            r.status,
-            r.commit[:8] if r.commit else "-",
-            prior_label(r.prior) if r.prior else "-",
-            cosines(r.targets),
-            cosines(r.anchors),
-            cosines(r.aligned),
-            delta(r.uniformity_delta),
-            delta(r.residual_delta),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    counts = Counter(r.status for r in results)
-    lines = [f"{repo}: " + ", ".join(f"{count} {status}" for status, count in counts.items()), ""]
-    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    for r in results:
-        lines += [f"shard {r.shard}: {check.name} ({check.status}): {check.message}" for check in r.problems()]
-    return "\n".join(lines)
