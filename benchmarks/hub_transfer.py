@@ -9,7 +9,9 @@ over a temp dir, then measures:
   - download of the large file with hf_hub_download (for reference);
   - download of the same bytes with the SAME plain client for both servers: an httpx2 streaming GET
     of the Hub's /resolve/ URL versus a GET of the file from http.server (interleaved, best of --repeats);
-  - snapshot_download of the small files.
+  - snapshot_download of the small files;
+  - 16 parallel ranged reads covering a --ranged-mb (1 GiB) LFS file, with the hub process's peak
+    RSS (VmHWM) afterwards: the server streams ranges with sendfile, so it must stay under 200 MiB.
 The last line is `download throughput vs http.server: <ratio>` (plain GET vs plain GET).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import subprocess
 import sys
@@ -66,11 +69,45 @@ def plain_get(client, url: str, expected: int) -> None:
         raise RuntimeError(f"GET {url} returned {received} bytes, expected {expected}")
 
 
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def parallel_ranged_reads(api, repo: str, work: Path, size_mb: int, url: str, readers: int = 16) -> float:
+    """Upload a `size_mb` LFS file, then read it whole as `readers` parallel ranges; returns MB/s."""
+    import httpx2
+
+    path = work / "ranged.bin"
+    with open(path, "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(MB))
+    api.upload_file(path_or_fileobj=str(path), path_in_repo="ranged.bin", repo_id=repo, repo_type="dataset")
+    size, part = size_mb * MB, size_mb * MB // readers
+
+    def read(index: int) -> int:
+        first, last = index * part, (index + 1) * part - 1 if index < readers - 1 else size - 1
+        with httpx2.Client(timeout=300) as client:
+            with client.stream("GET", url, headers={"Range": f"bytes={first}-{last}"}) as response:
+                if response.status_code != 206:
+                    raise RuntimeError(f"range read answered {response.status_code}")
+                return sum(len(chunk) for chunk in response.iter_bytes(_CHUNK))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        received = sum(pool.map(read, range(readers)))
+    seconds = time.perf_counter() - start
+    if received != size:
+        raise RuntimeError(f"ranged reads returned {received} bytes, expected {size}")
+    return size / MB / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--small-files", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ranged-mb", type=int, default=1024)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hub-transfer-"))
@@ -129,8 +166,14 @@ def main() -> None:
         results.append((f"download {args.size_mb} MB, plain httpx2 GET of /resolve/ (coopt-hub)", hub_rate))
         results.append((f"download {args.size_mb} MB, plain httpx2 GET (python -m http.server)", plain_rate))
 
+        ranged_url = f"{env['HF_ENDPOINT']}/datasets/{repo}/resolve/main/ranged.bin"
+        ranged_rate = parallel_ranged_reads(api, repo, work, args.ranged_mb, ranged_url)
+        results.append((f"16 parallel ranged reads of a {args.ranged_mb} MB LFS file", ranged_rate))
+
         for label, rate in results:
             print(f"{label}: {rate:.2f} MB/s")
+        print(f"hub server peak RSS after the parallel ranged reads: {peak_rss_mib(hub_process.pid):.0f} MiB "
+              "(goal < 200)")
         print(f"download throughput vs http.server: {hub_rate / plain_rate:.2f}")
     finally:
         for process in (hub_process, http_process):

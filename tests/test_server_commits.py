@@ -181,7 +181,8 @@ def killed_while_moving_the_ref(self, ref, old, new):
 GitRepo._move_ref = killed_while_moving_the_ref
 namespace, name = sys.argv[2].split("/")
 repo = HubStorage(sys.argv[1]).open(RepoId("dataset", namespace, name))
-repo.commit("main", [AddFile("half.txt", b"never visible")], "crashing", "", None, "coopt")
+blob = repo.add_blob("half.txt", b"never visible")
+repo.commit("main", [AddFile("half.txt", blob)], "crashing", "", None, "coopt")
 """
 
 

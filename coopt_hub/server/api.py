@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
-from urllib.parse import unquote
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import unquote, urlencode
 
 from dulwich.errors import NotGitRepository
+from dulwich.ignore import IgnoreFilter
 
+from coopt_hub.server import discussions
 from coopt_hub.server.auth import Auth, require_user
 from coopt_hub.server.cards import CardMetadataError, card_metadata
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found
-from coopt_hub.server.http import Request, Response, json_response, ranged
+from coopt_hub.server.http import Request, Response, json_response, parse_json, ranged
 from coopt_hub.server.names import (
     TYPES_BY_PLURAL,
     check_path,
@@ -42,13 +48,30 @@ from coopt_hub.server.storage import (
 )
 
 _LFS_JSON = "application/vnd.git-lfs+json"
-_HEX40_LEN = 40
+_COMMIT_ID = re.compile(r"^[0-9a-f]{7,40}$")
+# A caller without a valid token can only read, and reads send small bodies (paths-info, validate-yaml).
+UNAUTHENTICATED_BODY_BYTES = 1024 * 1024
+# One NDJSON line holds one regular file (at most LFS_THRESHOLD, base64) or one operation.
+_MAX_COMMIT_LINE = 16 * 1024 * 1024
+_MAX_COMMIT_LINES = 100_000
+_TREE_PAGE = 1000
+_EXPANDED_PAGE = 50  # expanded entries cost a history walk: the Hub pages them by 50 too
+_MAX_PATHS_INFO = 1000
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routed request: what reads its body may read (bytes), and the call that answers it."""
+
+    call: Callable[[], Response]
+    body_limit: int
 
 
 class HubApi:
-    def __init__(self, storage: HubStorage, auth: Auth):
+    def __init__(self, storage: HubStorage, auth: Auth, max_body_bytes: int):
         self.storage = storage
         self.auth = auth
+        self.max_body_bytes = max_body_bytes
         self._fixed_routes = {
             ("GET", "whoami-v2"): self.whoami,
             ("POST", "validate-yaml"): self.validate_yaml,
@@ -71,17 +94,28 @@ class HubApi:
             ("POST", "tag", 1): self.create_tag,
             ("DELETE", "tag", 1): self.delete_tag,
             ("PUT", "settings", 0): self.update_settings,
+            ("GET", "discussions", 0): self.list_discussions,
+            ("POST", "discussions", 0): self.create_discussion,
+            ("GET", "discussions", 1): self.discussion_details,
+            ("POST", "discussions", 2): self.change_discussion,
         }
 
     # ---- routing ---------------------------------------------------------------------------
 
-    def dispatch(self, request: Request) -> Response:
+    def route(self, request: Request) -> Route:
+        """Who is calling and which endpoint answers; runs before the body is read, to size its limit."""
         request.user = self.auth.user_for(request.headers.get("Authorization"))
         s = request.segments
         route = self._route_api(request.method, s[1:]) if s[:1] == ["api"] else self._route_web(request.method, s)
         if route is None:
-            raise HubError(404, f"No endpoint for {request.method} /{'/'.join(s)}.", "NotFound")
+            raise HubError(404, f"No endpoint for {request.method} /{'/'.join(s)[:200]}.", "NotFound")
         handler, args = route
+        limit = self.max_body_bytes if request.user is not None else UNAUTHENTICATED_BODY_BYTES
+        if handler == self.lfs_upload:
+            limit = self._check_upload_url(request, *args)
+        return Route(lambda: self._call(handler, request, args), limit)
+
+    def _call(self, handler: Callable[..., Response], request: Request, args: list) -> Response:
         try:
             return handler(request, *args)
         except (OSError, KeyError, NotGitRepository):
@@ -94,6 +128,8 @@ class HubApi:
         fixed = self._fixed_routes.get((method, "/".join(s)))
         if fixed is not None:
             return fixed, []
+        if s[:1] and s[0] in TYPES_BY_PLURAL and len(s) == 1 and method == "GET":
+            return self.list_repos, [TYPES_BY_PLURAL[s[0]]]
         if len(s) < 3 or s[0] not in TYPES_BY_PLURAL:
             return None
         repo = (TYPES_BY_PLURAL[s[0]], unquote(s[1]), unquote(s[2]))
@@ -181,6 +217,29 @@ class HubApi:
                                body.get("name"))
         self.storage.delete(repo_id)
         return json_response({})
+
+    def list_repos(self, request: Request, repo_type: str) -> Response:
+        """`/api/datasets?author=&search=&limit=`: public repos, and private ones for a token holder."""
+        author, search = request.param("author"), (request.param("search") or "").lower()
+        limit_text = request.param("limit") or ""
+        limit = int(limit_text) if limit_text.isascii() and limit_text.isdigit() and len(limit_text) < 9 else None
+        found = []
+        for repo_id in self.storage.list_repos(repo_type):
+            if author is not None and repo_id.namespace.lower() != author.lower() or search not in repo_id.id.lower():
+                continue
+            try:
+                settings = self.storage.open(repo_id).settings
+            except (HubError, OSError):
+                continue  # deleted meanwhile
+            if settings.get("private") and request.user is None:
+                continue
+            found.append({"_id": f"{repo_id.type}:{repo_id.id}", "id": repo_id.id, "author": repo_id.namespace,
+                          "private": bool(settings.get("private")), "gated": False, "disabled": False,
+                          "downloads": 0, "likes": 0, "tags": [], "createdAt": settings.get("createdAt")})
+            if limit is not None and len(found) >= limit:
+                break
+        page, headers = _page(request, found, _TREE_PAGE)
+        return json_response(page, headers=headers)
 
     def update_settings(self, request: Request, repo: tuple[str, str, str]) -> Response:
         git_repo = self._open(request, repo, write=True)
@@ -280,27 +339,32 @@ class HubApi:
         if path:
             check_path(path)
         entries = git_repo.list_dir(sha, path, recursive=request.flag("recursive"))
-        return json_response([self._entry_json(git_repo, sha, e, request.flag("expand")) for e in entries])
+        expand = request.flag("expand")
+        # Pages as the Hub cuts them, linked GitHub-style; the cursor is an offset into the listing.
+        page, headers = _page(request, entries, _EXPANDED_PAGE if expand else _TREE_PAGE)
+        return json_response(self._entries_json(git_repo, sha, page, expand), headers=headers)
 
     def paths_info(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
         git_repo = self._open(request, repo)
         sha = git_repo.resolve(revision)
         form = request.form_or_json()
         expand = str((form.get("expand") or ["false"])[-1]).lower() in {"1", "true"}
-        found = []
-        for path in form.get("paths", []):
-            path = str(path).strip("/")
-            entry = git_repo.entry(sha, path) if path and _is_valid_path(path) else None
-            if entry is not None:
-                found.append(self._entry_json(git_repo, sha, entry, expand))
-        return json_response(found)
+        paths = list(dict.fromkeys(str(path).strip("/") for path in form.get("paths", [])))
+        if len(paths) > _MAX_PATHS_INFO:
+            raise bad_request(f"paths-info takes at most {_MAX_PATHS_INFO} distinct paths per request.")
+        entries = [git_repo.entry(sha, path) if path and _is_valid_path(path) else None for path in paths]
+        return json_response(self._entries_json(git_repo, sha, [e for e in entries if e is not None], expand))
 
-    def _entry_json(self, git_repo: GitRepo, sha: str, entry: Entry, expand: bool) -> dict:
-        data = entry.to_json()
-        if expand:
-            last = git_repo.last_commit_touching(sha, entry.path)
-            data["lastCommit"] = {"id": last.id, "title": last.title, "date": iso_date(last.timestamp)}
-        return data
+    def _entries_json(self, git_repo: GitRepo, sha: str, entries: list[Entry], expand: bool) -> list[dict]:
+        last = git_repo.last_commits(sha, [entry.path for entry in entries]) if expand else {}
+        answers = []
+        for entry in entries:
+            data = entry.to_json()
+            if expand:
+                commit = last[entry.path]
+                data["lastCommit"] = {"id": commit.id, "title": commit.title, "date": iso_date(commit.timestamp)}
+            answers.append(data)
+        return answers
 
     def resolve(self, request: Request, repo: tuple[str, str, str], revision: str, path: str) -> Response:
         git_repo = self._open(request, repo)
@@ -320,25 +384,26 @@ class HubApi:
         status, offset, length = part if part else (200, 0, entry.size)
         if part:
             headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{entry.size}"
-        if entry.lfs_oid:
-            lfs_file = git_repo.lfs_path(entry.lfs_oid)
-            if not git_repo.has_lfs(entry.lfs_oid, entry.size):
-                raise HubError(500, f"The LFS object of {path!r} is missing from the server's storage.",
-                               "LfsObjectMissing")
-            return Response(status, headers=headers, file=lfs_file, offset=offset, length=length)
+        if entry.lfs_oid and not git_repo.has_lfs(entry.lfs_oid, entry.size):
+            raise HubError(500, f"The LFS object of {path!r} is missing from the server's storage.",
+                           "LfsObjectMissing")
         if request.method == "HEAD":
             return Response(status, headers=headers, length=length)
-        return Response(status, git_repo.read_blob(entry.oid)[offset: offset + length], headers)
+        if entry.lfs_oid:
+            return Response(status, headers=headers, file=git_repo.lfs_path(entry.lfs_oid), offset=offset,
+                            length=length)
+        return Response(status, headers=headers, stream=git_repo.iter_blob(entry.oid, offset, length), length=length)
 
     # ---- commits ---------------------------------------------------------------------------
 
     def preupload(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
         git_repo = self._open(request, repo, write=True)
-        _reject_pull_requests(request)
         head = git_repo.branch_head(revision)
-        files = request.json().get("files")
+        body = request.json()
+        files = body.get("files")
         if not isinstance(files, list):
             raise bad_request("Preupload expects {'files': [{'path', 'size', 'sample'}, ...]}.")
+        ignored = _ignore_filter(git_repo, head, body.get("gitIgnore"))
         answers = []
         for item in files:
             if not isinstance(item, dict):
@@ -353,22 +418,82 @@ class HubApi:
             oid = None
             if current is not None and current.type == "file":
                 oid = current.lfs_oid if mode == "lfs" else (current.oid if current.lfs_oid is None else None)
-            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+            should_ignore = bool(ignored.is_ignored(path)) if ignored is not None else False
+            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": should_ignore, "oid": oid})
         return json_response({"files": answers})
 
     def commit(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
         git_repo = self._open(request, repo, write=True)
-        _reject_pull_requests(request)
-        header, operations = _parse_commit(request.body())
-        oid = git_repo.commit(
-            revision, operations, header["summary"], header["description"], header["parentCommit"], request.user
-        )
+        with request.body.open() as body:
+            header, operations = _parse_commit(body, git_repo)
+        commit_args = (operations, header["summary"], header["description"], header["parentCommit"], request.user)
+        answer: dict = {}
+        if request.flag("create_pr"):
+            num, oid = git_repo.commit_pull_request(revision, *commit_args)
+            answer["pullRequestUrl"] = f"{request.endpoint}/{git_repo.repo_id.web_path}/discussions/{num}"
+        else:
+            oid = git_repo.commit(revision, *commit_args)
         return json_response({
             "commitOid": oid,
             "commitUrl": f"{request.endpoint}/{git_repo.repo_id.web_path}/commit/{oid}",
             "commitMessage": header["summary"],
             "success": True,
+            **answer,
         })
+
+    # ---- discussions and pull requests ------------------------------------------------------
+
+    def list_discussions(self, request: Request, repo: tuple[str, str, str]) -> Response:
+        git_repo = self._open(request, repo)
+        repo_id = git_repo.repo_id
+        kind, status, author = request.param("type"), request.param("status"), request.param("author")
+        records = [r for r in git_repo.discussions.load() if discussions.matches(r, kind, status, author)]
+        records.sort(key=lambda r: r["num"], reverse=True)
+        page = request.param("p") or "0"
+        start = int(page) * discussions.PAGE_SIZE if page.isascii() and page.isdigit() and len(page) < 7 else 0
+        return json_response({"count": len(records), "start": start, "discussions": [
+            discussions.summary(r, repo_id.id, repo_id.type) for r in records[start: start + discussions.PAGE_SIZE]
+        ]})
+
+    def create_discussion(self, request: Request, repo: tuple[str, str, str]) -> Response:
+        git_repo = self._open(request, repo, write=True)
+        body = request.json()
+        title, description = body.get("title"), body.get("description") or ""
+        if not isinstance(title, str) or not title.strip() or not isinstance(description, str):
+            raise HubError(422, "A discussion needs a non-empty 'title' string.", "UnprocessableEntity")
+        num = git_repo.open_discussion(title.strip(), description, request.user, body.get("pullRequest") is True)
+        return json_response({"num": num, "url": f"{request.endpoint}/{git_repo.repo_id.web_path}/discussions/{num}"})
+
+    def discussion_details(self, request: Request, repo: tuple[str, str, str], num: str) -> Response:
+        git_repo = self._open(request, repo)
+        records = git_repo.discussions.load()
+        record = git_repo.discussions.get(records, _discussion_number(num))
+        repo_id = git_repo.repo_id
+        conflicts = git_repo.pull_request_conflicts(record)
+        return json_response(discussions.details(record, repo_id.id, repo_id.type, conflicts))
+
+    def change_discussion(self, request: Request, repo: tuple[str, str, str], num: str, resource: str) -> Response:
+        git_repo = self._open(request, repo, write=True)
+        number, user, body = _discussion_number(num), request.user, request.json()
+        if resource == "merge":
+            comment = body.get("comment")
+            return json_response({"newStatus": git_repo.merge_pull_request(number, user, _optional_text(comment))})
+        if resource == "comment":
+            text = _required_text(body.get("comment"), "comment")
+            return json_response({"newMessage": git_repo.change_discussion(
+                number, lambda store, record: store.comment(record, text, user))})
+        if resource == "title":
+            title = _required_text(body.get("title"), "title")
+
+            def rename(store: discussions.DiscussionStore, record: dict) -> dict:
+                event = store.event(record, "title-change", user, {"from": record["title"], "to": title})
+                record["title"] = title
+                return event
+
+            return json_response({"newTitle": git_repo.change_discussion(number, rename)})
+        if resource == "status":
+            return json_response({"newStatus": git_repo.change_discussion(number, _status_change(body, user))})
+        raise HubError(404, f"No discussion action {resource[:50]!r}.", "NotFound")
 
     # ---- git-LFS basic transfer ------------------------------------------------------------
 
@@ -404,21 +529,25 @@ class HubApi:
         return json_response({"transfer": "basic", "objects": answers, "hash_algo": "sha256"},
                              headers={"Content-Type": _LFS_JSON})
 
-    def lfs_upload(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:
+    def _check_upload_url(self, request: Request, repo: tuple[str, str, str], oid: str) -> int:
+        """An LFS PUT carries no token: its signed URL is the credential, and it fixes the body size."""
         try:
             repo_id = make_repo_id(*repo)
         except HubError:
             raise repo_not_found(f"{repo[1]}/{repo[2]}") from None
         size_text = request.param("size") or ""
-        if not is_sha256(oid) or not size_text.isdigit():
+        if not is_sha256(oid) or not (size_text.isascii() and size_text.isdigit() and len(size_text) < 19):
             raise bad_request("An LFS upload URL names a sha256 oid and a size; ask the batch endpoint for one.")
         self.auth.check_signature(request.param("expires") or "", request.param("sig") or "",
                                   repo_id.web_path, oid, size_text)
-        git_repo = self.storage.open(repo_id)
         declared = request.headers.get("Content-Length")
-        if declared is not None and declared.strip() != size_text:
+        if declared is not None and declared != size_text:
             raise bad_request(f"The upload of {oid} must be exactly {size_text} bytes.")
-        git_repo.receive_lfs(oid, int(size_text), request.stream())
+        return int(size_text)
+
+    def lfs_upload(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:
+        git_repo = self.storage.open(make_repo_id(*repo))
+        git_repo.receive_lfs(oid, int(request.param("size")), request.body.on_disk())
         return Response(200)
 
     def lfs_verify(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:
@@ -429,15 +558,37 @@ class HubApi:
         return json_response({}, headers={"Content-Type": _LFS_JSON})
 
 
+def _check_card(readme: bytes) -> None:
+    """The Hub refuses a README whose metadata it cannot read; so do we, rather than serve it broken."""
+    try:
+        card_metadata(readme.decode("utf-8", "replace"))
+    except CardMetadataError as err:
+        raise bad_request(f"Invalid metadata in README.md: {err}") from None
+
+
+_CARDS: OrderedDict[str, dict | None] = OrderedDict()  # README blob id -> its metadata, newest last
+_CARDS_LOCK = threading.Lock()
+_MAX_CACHED_CARDS = 256
+
+
 def _card_data(git_repo: GitRepo, sha: str) -> dict | None:
-    """The README's metadata; a README the Hub would have refused (bad YAML) just has none."""
+    """The README's metadata, parsed once per README version; a README the Hub would have refused
+    (committed before the check at commit time existed) just has none."""
     readme = git_repo.entry(sha, "README.md")
     if readme is None or readme.type != "file" or readme.lfs_oid is not None:
         return None
+    with _CARDS_LOCK:
+        if readme.oid in _CARDS:
+            return _CARDS[readme.oid]
     try:
-        return card_metadata(git_repo.read_blob(readme.oid).decode("utf-8", "replace"))
+        card = card_metadata(git_repo.read_blob(readme.oid).decode("utf-8", "replace"))
     except CardMetadataError:
-        return None
+        card = None
+    with _CARDS_LOCK:
+        _CARDS[readme.oid] = card
+        if len(_CARDS) > _MAX_CACHED_CARDS:
+            _CARDS.popitem(last=False)
+    return card
 
 
 def _is_valid_path(path: str) -> bool:
@@ -448,9 +599,61 @@ def _is_valid_path(path: str) -> bool:
     return True
 
 
-def _reject_pull_requests(request: Request) -> None:
-    if request.flag("create_pr"):
-        raise bad_request("Pull requests are not supported by this server; commit to a branch instead.")
+def _page(request: Request, items: list, page_size: int) -> tuple[list, dict[str, str]]:
+    """One page of a listing, and the GitHub-style Link to the next (the cursor is an offset)."""
+    cursor = request.param("cursor") or "0"
+    start = int(cursor) if cursor.isascii() and cursor.isdigit() and len(cursor) < 10 else 0
+    headers = {}
+    if start + page_size < len(items):
+        query = {key: values[-1] for key, values in request.query.items()}
+        query["cursor"] = str(start + page_size)
+        headers["Link"] = f'<{request.endpoint}{request.path}?{urlencode(query)}>; rel="next"'
+    return items[start: start + page_size], headers
+
+
+def _ignore_filter(git_repo: GitRepo, head: str, git_ignore: object) -> IgnoreFilter | None:
+    """The .gitignore a preupload is checked against: the one being uploaded, else the branch's."""
+    if git_ignore is None:
+        entry = git_repo.entry(head, ".gitignore")
+        if entry is None or entry.type != "file" or entry.lfs_oid is not None:
+            return None
+        git_ignore = git_repo.read_blob(entry.oid).decode("utf-8", "replace")
+    if not isinstance(git_ignore, str):
+        raise bad_request("gitIgnore must be the text of a .gitignore file.")
+    return IgnoreFilter([line.encode() for line in git_ignore.splitlines()[:10_000] if line.strip()])
+
+
+def _discussion_number(num: str) -> int:
+    if not (num.isascii() and num.isdigit() and len(num) < 10) or int(num) == 0:
+        raise HubError(404, f"Discussion {num[:20]!r} not found.", "DiscussionNotFound")
+    return int(num)
+
+
+def _required_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise HubError(422, f"The {what} must be a non-empty string.", "UnprocessableEntity")
+    return value.strip()
+
+
+def _optional_text(value: object) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _status_change(body: dict, user: str) -> Callable:
+    status = body.get("status")
+    if status not in ("open", "closed"):
+        raise HubError(422, "The status must be 'open' or 'closed'.", "UnprocessableEntity")
+    comment = _optional_text(body.get("comment"))
+
+    def change(store: discussions.DiscussionStore, record: dict) -> dict:
+        if record["status"] == "merged":
+            raise HubError(409, f"#{record['num']} is merged; its status cannot change.", "Conflict")
+        if comment:
+            store.comment(record, comment, user)
+        record["status"] = status
+        return store.event(record, "status-change", user, {"status": status})
+
+    return change
 
 
 def _b64decode(text: object, what: str) -> bytes:
@@ -462,53 +665,73 @@ def _b64decode(text: object, what: str) -> bytes:
         raise bad_request(f"The {what} is not valid base64.") from None
 
 
-def _parse_commit(body: bytes) -> tuple[dict, list[Operation]]:
-    """Validate the whole NDJSON payload before anything is written."""
-    lines = [line for line in body.split(b"\n") if line.strip()]
-    if not lines:
+def _parse_commit(body: BinaryIO, git_repo: GitRepo) -> tuple[dict, list[Operation]]:
+    """Validate the whole NDJSON payload before any ref moves; file contents go to the object store
+    as they are read (unreferenced until the commit lands), so memory holds one line at a time."""
+    lines = _commit_lines(body)
+    key, value = next(lines, (None, None))
+    if key is None:
         raise bad_request("Empty commit payload: expected NDJSON lines, the first being the header.")
-    items = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            item = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
-            raise bad_request(f"Line {number} of the commit payload is not valid JSON.") from None
-        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
-            raise bad_request(f"Line {number} of the commit payload must be {{'key': ..., 'value': {{...}}}}.")
-        items.append((item.get("key"), item["value"]))
-    key, value = items[0]
     if key != "header":
         raise bad_request("The first line of the commit payload must be the header.")
+    header = _commit_header(value)
+    operations = [_operation(key, value, git_repo) for key, value in lines]
+    return header, operations
+
+
+def _commit_lines(body: BinaryIO):
+    for number in range(1, _MAX_COMMIT_LINES + 1):
+        line = body.readline(_MAX_COMMIT_LINE + 1)
+        if not line:
+            return
+        if len(line) > _MAX_COMMIT_LINE:
+            raise bad_request(f"Line {number} of the commit payload is longer than {_MAX_COMMIT_LINE} bytes; "
+                              "send large files through LFS.")
+        if not line.strip():
+            continue
+        try:
+            item = parse_json(line, f"line {number} of the commit payload")
+        except HubError as err:
+            raise bad_request(f"Line {number} of the commit payload is not valid JSON ({err.message})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
+            raise bad_request(f"Line {number} of the commit payload must be {{'key': ..., 'value': {{...}}}}.")
+        yield item.get("key"), item["value"]
+    if body.readline(1):
+        raise bad_request(f"A commit payload holds at most {_MAX_COMMIT_LINES} lines.")
+
+
+def _commit_header(value: dict) -> dict:
     summary = value.get("summary")
     description = value.get("description") or ""
     parent = value.get("parentCommit")
     if not isinstance(summary, str) or not summary.strip() or not isinstance(description, str):
         raise bad_request("The commit header needs a non-empty 'summary' string.")
-    if parent is not None and (not isinstance(parent, str) or len(parent) != _HEX40_LEN):
-        raise bad_request("parentCommit must be a 40-character commit id.")
-    header = {"summary": summary.strip(), "description": description, "parentCommit": parent}
-    operations: list[Operation] = []
-    for key, value in items[1:]:
-        path = value.get("path")
-        if key == "deletedFolder" and isinstance(path, str):
-            path = path.rstrip("/")  # the client sends folders as `dir/`
-        path = check_path(path)
-        if key == "file":
-            if value.get("encoding", "base64") != "base64":
-                raise bad_request(f"Unsupported encoding for {path!r}; send base64.")
-            operations.append(AddFile(path, _b64decode(value.get("content"), f"content of {path!r}")))
-        elif key == "lfsFile":
-            oid, size = value.get("oid"), value.get("size")
-            if value.get("algo", "sha256") != "sha256" or not is_sha256(oid):
-                raise bad_request(f"LFS file {path!r} needs a sha256 oid.")
-            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-                raise bad_request(f"Invalid size for LFS file {path!r}.")
-            operations.append(AddLfsFile(path, oid, size))
-        elif key == "deletedFile":
-            operations.append(DeleteFile(path))
-        elif key == "deletedFolder":
-            operations.append(DeleteFolder(path))
-        else:
-            raise bad_request(f"Unknown commit operation {key!r}.")
-    return header, operations
+    if parent is not None and (not isinstance(parent, str) or not _COMMIT_ID.match(parent)):
+        raise bad_request("parentCommit must be a commit id (7 to 40 hex digits).")
+    return {"summary": summary.strip(), "description": description, "parentCommit": parent}
 
+
+def _operation(key: object, value: dict, git_repo: GitRepo) -> Operation:
+    path = value.get("path")
+    if key == "deletedFolder" and isinstance(path, str):
+        path = path.rstrip("/")  # the client sends folders as `dir/`
+    path = check_path(path)
+    if key == "file":
+        if value.get("encoding", "base64") != "base64":
+            raise bad_request(f"Unsupported encoding for {path!r}; send base64.")
+        content = _b64decode(value.get("content"), f"content of {path!r}")
+        if path == "README.md":
+            _check_card(content)
+        return AddFile(path, git_repo.add_blob(path, content))
+    if key == "lfsFile":
+        oid, size = value.get("oid"), value.get("size")
+        if value.get("algo", "sha256") != "sha256" or not is_sha256(oid):
+            raise bad_request(f"LFS file {path!r} needs a sha256 oid.")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise bad_request(f"Invalid size for LFS file {path!r}.")
+        return AddLfsFile(path, oid, size)
+    if key == "deletedFile":
+        return DeleteFile(path)
+    if key == "deletedFolder":
+        return DeleteFolder(path)
+    raise bad_request(f"Unknown commit operation {str(key)[:50]!r}.")

@@ -49,9 +49,9 @@ class Auth:
         return expires, self._signature(expires, parts)
 
     def check_signature(self, expires: str, signature: str, *parts: str) -> None:
-        if not expires.isdigit() or int(expires) < time.time():
+        if not (expires.isascii() and expires.isdigit() and len(expires) < 19) or int(expires) < time.time():
             raise HubError(403, "This upload URL has expired; ask the batch endpoint for a new one.", "Forbidden")
-        if not hmac.compare_digest(signature, self._signature(int(expires), parts)):
+        if not signature.isascii() or not hmac.compare_digest(signature, self._signature(int(expires), parts)):
             raise HubError(403, "Invalid upload URL signature.", "Forbidden")
 
     def _signature(self, expires: int, parts: tuple[str, ...]) -> str:

@@ -1,12 +1,21 @@
-"""The YAML metadata block at the top of a README.md, which the Hub serves as `cardData`."""
+"""The YAML metadata block at the top of a README.md, which the Hub serves as `cardData`.
+
+YAML aliases let a few hundred bytes stand for gigabytes once expanded (or for a cycle, which no
+JSON can hold), so the parsed metadata is copied into plain JSON values under a budget: too
+large, too deep or cyclic metadata is refused, never expanded.
+"""
 
 from __future__ import annotations
 
+import datetime
 import re
 
 import yaml
 
 _FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+MAX_METADATA_BYTES = 256 * 1024
+MAX_METADATA_NODES = 20_000  # values after alias expansion
+MAX_METADATA_DEPTH = 32
 
 
 class CardMetadataError(ValueError):
@@ -14,18 +23,62 @@ class CardMetadataError(ValueError):
 
 
 def card_metadata(readme: str) -> dict | None:
-    """The parsed metadata block; None when the README has none; CardMetadataError when it is broken."""
+    """The metadata as plain JSON values; None when the README has none; CardMetadataError when it is
+    broken or beyond the bounds above."""
     match = _FRONT_MATTER.match(readme)
     if match is None:
         return None
+    text = match.group(1)
+    if len(text.encode("utf-8", "replace")) > MAX_METADATA_BYTES:
+        raise CardMetadataError(f"The README metadata is larger than {MAX_METADATA_BYTES} bytes.")
+    if _bracket_depth(text) > MAX_METADATA_DEPTH:
+        # PyYAML's scanner is quadratic in flow nesting: 5000 '[' cost seconds before failing.
+        raise CardMetadataError("Invalid YAML in the README metadata: nested too deeply.")
     try:
-        data = yaml.safe_load(match.group(1))
-    except yaml.YAMLError as err:
-        raise CardMetadataError(f"Invalid YAML in the README metadata: {err}") from None
-    except RecursionError:  # a committed README like this would otherwise fail every repo info request
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: an integer past 4300 digits
+        raise CardMetadataError(f"Invalid YAML in the README metadata: {str(err)[:500]}") from None
+    except RecursionError:
         raise CardMetadataError("Invalid YAML in the README metadata: nested too deeply.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CardMetadataError("The README metadata must be a YAML mapping (key: value lines).")
-    return data
+    return _Budget().copy(data, 0)
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of flow collections, counting brackets inside quotes too (an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.nodes = 0
+
+    def copy(self, value: object, depth: int) -> object:
+        """A JSON-safe copy; dates become ISO strings, other odd scalars (binary, sets) strings."""
+        self.nodes += 1
+        if self.nodes > MAX_METADATA_NODES:
+            raise CardMetadataError(
+                f"The README metadata expands to more than {MAX_METADATA_NODES} values (YAML aliases?).")
+        if depth > MAX_METADATA_DEPTH:
+            raise CardMetadataError("Invalid YAML in the README metadata: nested too deeply (or a cyclic alias).")
+        if isinstance(value, dict):
+            return {str(key): self.copy(item, depth + 1) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.copy(item, depth + 1) for item in value]
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            return value if value == value and abs(value) != float("inf") else str(value)
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()
+        return str(value)

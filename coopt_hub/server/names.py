@@ -20,7 +20,9 @@ TYPES_BY_PLURAL = {plural: singular for singular, plural in PLURALS.items()}
 RESERVED_NAMESPACES = {"api", "datasets", "spaces", "models", "lfs-upload"}
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_FULL_COMMIT_ID = re.compile(r"^[0-9a-fA-F]{40}$")
 _MAX_PATH_LENGTH = 4096
+_MAX_PATH_DEPTH = 128  # folders nested deeper than this are refused before any recursive walk
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ def check_path(path: object) -> str:
         raise bad_request("Empty or non-string path in repo.")
     if len(path) > _MAX_PATH_LENGTH:
         raise bad_request(f"Path in repo longer than {_MAX_PATH_LENGTH} characters.")
+    if path.count("/") >= _MAX_PATH_DEPTH:
+        raise bad_request(f"Path in repo nested deeper than {_MAX_PATH_DEPTH} folders.")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in path):
+        raise bad_request("Invalid path: it holds a lone surrogate, which is not valid UTF-8.")
     if path.startswith("/") or "\\" in path or any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
         raise bad_request(f"Invalid path {path!r}: it must be relative, with '/' separators and no control characters.")
     for part in path.split("/"):
@@ -85,12 +91,16 @@ def is_valid_ref_name(name: str) -> bool:
     """Whether `name` (a branch or tag, `/` allowed) is a safe git ref component."""
     if not name or name.startswith(("-", "/", "refs/")) or len(name) > 255:
         return False
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+    if any(ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF for ch in name):
         return False
     return check_ref_format(b"refs/heads/" + name.encode())
 
 
 def check_ref_name(name: object, what: str = "branch") -> str:
+    """A name for a new branch or tag. One that reads as a full commit id is refused: it would
+    shadow that commit, and every pin by commit id (merges, manifests) would then lie."""
+    if isinstance(name, str) and _FULL_COMMIT_ID.match(name):
+        raise bad_request(f"Invalid {what} name {name!r}: a 40-hex-digit name would shadow the commit with that id.")
     if not isinstance(name, str) or not is_valid_ref_name(name):
         raise bad_request(
             f"Invalid {what} name {name!r}: it must be a valid git ref name (no spaces, '..', '~', '^', ':', "

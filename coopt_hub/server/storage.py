@@ -27,18 +27,21 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 from dulwich.errors import NotGitRepository, NotTreeError
 from dulwich.file import FileLocked
 from dulwich.objects import Blob, Commit, Tag, Tree
+from dulwich.diff_tree import tree_changes
 from dulwich.object_store import tree_lookup_path
 from dulwich.repo import Repo
 
+from coopt_hub.server.discussions import DiscussionStore
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found, revision_not_found
 from coopt_hub.server.names import PLURALS, RepoId, is_valid_ref_name, make_repo_id
 
@@ -56,11 +59,15 @@ LFS_SUFFIXES = (
 
 _LFS_POINTER = re.compile(rb"^version https://git-lfs\.github\.com/spec/v1\noid sha256:([0-9a-f]{64})\nsize (\d+)\n$")
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_SHORT_ID = re.compile(r"^[0-9a-f]{7,39}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_POINTER_SIZE = 200
 _ABANDONED_AFTER_S = 3600
 _DIR_MODE = 0o040000
 _FILE_MODE = 0o100644
+_CHUNK = 1024 * 1024
+MAX_EXPAND_COMMITS = 10_000
+_MAX_CACHED_TREES = 50_000
 
 
 def wants_lfs(path: str, size: int, sample: bytes) -> bool:
@@ -121,7 +128,7 @@ class Ref:
 @dataclass(frozen=True)
 class AddFile:
     path: str
-    content: bytes
+    blob_id: str  # already in the object store (GitRepo.add_blob)
 
 
 @dataclass(frozen=True)
@@ -194,7 +201,10 @@ class GitRepo:
     # ---- revisions and refs ----------------------------------------------------------------
 
     def resolve(self, revision: str) -> str:
-        """Branch, then tag, then full commit id (`refs/...` names are taken literally)."""
+        """A full commit id (always that commit), then a branch, a tag (`refs/...` names taken
+        literally), then an unambiguous short commit id of 7 or more hex digits."""
+        if _HEX40.match(revision) and self._is_commit(revision.encode()):
+            return revision
         names = [revision] if revision.startswith("refs/") else [f"refs/heads/{revision}", f"refs/tags/{revision}"]
         for name in names:
             if not _is_safe_ref(name):
@@ -204,9 +214,21 @@ class GitRepo:
             except KeyError:
                 continue
             return self._peel(sha)
-        if _HEX40.match(revision) and self._is_commit(revision.encode()):
-            return revision
-        raise self._missing(revision)
+        commit = self._expand_short_id(revision)
+        if commit is None:
+            raise self._missing(revision)
+        return commit
+
+    def _expand_short_id(self, revision: str) -> str | None:
+        if not _SHORT_ID.match(revision):
+            return None
+        try:
+            names = os.listdir(self.path / "objects" / revision[:2])
+        except FileNotFoundError:
+            return None
+        matches = [revision[:2] + name for name in names if name.startswith(revision[2:])]
+        commits = [sha for sha in matches if _HEX40.match(sha) and self._is_commit(sha.encode())]
+        return commits[0] if len(commits) == 1 else None
 
     def branch_head(self, revision: str) -> str:
         """Commits go to branches only: a tag or commit id is RevisionNotFound here."""
@@ -265,11 +287,30 @@ class GitRepo:
         for walk_entry in self.git.get_walker(include=[sha.encode()]):
             yield self.commit_info(walk_entry.commit.id.decode())
 
-    def last_commit_touching(self, sha: str, path: str) -> CommitInfo:
-        """The newest commit, from `sha` back, that changed `path` (for expanded tree entries)."""
-        for walk_entry in self.git.get_walker(include=[sha.encode()], paths=[path.encode()], max_entries=1):
-            return self.commit_info(walk_entry.commit.id.decode())
-        return self.commit_info(sha)
+    def last_commits(self, sha: str, paths: list[str]) -> dict[str, CommitInfo]:
+        """For each path, the newest commit from `sha` back that changed it (expanded tree entries).
+
+        One first-parent walk serves every path, comparing each commit's entry with its parent's
+        (untouched subtrees compare equal at the first level); it stops after MAX_EXPAND_COMMITS,
+        and paths unchanged that far get the oldest commit seen.
+        """
+        lookup = _TreeLookup(self.git.object_store)
+        pending = {path: path.encode().split(b"/") for path in dict.fromkeys(paths)}
+        found: dict[str, CommitInfo] = {}
+        commit = self.git.object_store[sha.encode()]
+        for _ in range(MAX_EXPAND_COMMITS):
+            parent = self.git.object_store[commit.parents[0]] if commit.parents else None
+            if parent is None or parent.tree != commit.tree:
+                changed = [path for path, parts in pending.items()
+                           if parent is None or lookup(commit.tree, parts) != lookup(parent.tree, parts)]
+                for path in changed:
+                    found[path] = self.commit_info(commit.id.decode())
+                    del pending[path]
+            if not pending or parent is None:
+                break
+            commit = parent
+        oldest = self.commit_info(commit.id.decode())
+        return {**dict.fromkeys(pending, oldest), **found}
 
     # ---- trees and files -------------------------------------------------------------------
 
@@ -340,6 +381,39 @@ class GitRepo:
     def read_blob(self, oid: str) -> bytes:
         return self.git.object_store[oid.encode()].as_raw_string()
 
+    def add_blob(self, path: str, content: bytes) -> str:
+        """Store a regular file's content; unreferenced until a commit names it."""
+        if len(content) > LFS_THRESHOLD:
+            raise bad_request(f"{path!r} has {len(content)} bytes: files above {LFS_THRESHOLD} bytes must go "
+                              "through LFS (preupload answers 'lfs' for them).")
+        blob = Blob.from_string(content)
+        self._add_object(blob)
+        return blob.id.decode()
+
+    def iter_blob(self, oid: str, offset: int, length: int) -> Iterator[bytes]:
+        """`length` bytes of a regular file from `offset`, inflated piece by piece from its loose
+        object: a one-byte range never holds the whole blob in memory."""
+        hexsha = oid
+        try:
+            handle = open(self.path / "objects" / hexsha[:2] / hexsha[2:], "rb")
+        except FileNotFoundError:  # a packed object (git gc); regular files are small by construction
+            yield self.read_blob(oid)[offset: offset + length]
+            return
+        with handle:
+            skip, remaining, header = offset, length, True
+            for piece in _inflate(handle):
+                if header:  # "blob <size>\0" precedes the content
+                    piece, header = piece[piece.index(b"\0") + 1:], False
+                if skip:
+                    dropped = min(skip, len(piece))
+                    piece, skip = piece[dropped:], skip - dropped
+                if piece and remaining:
+                    piece = piece[:remaining]
+                    remaining -= len(piece)
+                    yield piece
+                if not remaining:
+                    return
+
     # ---- LFS objects -----------------------------------------------------------------------
 
     def lfs_path(self, oid: str) -> Path:
@@ -352,28 +426,21 @@ class GitRepo:
             return False
         return size is None or actual == size
 
-    def receive_lfs(self, oid: str, size: int, chunks: Iterable[bytes]) -> None:
-        """Store an upload only if its bytes hash to `oid`: content-addressed, so never overwritten wrongly."""
-        tmp_dir = self.path / "lfs" / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{oid}.{uuid.uuid4().hex}"
+    def receive_lfs(self, oid: str, size: int, upload: Path) -> None:
+        """Move an upload (a spooled request body on the same disk) into the store, only if its
+        bytes hash to `oid`: content-addressed, so never overwritten wrongly."""
         digest = hashlib.sha256()
-        received = 0
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    received += len(chunk)
-                    f.write(chunk)
-            if received != size:
-                raise bad_request(f"LFS upload of {oid} has {received} bytes, expected {size}.")
-            if digest.hexdigest() != oid:
-                raise bad_request(f"LFS upload does not match its oid {oid} (got sha256 {digest.hexdigest()}).")
-            final = self.lfs_path(oid)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with open(upload, "rb") as f:
+            while piece := f.read(_CHUNK):
+                digest.update(piece)
+            received = f.tell()
+        if received != size:
+            raise bad_request(f"LFS upload of {oid} has {received} bytes, expected {size}.")
+        if digest.hexdigest() != oid:
+            raise bad_request(f"LFS upload does not match its oid {oid} (got sha256 {digest.hexdigest()}).")
+        final = self.lfs_path(oid)
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.replace(upload, final)
 
     # ---- writes ----------------------------------------------------------------------------
 
@@ -403,26 +470,120 @@ class GitRepo:
                parent_commit: str | None, author: str) -> str:
         with self.locked():
             head = self.branch_head(revision)
-            if parent_commit is not None and parent_commit != head:
+            if parent_commit is not None and not head.startswith(parent_commit):  # 7+ hex digits will do
                 raise HubError(412, "A commit has happened since. Please refresh and try again.", "PreconditionFailed")
-            for op in operations:
-                if isinstance(op, AddLfsFile) and not self.has_lfs(op.oid, op.size):
-                    raise bad_request(f"LFS object {op.oid} for {op.path!r} was not uploaded (or has another size).")
+            oid = self._build(head, operations, summary, description, author, revision)
+            self._move_ref(_branch_ref(revision), head, oid)
+            if revision.startswith("refs/pr/"):
+                self._record_pr_commit(int(revision.rsplit("/", 1)[1]), oid, summary, author)
+            return oid
+
+    def commit_pull_request(self, base: str, operations: list[Operation], summary: str, description: str,
+                            parent_commit: str | None, author: str) -> tuple[int, str]:
+        """Open a pull request on branch `base` holding one commit: (its number, the commit id).
+        It starts from `parent_commit` when given, else from the head of `base`."""
+        with self.locked():
+            start = self.branch_head(base)
+            if parent_commit is not None:
+                start = self.resolve(parent_commit)
+            oid = self._build(start, operations, summary, description, author, base)
+            records = self.discussions.load()
+            record = self.discussions.new(records, summary, description, author, True, base, start)
+            self._move_ref(f"refs/pr/{record['num']}", None, oid)
+            self.discussions.event(record, "commit", author, {"subject": summary, "oid": oid})
+            self.discussions.save(records)
+            return record["num"], oid
+
+    def _build(self, head: str, operations: list[Operation], summary: str, description: str, author: str,
+               revision: str) -> str:
+        """Write the commit of `operations` on top of `head` (objects only; no ref moves)."""
+        for op in operations:
+            if isinstance(op, AddLfsFile) and not self.has_lfs(op.oid, op.size):
+                raise bad_request(f"LFS object {op.oid} for {op.path!r} was not uploaded (or has another size).")
+        root = _MutableTree(self, self.git.object_store[head.encode()].tree)
+        for op in operations:
+            self._apply(root, op, revision)
+        message = summary if not description else f"{summary}\n\n{description}"
+        commit = _new_commit(root.write(), [head.encode()], message, author)
+        self._add_object(commit)
+        return commit.id.decode()
+
+    def _record_pr_commit(self, num: int, oid: str, summary: str, author: str) -> None:
+        records = self.discussions.load()
+        record = self.discussions.get(records, num)
+        self.discussions.event(record, "commit", author, {"subject": summary, "oid": oid})
+        self.discussions.save(records)
+
+    # ---- discussions and pull requests -----------------------------------------------------
+
+    @property
+    def discussions(self) -> DiscussionStore:
+        return DiscussionStore(self.path / "discussions.json", iso_date)
+
+    def open_discussion(self, title: str, description: str, author: str, pull_request: bool) -> int:
+        """A discussion, or an empty draft pull request on main (as create_pull_request makes)."""
+        with self.locked():
+            records = self.discussions.load()
+            base, start = (DEFAULT_BRANCH, self.branch_head(DEFAULT_BRANCH)) if pull_request else (None, None)
+            record = self.discussions.new(records, title, description, author, pull_request, base, start,
+                                          status="draft" if pull_request else "open")
+            if pull_request:
+                self._move_ref(f"refs/pr/{record['num']}", None, start)
+            self.discussions.save(records)
+            return record["num"]
+
+    def change_discussion(self, num: int, change: Callable[[DiscussionStore, dict], dict]) -> dict:
+        """Apply `change(store, record)` under the lock; returns the event it made."""
+        with self.locked():
+            records = self.discussions.load()
+            event = change(self.discussions, self.discussions.get(records, num))
+            self.discussions.save(records)
+            return event
+
+    def pull_request_conflicts(self, record: dict) -> list[str]:
+        if not record["isPullRequest"] or record["status"] == "merged":
+            return []
+        return _conflicts(*self._pr_changes(record))
+
+    def _pr_changes(self, record: dict) -> tuple[dict, dict]:
+        """(path -> (mode, sha) or None) changed by the PR, and by its base since the PR started."""
+        store = self.git.object_store
+        start = store[record["baseCommit"].encode()].tree
+        pr_tree = store[self.git.refs[f"refs/pr/{record['num']}".encode()]].tree
+        base_tree = store[self.branch_head(record["base"]).encode()].tree
+        return _changed(store, start, pr_tree), _changed(store, start, base_tree)
+
+    def merge_pull_request(self, num: int, author: str, comment: str | None) -> dict:
+        """Apply the PR's changes onto its base in a merge commit; 409 when both changed a file."""
+        with self.locked():
+            records = self.discussions.load()
+            record = self.discussions.get(records, num)
+            if not record["isPullRequest"] or record["status"] not in ("open", "draft"):
+                raise HubError(409, f"#{num} is not an open pull request.", "Conflict")
+            ours, theirs = self._pr_changes(record)
+            conflicts = _conflicts(ours, theirs)
+            if conflicts:
+                raise HubError(409, f"Pull request #{num} conflicts with {record['base']} on: {', '.join(conflicts)}.",
+                               "Conflict")
+            head = self.branch_head(record["base"])
             root = _MutableTree(self, self.git.object_store[head.encode()].tree)
-            for op in operations:
-                self._apply(root, op, revision)
-            tree_id = root.write()
-            message = summary if not description else f"{summary}\n\n{description}"
-            commit = _new_commit(tree_id, [head.encode()], message, author)
+            for path, item in ours.items():
+                root.put_or_remove(path, item)
+            pr_head = self.git.refs[f"refs/pr/{num}".encode()]
+            commit = _new_commit(root.write(), [head.encode(), pr_head], f"Merge pull request #{num}: "
+                                 f"{record['title']}", author)
             self._add_object(commit)
-            self._move_ref(_branch_ref(revision), head, commit.id.decode())
-            return commit.id.decode()
+            self._move_ref(f"refs/heads/{record['base']}", head, commit.id.decode())
+            if comment:
+                self.discussions.comment(record, comment, author)
+            record["status"], record["mergeCommitId"] = "merged", commit.id.decode()
+            event = self.discussions.event(record, "status-change", author, {"status": "merged"})
+            self.discussions.save(records)
+            return event
 
     def _apply(self, root: _MutableTree, op: Operation, revision: str) -> None:
         if isinstance(op, AddFile):
-            blob = Blob.from_string(op.content)
-            self._add_object(blob)
-            root.put(op.path, blob.id)
+            root.put(op.path, op.blob_id.encode())
         elif isinstance(op, AddLfsFile):
             size = op.size if op.size is not None else self.lfs_path(op.oid).stat().st_size
             blob = Blob.from_string(lfs_pointer(op.oid, size))
@@ -536,13 +697,23 @@ class _MutableTree:
         *folders, name = path.encode().split(b"/")
         node = self._folder(folders, create=False, path=path)
         existing = node.entries.get(name) if node is not None else None
-        if existing is None:
-            raise entry_not_found(path, revision)
+        if existing is None:  # the Hub's wording, which huggingface_hub looks for to add a hint
+            raise HubError(404, f"A file with this name doesn't exist: {path!r} at revision {revision!r}.",
+                           "EntryNotFound")
         is_folder = isinstance(existing, _MutableTree) or stat.S_ISDIR(existing[0])
-        if is_folder != folder:
-            kind = "a folder" if is_folder else "a file"
-            raise bad_request(f"Cannot delete {path!r} as a {'folder' if folder else 'file'}: it is {kind}.")
-        del node.entries[name]
+        if folder and not is_folder:
+            raise bad_request(f"Cannot delete {path!r} as a folder: it is a file.")
+        del node.entries[name]  # a file deletion naming a folder deletes the folder, as on the Hub
+
+    def put_or_remove(self, path: str, item: tuple[int, bytes] | None) -> None:
+        """Set `path` to a merged-in file, or drop it (a file the other side deleted)."""
+        *folders, name = path.encode().split(b"/")
+        if item is not None:
+            self._folder(folders, create=True, path=path).entries[name] = item
+            return
+        node = self._folder(folders, create=False, path=path)
+        if node is not None:
+            node.entries.pop(name, None)
 
     def _folder(self, parts: list[bytes], create: bool, path: str) -> _MutableTree | None:
         node = self
@@ -581,8 +752,12 @@ class HubStorage:
         self.root = Path(root)
         self.repos_dir = self.root / "repos"
         self.trash_dir = self.root / "trash"
-        self.repos_dir.mkdir(parents=True, exist_ok=True)
-        self.trash_dir.mkdir(exist_ok=True)
+        self.spool_dir = self.root / "tmp"  # request bodies past 1 MiB; on the LFS store's disk
+        # Private repos live here too: nobody but the server's user may even list the root.
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        for folder in (self.repos_dir, self.trash_dir, self.spool_dir):
+            folder.mkdir(mode=0o700, exist_ok=True)
         self._sweep_trash()
 
     def _sweep_trash(self) -> None:
@@ -591,25 +766,50 @@ class HubStorage:
         Another process may share this root and be creating a repo right now, so a staging dir is
         removed only once it is clearly abandoned; removing a deleted repo twice is harmless.
         """
-        for leftover in self.trash_dir.iterdir():
+        for leftover in [*self.trash_dir.iterdir(), *self.spool_dir.iterdir()]:
             try:
                 abandoned = time.time() - leftover.stat().st_mtime > _ABANDONED_AFTER_S
             except FileNotFoundError:
                 continue
             if leftover.name.startswith("deleted-") or abandoned:
-                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
 
     def repo_path(self, repo_id: RepoId) -> Path:
         return self.repos_dir / PLURALS[repo_id.type] / repo_id.namespace / f"{repo_id.name}.git"
 
     def open(self, repo_id: RepoId) -> GitRepo:
-        path = self.repo_path(repo_id)
+        """Repo ids are case-insensitive, as on the Hub: `Org/DS` opens `org/ds` under its own spelling."""
+        found = self._find(repo_id)
         try:
-            if (path / "coopt-hub.json").is_file():
-                return GitRepo(path, repo_id)
+            if found is not None:
+                return GitRepo(self.repo_path(found), found)
         except NotGitRepository:  # deleted between the check and the open
             pass
         raise repo_not_found(repo_id.id)
+
+    def _find(self, repo_id: RepoId) -> RepoId | None:
+        if (self.repo_path(repo_id) / "coopt-hub.json").is_file():
+            return repo_id
+        wanted = (repo_id.namespace.lower(), repo_id.name.lower())
+        for candidate in self.list_repos(repo_id.type, namespace=repo_id.namespace):
+            if (candidate.namespace.lower(), candidate.name.lower()) == wanted:
+                return candidate
+        return None
+
+    def list_repos(self, repo_type: str, namespace: str | None = None) -> list[RepoId]:
+        """Every repo of a type (of one namespace, matched case-insensitively), sorted by id."""
+        type_dir = self.repos_dir / PLURALS[repo_type]
+        found = []
+        for namespace_dir in sorted(type_dir.iterdir()) if type_dir.is_dir() else []:
+            if namespace is not None and namespace_dir.name.lower() != namespace.lower():
+                continue
+            for repo_dir in sorted(namespace_dir.glob("*.git")):
+                if (repo_dir / "coopt-hub.json").is_file():
+                    found.append(RepoId(repo_type, namespace_dir.name, repo_dir.name[: -len(".git")]))
+        return found
 
     def exists(self, repo: tuple[str, str, str]) -> bool:
         """Whether (type, namespace, name) names a repo on disk right now."""
@@ -617,12 +817,12 @@ class HubStorage:
             repo_id = make_repo_id(*repo)
         except HubError:
             return False
-        return (self.repo_path(repo_id) / "coopt-hub.json").is_file()
+        return self._find(repo_id) is not None
 
     def create(self, repo_id: RepoId, private: bool, author: str) -> None:
         """Build the repo in trash/ and rename it into place: it appears whole or not at all."""
         final = self.repo_path(repo_id)
-        if final.exists():
+        if final.exists() or self._find(repo_id) is not None:
             raise _repo_exists(repo_id)
         staging = self.trash_dir / f"new-{uuid.uuid4().hex}"
         git = Repo.init_bare(str(staging), mkdir=True, default_branch=DEFAULT_BRANCH.encode())
@@ -680,6 +880,60 @@ def _new_commit(tree_id: bytes, parents: list[bytes], message: str, author: str)
     commit.encoding = b"UTF-8"
     commit.message = message.encode()
     return commit
+
+
+def _changed(store: object, old_tree: bytes, new_tree: bytes) -> dict[str, tuple[int, bytes] | None]:
+    """Files that differ between two trees: path -> (mode, sha) in the new one, None if deleted."""
+    changes: dict[str, tuple[int, bytes] | None] = {}
+    for change in tree_changes(store, old_tree, new_tree):
+        if change.old is not None and change.old.path is not None:
+            changes[change.old.path.decode()] = None
+        if change.new is not None and change.new.path is not None:
+            changes[change.new.path.decode()] = (change.new.mode, change.new.sha)
+    return changes
+
+
+def _conflicts(ours: dict, theirs: dict) -> list[str]:
+    """Paths both sides changed, differently (the same change on both sides merges cleanly)."""
+    return sorted(path for path in ours.keys() & theirs.keys() if ours[path] != theirs[path])
+
+
+class _TreeLookup:
+    """Path -> object id in a tree, with each tree object read from disk once per walk."""
+
+    def __init__(self, store: object):
+        self._store = store
+        self._trees: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
+
+    def __call__(self, tree_id: bytes, parts: list[bytes]) -> bytes | None:
+        for index, part in enumerate(parts):
+            entries = self._trees.get(tree_id)
+            if entries is None:
+                if len(self._trees) > _MAX_CACHED_TREES:
+                    self._trees.clear()
+                entries = {item.path: (item.mode, item.sha) for item in self._store[tree_id].iteritems()}
+                self._trees[tree_id] = entries
+            item = entries.get(part)
+            if item is None:
+                return None
+            if index < len(parts) - 1 and not stat.S_ISDIR(item[0]):
+                return None
+            tree_id = item[1]
+        return tree_id
+
+
+def _inflate(handle: BinaryIO) -> Iterator[bytes]:
+    """A zlib stream's content in pieces of at most _CHUNK bytes, whatever its compression ratio."""
+    inflater = zlib.decompressobj()
+    while True:
+        compressed = inflater.unconsumed_tail or handle.read(_CHUNK)
+        if not compressed:
+            if rest := inflater.flush():
+                yield rest
+            return
+        piece = inflater.decompress(compressed, _CHUNK)
+        if piece:
+            yield piece
 
 
 def _remove_stale_lock(target: Path) -> None:
