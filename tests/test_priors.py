@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 
 from coopt_hub.errors import ConfigError, PriorError
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
-from coopt_hub.priors.open_clip import OpenClipPrior
+from coopt_hub.priors.base import ModulePrior
+from coopt_hub.priors.registry import check_spec
 
 # Two small architectures with different output sizes, at a tiny input size to keep tests fast.
 SMALL = PriorSpec(model="ViT-S-32", seed=3, image_size=32)
@@ -35,7 +36,7 @@ def random_pixels(prior: Prior, batch: int = 4) -> torch.Tensor:
 
 def test_two_architectures_record_what_they_are(small: Prior):
     medium = load_prior(MEDIUM)
-    assert isinstance(small, OpenClipPrior) and small.random_init
+    assert isinstance(small, ModulePrior) and small.random_init
     assert (small.output_dim, medium.output_dim) == (384, 512)
     assert small.preprocessing.image_size == (32, 32) and medium.preprocessing.image_size == (64, 64)
     assert small.preprocessing.resize_mode == "shortest" and small.preprocessing.interpolation == "bicubic"
@@ -111,7 +112,8 @@ def test_hub_model_that_cannot_be_fetched():
 
 @pytest.mark.parametrize("make, words", [
     (lambda: PriorSpec(model="ViT-S-32", pretrained="openai", checkpoint="x.pt"), "not both"),
-    (lambda: PriorSpec(model="hf-hub:a/b", checkpoint="x.pt"), "brings its own weights"),
+    (lambda: check_spec(PriorSpec(model="hf-hub:a/b", checkpoint="x.pt")), "brings its own weights"),
+    (lambda: load_prior(PriorSpec(model="hf-hub:a/b", pretrained="openai")), "brings its own weights"),
     (lambda: PriorSpec(model="ViT-S-32", image_size=0), "image size"),
     (lambda: load_prior(SMALL, precision="fp8"), "Unknown precision"),
     (lambda: load_prior(SMALL, device="cpu", precision="fp16"), "fp16 needs a CUDA device"),

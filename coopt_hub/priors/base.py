@@ -1,9 +1,10 @@
 """Prior models: the image encoders psi_k whose outputs become a shard's targets.
 
 A prior is one small interface: preprocess a PIL image the way the model was trained to see it, and
-encode a batch of pixels to float32 features. OpenClipPrior is the implementation for open_clip
-models (random init, pretrained tags, hf-hub repos, local checkpoints); tests may subclass Prior
-with deterministic fakes. Only the image tower is kept.
+encode a batch of pixels to float32 features. A backend (open_clip, timm, or a third party's, see
+registry.py) builds one from a PriorSpec; most wrap a torch module in ModulePrior, whose device,
+precision and fingerprint handling lives here so that every backend's targets are comparable.
+Tests may subclass Prior with deterministic fakes.
 """
 
 from __future__ import annotations
@@ -21,39 +22,55 @@ import PIL.Image
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from coopt_hub.errors import BadImageError, ConfigError
+from coopt_hub.errors import BadImageError, ConfigError, PriorError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_BACKEND = "open_clip"
+# open_clip and timm both read `hf-hub:ORG/NAME` as "this repo's architecture with its weights".
+HF_HUB_PREFIX = "hf-hub:"
+# The resize modes that can crop a margin (Preprocessing.crop_pct), by the name timm gives them.
+TIMM_CROP_MODES = {"center": "shortest", "squash": "squash"}
+
+
+def split_model(model: str) -> tuple[str, str]:
+    """(backend, the model's name within it): `timm:x` -> ("timm", "x"); `ViT-B-32` -> ("open_clip", "ViT-B-32").
+
+    A backend prefix is an identifier followed by a colon. open_clip's own names never are one
+    (`hf-hub:` and `local-dir:` hold a dash), so they keep meaning what they always meant.
+    """
+    prefix, sep, rest = model.partition(":")
+    if sep and prefix.isidentifier():
+        return prefix, rest
+    return DEFAULT_BACKEND, model
 
 
 @dataclass(frozen=True)
 class PriorSpec:
-    """Which prior: an open_clip model name (or hf-hub:ORG/NAME) and where its weights come from.
+    """Which prior: a model name (`BACKEND:NAME`, or an open_clip name) and where its weights come from.
 
-    No pretrained tag and no checkpoint means random weights drawn from `seed`.
+    No pretrained tag and no checkpoint means random weights drawn from `seed`. What a name and
+    its weights may be is the backend's to check (registry.check_spec), when the prior is loaded.
     """
 
     model: str
-    pretrained: str | None = None  # an open_clip pretrained tag, e.g. "openai"
-    checkpoint: str | None = None  # a local .safetensors/.bin/.pt state dict of the whole open_clip model
+    pretrained: str | None = None  # a pretrained tag of the backend, e.g. open_clip's "openai"
+    checkpoint: str | None = None  # a local .safetensors/.bin/.pt state dict of the whole model
     seed: int = 0
-    image_size: int | None = None  # overrides the model's input size (open_clip force_image_size)
+    image_size: int | None = None  # overrides the model's input size
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ConfigError("A prior needs a model name.", hint=f"List open_clip's models with: {_LIST_MODELS}")
+        if not self.model or not split_model(self.model)[1]:
+            raise ConfigError(f"A prior needs a model name, got {self.model!r}.",
+                              hint="Pass --model NAME, e.g. ViT-B-32 (open_clip) or timm:vit_small_patch14_dinov2.")
         if self.pretrained and self.checkpoint:
             raise ConfigError("Give a pretrained tag or a checkpoint for the prior, not both.",
                               hint="Pass --pretrained TAG for published weights, or --checkpoint PATH for your own.")
-        if self.model.startswith(HF_HUB_PREFIX) and (self.pretrained or self.checkpoint):
-            raise ConfigError(f"{self.model} brings its own weights; it takes no --pretrained or --checkpoint.",
-                              hint="Drop --pretrained and --checkpoint, or name an open_clip model instead.")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"The prior image size must be at least 1 pixel, got {self.image_size}.")
 
     @property
     def random_init(self) -> bool:
-        return not (self.pretrained or self.checkpoint or self.model.startswith(HF_HUB_PREFIX))
+        return not (self.pretrained or self.checkpoint or split_model(self.model)[1].startswith(HF_HUB_PREFIX))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,23 +94,53 @@ class Preprocessing:
     interpolation: str  # "bicubic" | "bilinear"
     resize_mode: str  # "shortest" (resize + centre crop) | "longest" (resize + pad) | "squash"
     fill_color: int = 0  # padding value of resize_mode "longest"
+    # timm's crop_pct: resize to image_size / crop_pct, then centre-crop image_size ("shortest", "squash").
+    crop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_pct <= 1:
+            raise ConfigError(f"A crop fraction must lie in (0, 1], got {self.crop_pct}.")
+        if self.crop_pct != 1 and self.resize_mode not in TIMM_CROP_MODES.values():
+            raise ConfigError(f"Resize mode {self.resize_mode!r} takes no crop fraction; "
+                              f"only {' and '.join(sorted(TIMM_CROP_MODES.values()))} crop a margin.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.crop_pct == 1:
+            del data["crop_pct"]  # records of priors that do not crop stay as they were before the field
+        return data
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(image_size=tuple(d["image_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
                    interpolation=d["interpolation"], resize_mode=d["resize_mode"],
-                   fill_color=d.get("fill_color", 0))
+                   fill_color=d.get("fill_color", 0), crop_pct=d.get("crop_pct", 1.0))
 
     def transform(self) -> Callable[[PIL.Image.Image], torch.Tensor]:
-        """open_clip's evaluation transform for these settings (grayscale and RGBA become RGB)."""
-        from open_clip.transform import PreprocessCfg, image_transform_v2
+        """The evaluation transform for these settings (grayscale and RGBA become RGB).
 
-        config = PreprocessCfg(size=self.image_size, mean=self.mean, std=self.std, interpolation=self.interpolation,
-                               resize_mode=self.resize_mode, fill_color=self.fill_color)
-        return image_transform_v2(config, is_train=False)
+        Without a crop fraction it is open_clip's, which timm's equals there; with one it is timm's,
+        whose crop fraction open_clip does not know.
+        """
+        if self.crop_pct == 1:
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            config = PreprocessCfg(size=self.image_size, mean=self.mean, std=self.std,
+                                   interpolation=self.interpolation, resize_mode=self.resize_mode,
+                                   fill_color=self.fill_color)
+            return image_transform_v2(config, is_train=False)
+        from timm.data import create_transform
+        from torchvision.transforms import Compose
+
+        crop_mode = next(timm_mode for timm_mode, mode in TIMM_CROP_MODES.items() if mode == self.resize_mode)
+        timm_transform = create_transform(input_size=(3, *self.image_size), crop_pct=self.crop_pct,
+                                          crop_mode=crop_mode, interpolation=self.interpolation,
+                                          mean=self.mean, std=self.std)
+        return Compose([_to_rgb, timm_transform])
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image.convert("RGB")
 
 
 class Prior(ABC):
@@ -102,6 +149,7 @@ class Prior(ABC):
     output_dim: int
     fingerprint: str  # sha256 of the image tower's weights
     random_init: bool
+    precision: str = "fp32"  # what the forward pass computes in; fakes compute in fp32
 
     @cached_property
     def _transform(self) -> Callable[[PIL.Image.Image], torch.Tensor]:
@@ -116,13 +164,50 @@ class Prior(ABC):
         """[B, 3, H, W] preprocessed pixels -> [B, output_dim] float32 features on the CPU, unnormalised."""
 
 
+class ModulePrior(Prior):
+    """A torch module as a prior, in eval mode with fp32 weights (autocast for bf16/fp16)."""
+
+    def __init__(self, spec: PriorSpec, module: torch.nn.Module, preprocessing: Preprocessing, output_dim: int,
+                 fingerprint: str, device: torch.device, precision: str):
+        self.spec = spec
+        self.preprocessing = preprocessing
+        self.output_dim = output_dim
+        self.fingerprint = fingerprint
+        self.random_init = spec.random_init
+        self.device = device
+        self.precision = precision
+        self._module = module
+
+    def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        height, width = self.preprocessing.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, height, width):
+            raise ValueError(f"Expected pixels of shape [B, 3, {height}, {width}], got {list(pixels.shape)}.")
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            features = self._module(pixels.to(self.device, torch.float32))
+        return features.float().cpu()
 
 
+def module_prior(spec: PriorSpec, module: torch.nn.Module, preprocessing: Preprocessing, device: torch.device,
+                 precision: str) -> ModulePrior:
+    """`module` (fp32, on the CPU) as the prior of `spec` on `device`; PriorError if it fails at its input size."""
+    module.eval().requires_grad_(False)
+    fingerprint = fingerprint_weights(module)  # before the move, so fp32 CPU weights are hashed on every machine
+    module = module.to(device)
+    try:
+        # Not every model exposes its output size; one probe forward finds it, and shows now rather
+        # than mid-shard that the model runs at this input size.
+        with torch.inference_mode(), autocast(device, precision):
+            probe = module(torch.zeros(1, 3, *preprocessing.image_size, device=device))
+    except RuntimeError as err:
+        raise PriorError(
+            f"{spec.model} does not run on {preprocessing.image_size[0]}x{preprocessing.image_size[1]} images: "
+            f"{first_lines(err)}",
+            hint="Pick another --image-size (at least the model's patch size), or leave it at the model's default.",
+        ) from err
+    return ModulePrior(spec, module, preprocessing, probe.shape[-1], fingerprint, device, precision)
 
 
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
+def fingerprint_weights(module: torch.nn.Module) -> str:
     """sha256 over every weight and buffer: sorted names, dtype, shape and bytes."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -132,30 +217,43 @@ def _fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _parse_device(device: str) -> torch.device:
+def run_device(device: str, precision: str) -> torch.device:
+    """The device a prior runs on, checked with its precision before any model is built."""
     try:
         parsed = torch.device(device)
     except RuntimeError as err:
         raise ConfigError(f"Unknown device {device!r}.", hint="Use cpu, cuda or cuda:N.") from err
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"Device {device} was asked for but CUDA is not available.", hint="Use --device cpu.")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
+    if precision == "fp16" and parsed.type != "cuda":
+        raise ConfigError("fp16 needs a CUDA device.", hint="Use --precision bf16 or fp32 on the CPU.")
     return parsed
 
 
-def _check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"Unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}.")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 needs a CUDA device.", hint="Use --precision bf16 or fp32 on the CPU.")
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random draws fixed by `seed` alone, on any device, without disturbing the caller's random state.
+
+    Models are created on the CPU inside this, so random weights depend on nothing else.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def first_lines(err: BaseException, limit: int = 400) -> str:
+    """A library's error message on one line, cut short: the reason part of our own messages."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
@@ -177,9 +275,3 @@ def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
             hint="Fix or drop that row in the source, or pass --on-bad-image skip to record and leave it out.",
         ) from err
     return image.convert("RGB")
-
-
-HF_HUB_PREFIX = "hf-hub:"
-
-
-_LIST_MODELS = "python -c 'import open_clip; print(open_clip.list_models())'"

@@ -1,5 +1,5 @@
 """The open_clip backend: image towers by architecture name with a pretrained tag, an `hf-hub:`
-id, a local checkpoint, or a seeded random init.
+id, a local checkpoint, or a seeded random init. Only the image tower is kept.
 """
 
 from __future__ import annotations
@@ -9,106 +9,36 @@ import os
 
 import torch
 
-from coopt_hub.errors import PriorError
+from coopt_hub.errors import ConfigError, PriorError
 from coopt_hub.priors.base import (
-    _LIST_MODELS,
     HF_HUB_PREFIX,
     Preprocessing,
     Prior,
     PriorSpec,
-    _autocast,
-    _check_precision,
-    _fingerprint,
-    _parse_device,
+    first_lines,
+    module_prior,
+    run_device,
+    seeded,
+    split_model,
 )
+from coopt_hub.priors.registry import Backend
+
+LIST_MODELS = "python -c 'import open_clip; print(open_clip.list_models())'"
 
 
-class OpenClipPrior(Prior):
-    """The image tower of an open_clip model, in eval mode, weights in fp32 (autocast for bf16/fp16)."""
-
-    def __init__(self, spec: PriorSpec, visual: torch.nn.Module, preprocessing: Preprocessing, output_dim: int,
-                 fingerprint: str, device: torch.device, precision: str):
-        self.spec = spec
-        self.preprocessing = preprocessing
-        self.output_dim = output_dim
-        self.fingerprint = fingerprint
-        self.random_init = spec.random_init
-        self.device = device
-        self.precision = precision
-        self._visual = visual
-
-    def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        height, width = self.preprocessing.image_size
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, height, width):
-            raise ValueError(f"Expected pixels of shape [B, 3, {height}, {width}], got {list(pixels.shape)}.")
-        with torch.inference_mode(), _autocast(self.device, self.precision):
-            features = self._visual(pixels.to(self.device, torch.float32))
-        return features.float().cpu()
-
-
-def _create_open_clip_model(spec: PriorSpec) -> torch.nn.Module:
-    import open_clip
-
-    is_hub_model = spec.model.startswith(HF_HUB_PREFIX)
-    if ":" not in spec.model and open_clip.get_model_config(spec.model) is None:
-        close = difflib.get_close_matches(spec.model, open_clip.list_models(), n=3)
-        raise PriorError(
-            f"Unknown open_clip model {spec.model!r}." + (f" Did you mean {', '.join(close)}?" if close else ""),
-            hint=f"List the valid names with: {_LIST_MODELS}",
-        )
-    if spec.pretrained and not open_clip.get_pretrained_cfg(spec.model, spec.pretrained):
-        tags = open_clip.list_pretrained_tags_by_model(spec.model)
-        raise PriorError(
-            f"{spec.model} has no pretrained tag {spec.pretrained!r}; known tags: {', '.join(tags) or 'none'}.",
-            hint="Pick one of the tags, or load your own weights with --checkpoint PATH.",
-        )
-    if spec.checkpoint and not os.path.isfile(spec.checkpoint):
-        raise PriorError(f"The checkpoint {spec.checkpoint} does not exist.",
-                         hint="Pass the path of a .safetensors, .bin or .pt state dict of the open_clip model.")
-    weights = spec.checkpoint or spec.pretrained
-    try:
-        # Created on the CPU under a forked RNG: the seed alone fixes random weights, on any device,
-        # without disturbing the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            return open_clip.create_model(spec.model, pretrained=weights, force_image_size=spec.image_size,
-                                          device="cpu", precision="fp32")
-    except Exception as err:  # open_clip reports every failure as RuntimeError/OSError/ValueError and kin
-        reason = _first_lines(err)
-        if spec.checkpoint:
-            raise PriorError(
-                f"The checkpoint {spec.checkpoint} does not fit {spec.model}: {reason}",
-                hint=f"The file must hold a state dict of the whole open_clip {spec.model} model.",
-            ) from err
-        if spec.pretrained:
-            hub_file = open_clip.get_pretrained_cfg(spec.model, spec.pretrained).get("hf_hub", "").rstrip("/")
-            raise PriorError(
-                f"The {spec.pretrained} weights of {spec.model} could not be downloaded: {reason}",
-                hint=(f"On a machine with network access download them (`hf download {hub_file}`), "
-                      if hub_file else "Download the weights on a machine with network access, ")
-                + f"then pass the file with --model {spec.model} --checkpoint PATH.",
-            ) from err
-        if is_hub_model:
-            raise PriorError(
-                f"Could not load {spec.model} from the Hub: {reason}",
-                hint="Check the repo id, HF_ENDPOINT and HF_TOKEN, or download the weights and use --checkpoint.",
-            ) from err
-        raise PriorError(f"open_clip could not build {spec.model}: {reason}",
-                         hint="Try another --image-size, or rerun with --debug for the traceback.") from err
-
-
-
-
+def check_open_clip(spec: PriorSpec) -> None:
+    """An `hf-hub:` model brings its own weights: a tag or a checkpoint besides it would be ignored."""
+    if split_model(spec.model)[1].startswith(HF_HUB_PREFIX) and (spec.pretrained or spec.checkpoint):
+        raise ConfigError(f"{spec.model} brings its own weights; it takes no --pretrained or --checkpoint.",
+                          hint="Drop --pretrained and --checkpoint, or name an open_clip model instead.")
 
 
 def load_open_clip(spec: PriorSpec, device: str = "cpu", precision: str = "fp32") -> Prior:
-    """Build the prior of `spec` on `device`; PriorError says why a model cannot be loaded."""
-    torch_device = _parse_device(device)
-    _check_precision(precision, torch_device)
-    model = _create_open_clip_model(spec)
+    """The image tower of the open_clip model of `spec` on `device`; PriorError says why it cannot be loaded."""
+    torch_device = run_device(device, precision)
+    model = _create_model(spec)
     visual = model.visual
     del model  # the text tower is never used
-    visual.eval().requires_grad_(False)
     config = visual.preprocess_cfg
     size = config["size"]
     preprocessing = Preprocessing(
@@ -116,22 +46,58 @@ def load_open_clip(spec: PriorSpec, device: str = "cpu", precision: str = "fp32"
         mean=tuple(config["mean"]), std=tuple(config["std"]), interpolation=config["interpolation"],
         resize_mode=config["resize_mode"], fill_color=config.get("fill_color", 0),
     )
-    fingerprint = _fingerprint(visual)  # before the move, so fp32 CPU weights are hashed on every machine
-    visual = visual.to(torch_device)
-    try:
-        # Not every open_clip tower exposes its output size (timm ones do not); one probe forward
-        # finds it, and shows now rather than mid-shard that the model runs at this input size.
-        with torch.inference_mode(), _autocast(torch_device, precision):
-            probe = visual(torch.zeros(1, 3, *preprocessing.image_size, device=torch_device))
-    except RuntimeError as err:
+    return module_prior(spec, visual, preprocessing, torch_device, precision)
+
+
+BACKEND = Backend(load=load_open_clip, check=check_open_clip)
+
+
+def _create_model(spec: PriorSpec) -> torch.nn.Module:
+    import open_clip
+
+    name = split_model(spec.model)[1]
+    if ":" not in name and open_clip.get_model_config(name) is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
         raise PriorError(
-            f"{spec.model} does not run on {preprocessing.image_size[0]}x{preprocessing.image_size[1]} images: "
-            f"{_first_lines(err)}",
-            hint="Pick another --image-size (at least the model's patch size), or leave it at the model's default.",
-        ) from err
-    return OpenClipPrior(spec, visual, preprocessing, probe.shape[-1], fingerprint, torch_device, precision)
+            f"Unknown open_clip model {name!r}." + (f" Did you mean {', '.join(close)}?" if close else ""),
+            hint=f"List the valid names with: {LIST_MODELS}",
+        )
+    if spec.pretrained and not open_clip.get_pretrained_cfg(name, spec.pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise PriorError(
+            f"{name} has no pretrained tag {spec.pretrained!r}; known tags: {', '.join(tags) or 'none'}.",
+            hint="Pick one of the tags, or load your own weights with --checkpoint PATH.",
+        )
+    if spec.checkpoint and not os.path.isfile(spec.checkpoint):
+        raise PriorError(f"The checkpoint {spec.checkpoint} does not exist.",
+                         hint="Pass the path of a .safetensors, .bin or .pt state dict of the open_clip model.")
+    try:
+        with seeded(spec.seed):
+            return open_clip.create_model(name, pretrained=spec.checkpoint or spec.pretrained,
+                                          force_image_size=spec.image_size, device="cpu", precision="fp32")
+    except Exception as err:  # open_clip reports every failure as RuntimeError/OSError/ValueError and kin
+        raise _creation_error(spec, name, err) from err
 
 
-def _first_lines(err: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + " ..."
+def _creation_error(spec: PriorSpec, name: str, err: Exception) -> PriorError:
+    """Why open_clip could not create the model, said by where its weights were to come from."""
+    import open_clip
+
+    reason = first_lines(err)
+    if spec.checkpoint:
+        return PriorError(f"The checkpoint {spec.checkpoint} does not fit {name}: {reason}",
+                          hint=f"The file must hold a state dict of the whole open_clip {name} model.")
+    if spec.pretrained:
+        hub_file = open_clip.get_pretrained_cfg(name, spec.pretrained).get("hf_hub", "").rstrip("/")
+        return PriorError(
+            f"The {spec.pretrained} weights of {name} could not be downloaded: {reason}",
+            hint=(f"On a machine with network access download them (`hf download {hub_file}`), "
+                  if hub_file else "Download the weights on a machine with network access, ")
+            + f"then pass the file with --model {spec.model} --checkpoint PATH.",
+        )
+    if name.startswith(HF_HUB_PREFIX):
+        return PriorError(f"Could not load {spec.model} from the Hub: {reason}",
+                          hint="Check the repo id, HF_ENDPOINT and HF_TOKEN, or download the weights and use "
+                          "--checkpoint.")
+    return PriorError(f"open_clip could not build {name}: {reason}",
+                      hint="Try another --image-size, or rerun with --debug for the traceback.")
