@@ -24,9 +24,8 @@ def shard_workdir(workdir: Path, repo: str, shard: int) -> Path:
 
 def prior_key(prior: Prior) -> str:
     """What fixes a prior's outputs: its weights (fingerprint), its preprocessing and its precision."""
-    # `precision` is an attribute of OpenClipPrior, not yet of the Prior interface; fakes run in fp32.
     settings = {"fingerprint": prior.fingerprint, "preprocessing": prior.preprocessing.to_dict(),
-                "precision": getattr(prior, "precision", "fp32")}
+                "precision": prior.precision}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
