@@ -21,12 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from coopt_hub.core.progress import LogProgress, Progress, Silent
 from coopt_hub.errors import CoOptError
+
+if TYPE_CHECKING:
+    from coopt_hub.core.plan import Plan
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.platform.merge import MergeResult
 
 SOURCE_REPO = "demo/digits"
 COOPT_REPO = "demo/digits-coopt"
@@ -102,9 +107,11 @@ def _point_clients_at(env: dict[str, str], root: Path) -> None:
     })
 
 
-def run_demo(config: DemoConfig, say: Callable[[str], None]) -> DemoReport:
+def run_demo(config: DemoConfig, progress: Progress | None = None) -> DemoReport:
+    """Run the whole collaboration on an embedded hub; each step is reported through `progress` as it ends."""
     from coopt_hub.server import HubServer
 
+    progress = progress or LogProgress()
     started = time.perf_counter()
     root = Path(config.root or tempfile.mkdtemp(prefix="coopt-hub-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -112,69 +119,104 @@ def run_demo(config: DemoConfig, say: Callable[[str], None]) -> DemoReport:
     server = HubServer(root / "hub", tokens=[token]).start()
     try:
         _point_clients_at(server.env(), root)
-        report = _collaborate(config, root, server.endpoint, say)
+        report = _collaborate(config, root, server.endpoint, progress)
         report.seconds = time.perf_counter() - started
         if config.keep:
-            say(_keep_message(server.env(), report))
+            progress.info(_keep_message(server.env(), report))
             _wait_for_interrupt()
         return report
     finally:
         server.stop()
 
 
-def _step(report: DemoReport, say: Callable[[str], None], name: str, started: float, **details: Any) -> None:
-    seconds = time.perf_counter() - started
-    report.steps.append({"step": name, "seconds": round(seconds, 1), **details})
-    say(f"[{sum(s['seconds'] for s in report.steps):6.1f}s] {name} ({seconds:.1f}s)")
+@dataclass
+class _Demo:
+    """What every step of the demo shares: its settings, the hub client, the report it fills and the sink.
+
+    The demo reports its steps itself; the library jobs it calls report to Silent, so that their own
+    notes do not drown the steps."""
+
+    config: DemoConfig
+    root: Path
+    hub: Hub
+    report: DemoReport
+    progress: Progress
+
+    def step(self, name: str, started: float, **details: Any) -> None:
+        """Record a finished step and say so, with the time of all steps so far."""
+        seconds = time.perf_counter() - started
+        self.report.steps.append({"step": name, "seconds": round(seconds, 1), **details})
+        self.progress.info(f"[{sum(s['seconds'] for s in self.report.steps):6.1f}s] {name} ({seconds:.1f}s)")
 
 
-def _collaborate(config: DemoConfig, root: Path, endpoint: str, say: Callable[[str], None]) -> DemoReport:
-    from coopt_hub.demo.sample_data import publish_digits
+def _collaborate(config: DemoConfig, root: Path, endpoint: str, progress: Progress) -> DemoReport:
+    # Imported here, not above: huggingface_hub and datasets must not load before _point_clients_at.
     from coopt_hub.hub.client import Hub
+
+    report = DemoReport(endpoint=endpoint, repo=COOPT_REPO, tag="")
+    demo = _Demo(config, root, Hub(token=os.environ["HF_TOKEN"]), report, progress)
+    _publish_source(demo)
+    plan = _init(demo)
+    _participants(demo)
+    _status(demo)
+    merged = _merge(demo)
+    _load(demo, merged.tag, plan.dim)
+    _train(demo, merged.tag)
+    return demo.report
+
+
+def _publish_source(demo: _Demo) -> None:
+    from coopt_hub.demo.sample_data import publish_digits
+
+    started = time.perf_counter()
+    publish_digits(SOURCE_REPO, token=demo.hub.token)
+    demo.step(f"published {SOURCE_REPO}: scikit-learn digits as 32x32 RGB PNGs (train/test)", started)
+
+
+def _init(demo: _Demo) -> Plan:
     from coopt_hub.platform.init import initialize
-    from coopt_hub.platform.merge.run import merge
+
+    started, config = time.perf_counter(), demo.config
+    plan = initialize(
+        demo.hub, COOPT_REPO, source=SOURCE_REPO, source_revision=None, split="train", image_column="image",
+        shards=len(PARTICIPANTS), anchors=config.anchors, dim=config.dim, seed=config.seed, temperature=2.0,
+        progress=Silent(),
+    ).plan
+    demo.report.rows = plan.num_rows
+    sizes = [len(plan.shard_ids(k)) for k in range(plan.num_shards)]
+    demo.step(f"init {COOPT_REPO}: {plan.num_shards} shards {sizes} of {plan.num_rows} rows "
+              f"({plan.granularity} granularity), {len(plan.anchor_ids)} anchors, dim {plan.dim}", started)
+    return plan
+
+
+def _participants(demo: _Demo) -> None:
+    demo.progress.info("Participants use RANDOM-INIT priors (no downloads offline). Online, the same command with "
+                       "`--model ViT-B-32 --pretrained openai` labels with real CLIP weights.")
+    workdir = demo.root / "participants"
+    for shard, (model, _) in enumerate(PARTICIPANTS):
+        started = time.perf_counter()
+        launched = _optimize(shard, model, demo.config, workdir, accelerate=(shard == ACCELERATE_SHARD))
+        demo.step(f"participant {shard}: optimize --shard {shard} --model {model} "
+                  f"{'under accelerate launch, 2 processes ' if shard == ACCELERATE_SHARD else ''}--push "
+                  f"(V={launched['uniformity']:.3f}, residual {launched['residual']:.3f})", started)
+
+
+def _status(demo: _Demo) -> None:
+    """Record each shard's prior; a CoOptError when a participant finished without a usable shard."""
     from coopt_hub.platform.status import collaboration_status
 
-    hub = Hub(token=os.environ["HF_TOKEN"])
-    report = DemoReport(endpoint=endpoint, repo=COOPT_REPO, tag="")
-
-    t = time.perf_counter()
-    publish_digits(SOURCE_REPO, token=hub.token)
-    _step(report, say, f"published {SOURCE_REPO}: scikit-learn digits as 32x32 RGB PNGs (train/test)", t)
-
-    t = time.perf_counter()
-    result = initialize(
-        hub, COOPT_REPO, source=SOURCE_REPO, source_revision=None, split="train", image_column="image",
-        shards=len(PARTICIPANTS), anchors=config.anchors, dim=config.dim, seed=config.seed, temperature=2.0,
-    )
-    plan = result.plan
-    report.rows = plan.num_rows
-    sizes = [len(plan.shard_ids(k)) for k in range(plan.num_shards)]
-    _step(report, say, f"init {COOPT_REPO}: {plan.num_shards} shards {sizes} of {plan.num_rows} rows "
-          f"({plan.granularity} granularity), {len(plan.anchor_ids)} anchors, dim {plan.dim}", t)
-
-    say("Participants use RANDOM-INIT priors (no downloads offline). Online, the same command with "
-        "`--model ViT-B-32 --pretrained openai` labels with real CLIP weights.")
-    workdir = root / "participants"
-    for shard, (model, _) in enumerate(PARTICIPANTS):
-        t = time.perf_counter()
-        launched = _optimize(shard, model, config, workdir, accelerate=(shard == ACCELERATE_SHARD))
-        _step(report, say, f"participant {shard}: optimize --shard {shard} --model {model} "
-              f"{'under accelerate launch, 2 processes ' if shard == ACCELERATE_SHARD else ''}--push "
-              f"(V={launched['uniformity']:.3f}, residual {launched['residual']:.3f})", t)
-
-    t = time.perf_counter()
-    status = collaboration_status(hub, COOPT_REPO)
-    report.priors = [
+    started = time.perf_counter()
+    status = collaboration_status(demo.hub, COOPT_REPO)
+    demo.report.priors = [
         {"shard": s.shard, "state": s.state, "prior": (s.header.prior["model"] if s.header else None),
          "output_dim": s.header.output_dim if s.header else None,
          "uniformity": s.header.uniformity if s.header else None,
          "residual": s.header.residual if s.header else None}
         for s in status.shards
     ]
-    _step(report, say, "status: " + ", ".join(
+    demo.step("status: " + ", ".join(
         f"shard {p['shard']} {p['state']} ({p['prior']}" + (f", V={p['uniformity']:.3f})" if p["prior"] else ")")
-        for p in report.priors), t)
+        for p in demo.report.priors), started)
     unfinished = [s for s in status.shards if s.state != "done"]
     if unfinished:
         raise CoOptError(
@@ -183,21 +225,23 @@ def _collaborate(config: DemoConfig, root: Path, endpoint: str, say: Callable[[s
             hint="Rerun `coopt-hub demo --debug`; `coopt-hub status` explains each state.",
         )
 
-    t = time.perf_counter()
-    merged = merge(hub, COOPT_REPO)
-    report.tag = merged.tag
-    _step(report, say, f"merge -> {COOPT_REPO}@{merged.tag} (commit {merged.commit[:8]}), "
-          f"reference prior: shard {merged.manifest.reference.shard}", t)
 
-    t = time.perf_counter()
-    rows = _load_back(COOPT_REPO, merged.tag, plan.dim)
-    _step(report, say, f"load_dataset('{COOPT_REPO}', revision='{merged.tag}'): {rows['train']} train rows with "
-          f"[{rows['train']}, {plan.dim}] targets, {rows['test']} test rows", t)
+def _merge(demo: _Demo) -> MergeResult:
+    from coopt_hub.platform.merge import merge
 
-    t = time.perf_counter()
-    report.comparison = _train(config, merged.tag, say)
-    _step(report, say, f"trained {config.student} four ways (linear-probe accuracy on the test split)", t)
-    return report
+    started = time.perf_counter()
+    merged = merge(demo.hub, COOPT_REPO, progress=Silent())
+    demo.report.tag = merged.tag
+    demo.step(f"merge -> {COOPT_REPO}@{merged.tag} (commit {merged.commit[:8]}), "
+              f"reference prior: shard {merged.manifest.reference.shard}", started)
+    return merged
+
+
+def _load(demo: _Demo, tag: str, dim: int) -> None:
+    started = time.perf_counter()
+    rows = _load_back(COOPT_REPO, tag, dim)
+    demo.step(f"load_dataset('{COOPT_REPO}', revision='{tag}'): {rows['train']} train rows with "
+              f"[{rows['train']}, {dim}] targets, {rows['test']} test rows", started)
 
 
 def _optimize(shard: int, model: str, config: DemoConfig, workdir: Path, accelerate: bool) -> dict[str, Any]:
@@ -245,21 +289,23 @@ def _load_back(repo: str, tag: str, dim: int) -> dict[str, int]:
     return {"train": loaded["train"].num_rows, "test": loaded["test"].num_rows}
 
 
-def _train(config: DemoConfig, tag: str, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def _train(demo: _Demo, tag: str) -> None:
     from coopt_hub.training.compare import compare_objectives, format_table
     from coopt_hub.training.data import load_training_data
     from coopt_hub.training.trainer import TrainConfig
 
+    started, config = time.perf_counter(), demo.config
     data = load_training_data(COOPT_REPO, tag, image_size=32)
     train_config = TrainConfig(arch=config.student, epochs=config.train_epochs, seed=config.seed,
                                batch_size=config.batch_size, small_stem=config.small_stem, eval_points=1)
     rows = compare_objectives(data, train_config, same_time=False)
-    say("\n" + format_table(rows))
-    return [
+    demo.progress.info("\n" + format_table(rows))
+    demo.report.comparison = [
         {"objective": r.variant, "budget": r.budget, "epochs": round(r.epochs, 2), "seconds": round(r.seconds, 1),
          "samples_per_s": round(r.samples_per_s, 1), "accuracy": r.accuracy}
         for r in rows
     ]
+    demo.step(f"trained {config.student} four ways (linear-probe accuracy on the test split)", started)
 
 
 def explain(report: DemoReport) -> str:

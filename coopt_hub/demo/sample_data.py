@@ -6,8 +6,12 @@ embedded RGB PNGs, a `train` and a `test` split, like any image dataset on the H
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from PIL import Image
+
+from coopt_hub.hub.client import Hub
 
 # datasets writes image datasets in row groups of this many rows: a 1,437-row train split then has
 # 15 storage units, enough to give every shard its own row groups.
@@ -66,21 +70,18 @@ def publish_digits(repo: str, image_size: int = 32, token: str | None = None, pr
     `push_to_hub` would write one 100 MB row group, which cannot be split between participants.
     Returns the commit sha.
     """
-    import io
-
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
     dataset = digits_dataset(image_size)
-    operations = []
+    files = {}
     for split, rows in dataset.items():
         buffer = io.BytesIO()
         rows.to_parquet(buffer, batch_size=ROWS_PER_GROUP)
-        operations.append(CommitOperationAdd(f"data/{split}-00000-of-00001.parquet", buffer.getvalue()))
-    card = CARD.format(size=image_size, train=len(dataset["train"]), test=len(dataset["test"]))
-    operations.append(CommitOperationAdd("README.md", card.encode()))
-    api = HfApi(token=token)
-    api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
-    info = api.create_commit(
-        repo, operations, commit_message="Publish scikit-learn digits as RGB PNGs", repo_type="dataset"
+        files[f"data/{split}-00000-of-00001.parquet"] = buffer.getvalue()
+    files["README.md"] = CARD.format(size=image_size, train=len(dataset["train"]), test=len(dataset["test"])).encode()
+    hub = Hub(token=token)
+    hub.ensure_repo(repo, private=private)
+    return hub.commit(
+        repo, "main", lambda head: [CommitOperationAdd(path, data) for path, data in files.items()],
+        message="Publish scikit-learn digits as RGB PNGs",
     )
-    return info.oid

@@ -12,7 +12,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from coopt_hub import __version__
-from coopt_hub.core.layout import ANCHORS_PATH
+from coopt_hub.core.layout import ANCHORS_PATH, DATA_DIR
 from coopt_hub.core.plan import Plan
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def card_data(manifest: Manifest, features, source_card: dict[str, Any]):
         configs=[
             {
                 "config_name": "default",
-                "data_files": [{"split": split, "path": f"data/{split}-*"} for split in manifest.splits],
+                "data_files": [{"split": split, "path": f"{DATA_DIR}/{split}-*"} for split in manifest.splits],
             },
             # Kept from the card `init` wrote, so the shared anchor rows stay browsable.
             {"config_name": "anchors", "data_files": [{"split": "anchors", "path": ANCHORS_PATH}]},

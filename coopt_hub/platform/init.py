@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from huggingface_hub import CommitOperationAdd
+from huggingface_hub import CommitOperation, CommitOperationAdd
 
 from coopt_hub import __version__
 from coopt_hub.core.layout import ANCHORS_PATH, PLAN_PATH
-from coopt_hub.core.plan import Plan, make_plan
+from coopt_hub.core.plan import Plan, Unit, make_plan
+from coopt_hub.core.progress import LogProgress, Progress
 from coopt_hub.errors import PlanError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.source import SourceLayout, read_unit, resolve_source
@@ -58,33 +59,6 @@ class InitResult:
     created: bool
 
 
-
-
-
-
-def anchor_table(layout: SourceLayout, anchor_ids: tuple[int, ...], token: str | None = None) -> pa.Table:
-    """Read the anchor rows from the units they live in; only the image column travels."""
-    wanted: dict[int, list[int]] = defaultdict(list)
-    unit_index = {unit.start: position for position, unit in enumerate(layout.units)}
-    starts = np.array([unit.start for unit in layout.units])
-    for sample_id in anchor_ids:
-        unit_start = int(starts[np.searchsorted(starts, sample_id, side="right") - 1])
-        wanted[unit_index[unit_start]].append(sample_id)
-    pieces = []
-    for position in sorted(wanted):
-        unit = layout.units[position]
-        rows = read_unit(layout.repo, layout.revision, unit, [layout.image_column], token)
-        offsets = [sample_id - unit.start for sample_id in wanted[position]]
-        pieces.append(rows.take(offsets).append_column("id", pa.array(wanted[position], pa.int64())))
-    table = pa.concat_tables(pieces)
-    return table.select(["id", layout.image_column])
-
-
-def _diff(old: Plan, new: Plan) -> list[str]:
-    old_fields, new_fields = json.loads(old.to_json()), json.loads(new.to_json())
-    return sorted(key for key in new_fields if old_fields.get(key) != new_fields[key])
-
-
 def initialize(
     hub: Hub,
     repo: str,
@@ -99,6 +73,7 @@ def initialize(
     seed: int,
     temperature: float,
     private: bool = False,
+    progress: Progress | None = None,
 ) -> InitResult:
     """Publish the plan to `repo`'s main; a no-op when the same plan is already there."""
     if shards < 1:
@@ -117,44 +92,90 @@ def initialize(
         temperature=temperature,
     )
     hub.ensure_repo(repo, private=private)
-
     with tempfile.TemporaryDirectory(prefix="coopt-init-") as scratch:
-        anchors_file = Path(scratch) / "anchors.parquet"
-        state = {"created": False}
-
-        def build(head: str | None):
-            existing = hub.read_json(repo, PLAN_PATH, head) if head else None
-            if existing is not None:
-                current = Plan.from_json(json.dumps(existing))
-                if current.plan_hash == plan.plan_hash:
-                    return None
-                raise PlanError(
-                    f"{repo} already holds a different plan (differs in: {', '.join(_diff(current, plan))}).",
-                    hint="Re-run with the arguments of the existing plan (see coopt/plan.json on main), "
-                    "or start a new collaboration in a new repo.",
-                )
-            if not anchors_file.exists():
-                pq.write_table(anchor_table(layout, plan.anchor_ids, hub.token), anchors_file)
-            state["created"] = True
-            readme = README_STUB.format(
-                anchors=ANCHORS_PATH,
-                source=source,
-                revision=layout.revision,
-                split=split,
-                rows=layout.num_rows,
-                shards=shards,
-                granularity=plan.granularity,
-                anchors_count=len(plan.anchor_ids),
-                version=__version__,
-                repo=repo,
-            )
-            return [
-                CommitOperationAdd(PLAN_PATH, plan.to_json().encode()),
-                CommitOperationAdd(ANCHORS_PATH, str(anchors_file)),
-                CommitOperationAdd("README.md", readme.encode()),
-            ]
-
-        commit = hub.commit(repo, "main", build, message=f"coopt-hub init: {shards} shards of {source}@{layout.revision[:8]}")
-    return InitResult(plan=plan, commit=commit if state["created"] else None, created=state["created"])
+        build = _PlanCommit(hub, repo, layout, plan, Path(scratch) / "anchors.parquet", progress or LogProgress())
+        message = f"coopt-hub init: {shards} shards of {source}@{layout.revision[:8]}"
+        commit = hub.commit(repo, "main", build, message=message)
+    return InitResult(plan=plan, commit=commit if build.created else None, created=build.created)
 
 
+class _PlanCommit:
+    """The init commit (plan, anchor rows, README), built from the head Hub.commit gives it on each try;
+    nothing when main holds this plan already. `created`: a try built the commit (a retry that finds it
+    went through before the connection dropped leaves it True)."""
+
+    def __init__(self, hub: Hub, repo: str, layout: SourceLayout, plan: Plan, anchors_file: Path, progress: Progress):
+        self.hub, self.repo, self.layout, self.plan = hub, repo, layout, plan
+        self.anchors_file, self.progress = anchors_file, progress
+        self.created = False
+
+    def __call__(self, head: str | None) -> list[CommitOperation] | None:
+        if self._holds_this_plan(head):
+            return None
+        if not self.anchors_file.exists():  # a retried commit reuses the rows read on the first try
+            anchor_ids = np.asarray(self.plan.anchor_ids, dtype=np.int64)
+            table = rows_by_id(self.layout.repo, self.layout.revision, self.layout.units, anchor_ids,
+                               self.layout.image_column, self.hub.token, self.progress)
+            pq.write_table(table, self.anchors_file)
+        self.created = True
+        return [
+            CommitOperationAdd(PLAN_PATH, self.plan.to_json().encode()),
+            CommitOperationAdd(ANCHORS_PATH, str(self.anchors_file)),
+            CommitOperationAdd("README.md", self._readme().encode()),
+        ]
+
+    def _holds_this_plan(self, head: str | None) -> bool:
+        """True when main holds this very plan; a PlanError when it holds another one."""
+        existing = self.hub.read_json(self.repo, PLAN_PATH, head) if head else None
+        if existing is None:
+            return False
+        current = Plan.from_json(json.dumps(existing))
+        if current.plan_hash == self.plan.plan_hash:
+            return True
+        raise PlanError(
+            f"{self.repo} already holds a different plan (differs in: {', '.join(_diff(current, self.plan))}).",
+            hint=f"Re-run with the arguments of the existing plan (see {PLAN_PATH} on main), "
+            "or start a new collaboration in a new repo.",
+        )
+
+    def _readme(self) -> str:
+        layout, plan = self.layout, self.plan
+        return README_STUB.format(
+            anchors=ANCHORS_PATH,
+            source=plan.source_repo,
+            revision=layout.revision,
+            split=plan.split,
+            rows=layout.num_rows,
+            shards=plan.num_shards,
+            granularity=plan.granularity,
+            anchors_count=len(plan.anchor_ids),
+            version=__version__,
+            repo=self.repo,
+        )
+
+
+def rows_by_id(
+    repo: str,
+    revision: str,
+    units: Sequence[Unit],
+    ids: np.ndarray,
+    column: str,
+    token: str | None = None,
+    progress: Progress | None = None,
+) -> pa.Table:
+    """`id` and `column` of the sorted sample `ids`, in that order, reading only the storage units that
+    hold them (with range reads: the rest of the source never travels)."""
+    spans = [(unit, *np.searchsorted(ids, [unit.start, unit.stop])) for unit in units]
+    holding = [(unit, lo, hi) for unit, lo, hi in spans if hi > lo]
+    pieces = []
+    with (progress or LogProgress()).bar(len(holding), f"Reading {ids.size} rows of {repo}", unit="row group") as bar:
+        for unit, lo, hi in holding:
+            rows = read_unit(repo, revision, unit, [column], token)
+            pieces.append(rows.take(ids[lo:hi] - unit.start).append_column("id", pa.array(ids[lo:hi], pa.int64())))
+            bar.update(1)
+    return pa.concat_tables(pieces).select(["id", column])
+
+
+def _diff(old: Plan, new: Plan) -> list[str]:
+    old_fields, new_fields = json.loads(old.to_json()), json.loads(new.to_json())
+    return sorted(key for key in new_fields if old_fields.get(key) != new_fields[key])

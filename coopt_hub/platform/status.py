@@ -10,13 +10,17 @@ shard but those it records as skipped (undecodable images); `missing` when nothi
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from coopt_hub.core.layout import remote_paths, shard_branch
+from huggingface_hub.errors import RemoteEntryNotFoundError
+
+from coopt_hub.core.layout import remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.shardfile import ShardHeader, header_problems
+from coopt_hub.errors import ShardFileError
 from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import load_plan, read_remote_header
+from coopt_hub.hub.repo import load_plan, read_manifest, read_remote_header
 
 DONE, MISSING, STALE = "done", "missing", "stale"
 
@@ -101,14 +105,10 @@ class CollaborationStatus:
 
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     """Read the plan on main and the header of every shard branch."""
-    from coopt_hub.core.layout import MANIFEST_PATH
-    from coopt_hub.core.manifest import Manifest
-
     main = hub.head(repo, "main")
     plan = load_plan(hub, repo, main)
     branches, _ = hub.refs(repo)
-    manifest_data = hub.read_json(repo, MANIFEST_PATH, main)
-    manifest = Manifest.from_dict(manifest_data) if manifest_data else None
+    manifest = read_manifest(hub, repo, main)
     merged = {(s.shard, s.commit) for s in manifest.shards} if manifest else set()
     shards = []
     for k in range(plan.num_shards):
@@ -140,7 +140,19 @@ def shard_status(hub: Hub, repo: str, plan: Plan, k: int, commit: str | None) ->
     return ShardStatus(k, branch, STALE if problems else DONE, expected, commit, header, tuple(problems))
 
 
+def download_shard(hub: Hub, repo: str, shard: int, commit: str, directory: Path) -> Path:
+    """Shard `shard`'s pair of files as pushed at `commit` (not its branch, which may move on), into
+    `directory`; returns the folder a ShardReader opens.
 
-
-
-
+    RemoteEntryNotFoundError when no targets were pushed; ShardFileError when the anchors are missing.
+    """
+    paths = remote_paths(shard)
+    hub.download(repo, paths.targets, commit, local_dir=directory)
+    try:
+        hub.download(repo, paths.anchors, commit, local_dir=directory)
+    except RemoteEntryNotFoundError as err:
+        raise ShardFileError(
+            f"{paths.anchors} is missing from {shard_branch(shard)}@{commit[:12]}.",
+            hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
+        ) from err
+    return directory / shard_prefix(shard)

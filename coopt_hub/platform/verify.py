@@ -18,7 +18,7 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ import numpy as np
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
-from coopt_hub.core.layout import remote_paths, shard_branch
+from coopt_hub.core.layout import shard_branch
 from coopt_hub.core.plan import Plan
+from coopt_hub.core.progress import LogProgress, Progress
 from coopt_hub.core.shardfile import (
     AnchorOutputs,
     ShardHeader,
@@ -40,13 +41,15 @@ from coopt_hub.core.shardfile import (
 from coopt_hub.errors import BadImageError, ConfigError, PriorError, ShardFileError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_anchors, load_plan, read_reference_anchors
-from coopt_hub.hub.source import read_plan_unit
+from coopt_hub.platform.init import rows_by_id
+from coopt_hub.platform.status import download_shard
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec, decode_image, load_prior
 
 PASSED, FAILED, UNVERIFIABLE, SKIPPED, MISSING = "pass", "fail", "cannot verify", "skipped", "missing"
 CHECKS = ("files", "prior", "targets", "anchors", "uniformity", "alignment")
-# Rows of aligned targets compared per matrix product: bounds the float32 temporaries.
-_ALIGN_CHUNK_ROWS = 16384
+# Rows of a shard's targets (re-)aligned at a time, here and by merge: bounds the float32 temporaries
+# to about 16384 x dim x 14 bytes (fp16 raw and aligned as read, float32 product, fp16 result).
+ALIGN_CHUNK_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,13 @@ class Agreement:
 
     @classmethod
     def of(cls, pushed: np.ndarray, recomputed: np.ndarray, ids: np.ndarray) -> Agreement:
-        cosine = _row_cosines(pushed, recomputed)
+        return cls.of_cosines(_row_cosines(pushed, recomputed), ids)
+
+    @classmethod
+    def of_cosines(cls, cosine: np.ndarray, ids: np.ndarray) -> Agreement:
+        """From the per-row cosines of the rows with `ids`."""
         worst = int(np.argmin(cosine))
-        return cls(len(cosine), float(cosine[worst]), float(cosine.mean()), int(ids[worst]))
+        return cls(int(cosine.size), float(cosine[worst]), float(cosine.mean()), int(ids[worst]))
 
     def describe(self) -> str:
         return (f"cosine min {self.min_cosine:.7f} (id {self.worst_id}), mean {self.mean_cosine:.7f} "
@@ -172,10 +179,6 @@ class PriorLoader:
         return spec
 
 
-def _quiet(message: str) -> None:
-    """Default progress sink: library callers see nothing unless they ask."""
-
-
 def verify_repo(
     hub: Hub,
     repo: str,
@@ -186,7 +189,7 @@ def verify_repo(
     thresholds: Thresholds = Thresholds(),
     priors: PriorLoader | None = None,
     batch_size: int = 64,
-    progress: Callable[[str], None] = _quiet,
+    progress: Progress | None = None,
 ) -> list[ShardVerification]:
     """Verify `shards` (default: every shard of the plan) at their branch heads; unpushed ones come back MISSING."""
     plan = load_plan(hub, repo)
@@ -195,17 +198,18 @@ def verify_repo(
         plan.shard_ids(k)  # PlanError for a shard the plan does not have, before any work
     branches, _ = hub.refs(repo)
     priors = priors or PriorLoader()
+    progress = progress or LogProgress()
     results = []
     for k in wanted:
         commit = branches.get(shard_branch(k))
         if commit is None:
-            progress(f"Shard {k}: nothing pushed to {shard_branch(k)}.")
+            progress.info(f"Shard {k}: nothing pushed to {shard_branch(k)}.")
             results.append(ShardVerification(k, shard_branch(k), None))
             continue
-        progress(f"Shard {k}: verifying {shard_branch(k)}@{commit[:12]}.")
+        progress.info(f"Shard {k}: verifying {shard_branch(k)}@{commit[:12]}.")
         results.append(
             verify_shard(hub, repo, plan, k, sample=sample, seed=seed, thresholds=thresholds, commit=commit,
-                         priors=priors, batch_size=batch_size)
+                         priors=priors, batch_size=batch_size, progress=progress)
         )
     return results
 
@@ -223,6 +227,7 @@ def verify_shard(
     files: tuple[ShardResult, AnchorOutputs] | None = None,
     priors: PriorLoader | None = None,
     batch_size: int = 64,
+    progress: Progress | None = None,
 ) -> ShardVerification:
     """Verify shard `shard` of `repo` as pushed at `commit` (default: its branch head).
 
@@ -243,29 +248,15 @@ def verify_shard(
             return ShardVerification(shard, branch, None)
     report = ShardVerification(shard, branch, commit)
     if files is None:
-        try:
-            files = _download(hub, repo, shard, commit)
-        except RemoteEntryNotFoundError:
-            return report  # a branch without targets: nothing was pushed to it yet
-        except ShardFileError as err:
-            report.checks.append(Check("files", FAILED, str(err)))
-            _skip_rest(report, "the shard's files do not read")
-            return report
-    result, anchors = files
-    header = result.header
-    report.prior, report.fingerprint = header.prior, header.fingerprint
-    problems = header_problems(plan, shard, header) + _id_problems(plan, shard, result, anchors)
-    if problems:
-        report.checks.append(Check("files", FAILED, "; ".join(problems) + "."))
-        _skip_rest(report, "the files do not fit the plan")
+        files = _fetch(hub, repo, shard, commit, report)
+    if files is None or not _check_files(plan, shard, *files, report):
         return report
-    report.checks.append(Check("files", PASSED, f"{header.num_rows} rows and {anchors.ids.size} anchors fit the plan; "
-                                                 "checksums match."))
-
-    prior, preprocessing = _check_prior(header, priors or PriorLoader(), report)
-    _check_targets(plan, result, prior, preprocessing, sample, seed, batch_size, thresholds, hub.token, report)
-    _check_anchors(hub, repo, plan, anchors, prior, preprocessing, batch_size, thresholds, report)
-    _check_uniformity(plan, header, anchors, thresholds, report)
+    result, anchors = files
+    declared = _check_prior(result.header, priors or PriorLoader(), report)
+    encoder = _Encoder(*declared, batch_size, progress or LogProgress()) if declared else None
+    _check_targets(plan, result, encoder, sample, seed, thresholds, hub.token, report)
+    _check_anchors(hub, repo, plan, anchors, encoder, thresholds, report)
+    _check_uniformity(plan, result.header, anchors, thresholds, report)
     _check_alignment(hub, repo, plan, result, anchors, thresholds, report)
     return report
 
@@ -292,16 +283,34 @@ def failure_error(results: Sequence[ShardVerification], repo: str) -> Verificati
 # Files -------------------------------------------------------------------------------------------
 
 
-def _download(hub: Hub, repo: str, shard: int, commit: str) -> tuple[ShardResult, AnchorOutputs]:
-    """The shard's pair of files at `commit`, read and checked (ShardFileError when they do not read)."""
-    paths = remote_paths(shard)
+def _fetch(hub: Hub, repo: str, shard: int, commit: str,
+           report: ShardVerification) -> tuple[ShardResult, AnchorOutputs] | None:
+    """The shard's pair of files at `commit`, read and checked; None when nothing was pushed, or when
+    the files do not read (then the 'files' check says why)."""
     with tempfile.TemporaryDirectory(prefix="coopt-verify-") as scratch:
-        hub.download(repo, paths.targets, commit, local_dir=Path(scratch))
         try:
-            hub.download(repo, paths.anchors, commit, local_dir=Path(scratch))
-        except RemoteEntryNotFoundError as err:
-            raise ShardFileError(f"{paths.anchors} is missing from {shard_branch(shard)}@{commit[:12]}.") from err
-        return read_shard(Path(scratch) / Path(paths.targets).parent, verify=True)
+            return read_shard(download_shard(hub, repo, shard, commit, Path(scratch)), verify=True)
+        except RemoteEntryNotFoundError:
+            return None  # a branch without targets: nothing was pushed to it yet
+        except ShardFileError as err:
+            report.checks.append(Check("files", FAILED, str(err)))
+            _skip_rest(report, "the shard's files do not read")
+            return None
+
+
+def _check_files(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOutputs,
+                 report: ShardVerification) -> bool:
+    """Records the 'files' check: whether the files fit the plan (the rest is skipped when they do not)."""
+    header = result.header
+    report.prior, report.fingerprint = header.prior, header.fingerprint
+    problems = header_problems(plan, shard, header) + _id_problems(plan, shard, result, anchors)
+    if problems:
+        report.checks.append(Check("files", FAILED, "; ".join(problems) + "."))
+        _skip_rest(report, "the files do not fit the plan")
+        return False
+    report.checks.append(Check("files", PASSED, f"{header.num_rows} rows and {anchors.ids.size} anchors fit the plan; "
+                                                 "checksums match."))
+    return True
 
 
 def _id_problems(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOutputs) -> list[str]:
@@ -322,7 +331,7 @@ def _skip_rest(report: ShardVerification, reason: str) -> None:
 
 
 def _check_prior(header: ShardHeader, priors: PriorLoader,
-                 report: ShardVerification) -> tuple[Prior | None, Preprocessing | None]:
+                 report: ShardVerification) -> tuple[Prior, Preprocessing] | None:
     """The declared prior and preprocessing when they can re-encode the shard; records the 'prior' check.
 
     A prior whose weights hash differently from the declared fingerprint still re-encodes the
@@ -333,13 +342,13 @@ def _check_prior(header: ShardHeader, priors: PriorLoader,
         preprocessing = Preprocessing.from_dict(header.preprocessing)
     except (ConfigError, KeyError, TypeError, ValueError) as err:
         report.checks.append(Check("prior", FAILED, f"the header's prior or preprocessing record is unusable: {err}"))
-        return None, None
+        return None
     try:
         prior = priors(spec)
     except PriorError as err:
         what = "weights unavailable" if not spec.random_init else "the declared model cannot be built here"
         report.checks.append(Check("prior", UNVERIFIABLE, f"cannot verify: {what} ({err})"))
-        return None, None
+        return None
     report.loaded_fingerprint = prior.fingerprint
     misfits = []
     if prior.output_dim != header.output_dim:
@@ -356,22 +365,32 @@ def _check_prior(header: ShardHeader, priors: PriorLoader,
     else:
         default = "" if preprocessing == prior.preprocessing else " (declared preprocessing differs from the model's)"
         report.checks.append(Check("prior", PASSED, f"weights match fingerprint {header.fingerprint[:12]}{default}."))
-    return (None, None) if misfits else (prior, preprocessing)
+    return None if misfits else (prior, preprocessing)
 
 
-def _encode(prior: Prior, preprocessing: Preprocessing, cells: Sequence[Any], ids: np.ndarray,
-            batch_size: int) -> np.ndarray:
-    """L2-normalised prior outputs of the images in `cells`, preprocessed as declared."""
-    import torch
+@dataclass(frozen=True)
+class _Encoder:
+    """The declared prior with its declared preprocessing, re-encoding images in batches."""
 
-    transform = preprocessing.transform()
-    outputs = []
-    for start in range(0, len(cells), batch_size):
-        batch = zip(cells[start:start + batch_size], ids[start:start + batch_size])
-        pixels = torch.stack([transform(decode_image(cell, int(sample_id))) for cell, sample_id in batch])
-        with torch.inference_mode():
-            outputs.append(prior.encode_batch(pixels).float().numpy())
-    return normalize(np.concatenate(outputs))
+    prior: Prior
+    preprocessing: Preprocessing
+    batch_size: int
+    progress: Progress
+
+    def encode(self, cells: Sequence[Any], ids: np.ndarray, description: str) -> np.ndarray:
+        """L2-normalised prior outputs of the images in `cells` (sample ids `ids`)."""
+        import torch
+
+        transform = self.preprocessing.transform()
+        outputs = []
+        with self.progress.bar(len(cells), description, unit="img") as bar:
+            for start in range(0, len(cells), self.batch_size):
+                batch = list(zip(cells[start:start + self.batch_size], ids[start:start + self.batch_size]))
+                pixels = torch.stack([transform(decode_image(cell, int(sample_id))) for cell, sample_id in batch])
+                with torch.inference_mode():
+                    outputs.append(self.prior.encode_batch(pixels).float().numpy())
+                bar.update(len(batch))
+        return normalize(np.concatenate(outputs))
 
 
 def _no_prior(report: ShardVerification, name: str) -> None:
@@ -395,32 +414,22 @@ def sample_ids(ids: np.ndarray, count: int, seed: int, shard: int) -> np.ndarray
     return np.sort(ids[np.argsort(keys, kind="stable")[:count]])
 
 
-def _read_images(plan: Plan, shard: int, wanted: np.ndarray, token: str | None) -> list[Any]:
-    """Image cells of the sorted ids `wanted`, reading only the units that hold them."""
-    cells: list[Any] = []
-    for unit in plan.shard_units(shard):
-        lo, hi = np.searchsorted(wanted, [unit.start, unit.stop])
-        if lo == hi:
-            continue
-        column = read_plan_unit(plan, unit, [plan.image_column], token).column(plan.image_column)
-        cells.extend(column.take(wanted[lo:hi] - unit.start).to_pylist())
-    return cells
-
-
-def _check_targets(plan: Plan, result: ShardResult, prior: Prior | None, preprocessing: Preprocessing | None,
-                   sample: int, seed: int, batch_size: int, thresholds: Thresholds, token: str | None,
-                   report: ShardVerification) -> None:
-    ids = sample_ids(result.ids, sample, seed, result.header.shard)
+def _check_targets(plan: Plan, result: ShardResult, encoder: _Encoder | None, sample: int, seed: int,
+                   thresholds: Thresholds, token: str | None, report: ShardVerification) -> None:
+    shard = result.header.shard
+    ids = sample_ids(result.ids, sample, seed, shard)
     report.sample_ids = [int(i) for i in ids]
-    if prior is None:
+    if encoder is None:
         _no_prior(report, "targets")
         return
+    cells = rows_by_id(plan.source_repo, plan.source_revision, plan.shard_units(shard), ids, plan.image_column,
+                       token, encoder.progress).column(plan.image_column).to_pylist()
     try:
-        features = _encode(prior, preprocessing, _read_images(plan, result.header.shard, ids, token), ids, batch_size)
+        features = encoder.encode(cells, ids, f"Shard {shard}: re-encoding {ids.size} sampled images")
     except BadImageError as err:
         report.checks.append(Check("targets", FAILED, f"the shard has targets for images that do not decode: {err}"))
         return
-    recomputed = features @ plan.projection(prior.output_dim)
+    recomputed = features @ plan.projection(encoder.prior.output_dim)
     rows = np.searchsorted(result.ids, ids)
     report.targets = Agreement.of(result.raw[rows].astype(np.float32), recomputed, ids)
     figures = f"re-encoded sample vs pushed raw targets: {report.targets.describe()}"
@@ -431,22 +440,21 @@ def _check_targets(plan: Plan, result: ShardResult, prior: Prior | None, preproc
                                                       f"{figures}, below the threshold {thresholds.min_cosine}."))
 
 
-def _check_anchors(hub: Hub, repo: str, plan: Plan, anchors: AnchorOutputs, prior: Prior | None,
-                   preprocessing: Preprocessing | None, batch_size: int, thresholds: Thresholds,
-                   report: ShardVerification) -> None:
+def _check_anchors(hub: Hub, repo: str, plan: Plan, anchors: AnchorOutputs, encoder: _Encoder | None,
+                   thresholds: Thresholds, report: ShardVerification) -> None:
     """Re-encode every anchor: V and the alignment fit rest on them, so a sample would not do."""
     projection_error = _relative_error(anchors.projected, anchors.features @ plan.projection(anchors.features.shape[1]))
     projection = f"projected anchors vs features @ W: relative error {projection_error:.2e}"
     problems = [] if projection_error <= thresholds.tolerance else [f"{projection}, above {thresholds.tolerance}"]
-    if prior is None:
+    if encoder is None:
         if problems:
             report.checks.append(Check("anchors", FAILED, problems[0] + "."))
         else:
             _no_prior(report, "anchors")
         return
-    table = load_anchors(hub, repo, plan)
+    cells = load_anchors(hub, repo, plan).column(plan.image_column).to_pylist()
     try:
-        features = _encode(prior, preprocessing, table.column(plan.image_column).to_pylist(), anchors.ids, batch_size)
+        features = encoder.encode(cells, anchors.ids, f"Shard {report.shard}: re-encoding the anchors")
     except BadImageError as err:
         report.checks.append(Check("anchors", FAILED, f"the shard has outputs for anchors that do not decode: {err}"))
         return
@@ -520,13 +528,11 @@ def _check_alignment(hub: Hub, repo: str, plan: Plan, result: ShardResult, ancho
 def _aligned_agreement(result: ShardResult, transform: np.ndarray) -> Agreement:
     """Over every row, not the sample: no encoding is needed, and a few moved rows must not slip through."""
     cosines = []
-    for start in range(0, result.ids.size, _ALIGN_CHUNK_ROWS):
-        rows = slice(start, start + _ALIGN_CHUNK_ROWS)
+    for start in range(0, result.ids.size, ALIGN_CHUNK_ROWS):
+        rows = slice(start, start + ALIGN_CHUNK_ROWS)
         expected = apply_alignment(result.raw[rows].astype(np.float32), transform)
         cosines.append(_row_cosines(result.aligned[rows].astype(np.float32), expected))
-    cosine = np.concatenate(cosines)
-    worst = int(np.argmin(cosine))
-    return Agreement(int(cosine.size), float(cosine[worst]), float(cosine.mean()), int(result.ids[worst]))
+    return Agreement.of_cosines(np.concatenate(cosines), result.ids)
 
 
 # Arithmetic --------------------------------------------------------------------------------------

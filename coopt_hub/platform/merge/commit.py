@@ -5,19 +5,43 @@ safe against concurrent merges.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from huggingface_hub import CommitOperation, CommitOperationAdd, CommitOperationDelete
 
 from coopt_hub.core import faults
 from coopt_hub.core.layout import MANIFEST_PATH, MERGED_FOLDERS
 from coopt_hub.core.manifest import Manifest, next_tag
 from coopt_hub.core.plan import Plan
+from coopt_hub.core.progress import Progress
 from coopt_hub.errors import ConflictError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_plan, read_manifest
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    repo: str
+    tag: str
+    commit: str
+    created: bool  # False: main already held this merge
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What a merge publishes: the big files, uploaded once, and the small ones (manifest and card),
+    which carry the version name and so are written for the name free when the commit is built."""
+
+    plan: Plan
+    uploads: list[tuple[Path, str]]  # (local file, path in the repo)
+    draft: Manifest  # the manifest but for its tag
+    card_for: Callable[[Manifest], str]
+    message: str
+
+    def manifest(self, tag: str) -> Manifest:
+        return replace(self.draft, tag=tag)
 
 
 def check_tag_free(repo: str, tag: str, tags: dict[str, str]) -> None:
@@ -38,62 +62,17 @@ def claim_tag(hub: Hub, repo: str, tag: str, commit: str) -> bool:
     return True
 
 
-def publish_merge(
-    hub: Hub,
-    repo: str,
-    plan: Plan,
-    uploads: list[tuple[Path, str]],
-    manifest_for: Callable[[str], Manifest],
-    card_for: Callable[[Manifest], str],
-    tag: str | None,
-    message: str,
-    progress: Callable[[str], None],
-) -> MergeResult:
-    """One commit on main with everything, then the tag; safe against concurrent merges.
-
-    The small files (manifest, card) carry the version name, so they are rebuilt on every try from
-    the tags that exist then; the big files are uploaded once and reused.
-    """
-    uploaded_paths = {path for _, path in uploads}
-    wanted = manifest_for("")
+def publish_merge(hub: Hub, repo: str, publication: Publication, tag: str | None, progress: Progress) -> MergeResult:
+    """One commit on main with everything, then the tag (`tag`, or the next free vN); safe against
+    concurrent merges."""
     for _ in range(hub.retry.attempts):
-        state: dict[str, Any] = {"manifest": None, "committed": False}
-
-        def build(head: str | None):
-            state["committed"] = False
-            _, tags = hub.refs(repo)
-            current = read_manifest(hub, repo, head)
-            there = current is not None and current.satisfies(wanted.content_key, wanted.verification)
-            if there and tags.get(current.tag, head) == head:
-                # This merge is already there (an earlier try, or a concurrent merge of the same
-                # shards) and its version name is still its own.
-                state["manifest"] = current
-                return None
-            manifest = manifest_for(tag or next_tag(tags))
-            state["manifest"] = manifest
-            if tag is not None:
-                check_tag_free(repo, tag, tags)
-            if load_plan(hub, repo, head).plan_hash != plan.plan_hash:
-                raise ConflictError(
-                    f"The plan on {repo}'s main changed during the merge; nothing was written.",
-                    hint="Check `coopt-hub status`, then run the merge again.",
-                )
-            card = card_for(manifest)
-            stale = [path for path in hub.list_files(repo, head) if path.startswith(MERGED_FOLDERS)]
-            state["committed"] = True
-            return [
-                *(CommitOperationDelete(path) for path in stale if path not in uploaded_paths),
-                *(CommitOperationAdd(path, str(local)) for local, path in uploads),
-                CommitOperationAdd(MANIFEST_PATH, manifest.to_json().encode()),
-                CommitOperationAdd("README.md", card.encode()),
-            ]
-
-        progress(f"Committing {len(uploads)} data files to main.")
-        commit = hub.commit(repo, "main", build, message=message)
+        build = _MainCommit(hub, repo, publication, tag)
+        progress.info(f"Committing {len(publication.uploads)} data files to main.")
+        commit = hub.commit(repo, "main", build, message=publication.message)
         faults.reach("merge-tag")
-        manifest = state["manifest"]
+        manifest = build.manifest
         if claim_tag(hub, repo, manifest.tag, commit):
-            return MergeResult(repo, manifest.tag, commit, created=state["committed"], manifest=manifest)
+            return MergeResult(repo, manifest.tag, commit, created=build.committed, manifest=manifest)
         if tag is not None:
             raise ConflictError(
                 f"Tag {tag} was taken by a concurrent merge; main holds this merge untagged at {commit[:12]}.",
@@ -107,10 +86,47 @@ def publish_merge(
     )
 
 
-@dataclass(frozen=True)
-class MergeResult:
-    repo: str
-    tag: str
-    commit: str
-    created: bool  # False: main already held this merge
-    manifest: Manifest
+class _MainCommit:
+    """The merge commit on main, built from the head Hub.commit gives it on each try. Afterwards
+    `manifest` is the merge main holds and `committed` whether this commit put it there."""
+
+    def __init__(self, hub: Hub, repo: str, publication: Publication, tag: str | None):
+        self.hub, self.repo, self.publication, self.tag = hub, repo, publication, tag
+        self.manifest: Manifest | None = None
+        self.committed = False
+
+    def __call__(self, head: str | None) -> list[CommitOperation] | None:
+        self.committed = False
+        _, tags = self.hub.refs(self.repo)
+        current = read_manifest(self.hub, self.repo, head)
+        draft = self.publication.draft
+        there = current is not None and current.satisfies(draft.content_key, draft.verification)
+        if there and tags.get(current.tag, head) == head:
+            # This merge is already there (an earlier try, or a concurrent merge of the same
+            # shards) and its version name is still its own.
+            self.manifest = current
+            return None
+        self.manifest = self.publication.manifest(self.tag or next_tag(tags))
+        if self.tag is not None:
+            check_tag_free(self.repo, self.tag, tags)
+        if load_plan(self.hub, self.repo, head).plan_hash != self.publication.plan.plan_hash:
+            raise ConflictError(
+                f"The plan on {self.repo}'s main changed during the merge; nothing was written.",
+                hint="Check `coopt-hub status`, then run the merge again.",
+            )
+        operations = self._operations(head, self.manifest)
+        self.committed = True
+        return operations
+
+    def _operations(self, head: str | None, manifest: Manifest) -> list[CommitOperation]:
+        """Everything under the merged folders replaced by the uploads, and the manifest and card written."""
+        card = self.publication.card_for(manifest)
+        uploads = self.publication.uploads
+        uploaded_paths = {path for _, path in uploads}
+        stale = [path for path in self.hub.list_files(self.repo, head) if path.startswith(MERGED_FOLDERS)]
+        return [
+            *(CommitOperationDelete(path) for path in stale if path not in uploaded_paths),
+            *(CommitOperationAdd(path, str(local)) for local, path in uploads),
+            CommitOperationAdd(MANIFEST_PATH, manifest.to_json().encode()),
+            CommitOperationAdd("README.md", card.encode()),
+        ]

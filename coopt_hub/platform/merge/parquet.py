@@ -5,8 +5,9 @@ split, row group by row group.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,18 +16,68 @@ import pyarrow.parquet as pq
 from coopt_hub.core.layout import DATA_DIR
 from coopt_hub.core.manifest import SplitRecord
 from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import TensorFile
+from coopt_hub.core.progress import Bar, Progress
 from coopt_hub.errors import SourceError
 from coopt_hub.hub.client import Hub, open_remote
-from coopt_hub.hub.source import SourceLayout, iter_source_batches
-from coopt_hub.platform.merge.targets import IdLayout
+from coopt_hub.hub.source import SourceLayout, iter_source_batches, parquet_units, resolve_source
+from coopt_hub.platform.merge.targets import MergedTargets
+
+if TYPE_CHECKING:
+    import datasets
 
 # A row group carries about this many bytes, and a data file is closed after about this many, so a
 # streaming reader fetches reasonable ranges and no file grows past what the Hub handles comfortably.
 ROW_GROUP_BYTES = 64 << 20
-
-
 FILE_BYTES = 1 << 30
+# The columns a merge adds in front of the source's own.
+ADDED_COLUMNS = ("id", "target", "shard")
+
+
+@dataclass(frozen=True)
+class MergeSource:
+    """The pinned source as a merge reads it: its layout, its card's YAML (license and the like), and
+    the merged dataset's features (the added columns, then the source's)."""
+
+    layout: SourceLayout
+    card: dict[str, Any]
+    features: datasets.Features
+
+    @property
+    def source_columns(self) -> list[str]:
+        return [name for name in self.features if name not in ADDED_COLUMNS]
+
+    @property
+    def label_column(self) -> str | None:
+        """The column a linear probe evaluates: the first class label, else a column named `label`."""
+        import datasets
+
+        for name, feature in self.features.items():
+            if isinstance(feature, datasets.ClassLabel):
+                return name
+        return "label" if "label" in self.features else None
+
+
+def read_merge_source(hub: Hub, plan: Plan, images: str) -> MergeSource:
+    """The plan's pinned source, checked against the plan, with the features of its merge in `images` mode."""
+    layout = resolve_source(plan.source_repo, plan.source_revision, plan.split, plan.image_column, hub.token)
+    source_features = read_source_features(layout, hub.token)
+    _check_source(plan, layout, source_features)
+    features = merged_features(source_features, plan.image_column, plan.dim, images)
+    return MergeSource(layout, read_source_card(hub, layout), features)
+
+
+def _check_source(plan: Plan, layout: SourceLayout, source_features) -> None:
+    if layout.units != plan.units:
+        raise SourceError(
+            f"The storage units of {plan.source_repo}@{plan.source_revision[:12]} no longer match the plan.",
+            hint="The pinned source cannot have changed; check that the plan on main was not edited by hand.",
+        )
+    clash = [name for name in ADDED_COLUMNS if name in source_features]
+    if clash:
+        raise SourceError(
+            f"The source already has column(s) {clash}, which the merged dataset adds itself.",
+            hint="Rename those columns in a copy of the source and start the collaboration from that copy.",
+        )
 
 
 def read_source_features(layout: SourceLayout, token: str | None = None):
@@ -64,16 +115,6 @@ def merged_features(source_features, image_column: str, dim: int, images: str):
     return datasets.Features(columns)
 
 
-def label_column(features) -> str | None:
-    """The column a linear probe evaluates: the first class label, else a column named `label`."""
-    import datasets
-
-    for name, feature in features.items():
-        if isinstance(feature, datasets.ClassLabel):
-            return name
-    return "label" if "label" in features else None
-
-
 class _SplitWriter:
     """Parquet files of one split, closed at about FILE_BYTES; named `-of-N` once N is known."""
 
@@ -106,49 +147,15 @@ class _SplitWriter:
         return [(path, f"{DATA_DIR}/{self.split}-{i:05d}-of-{total:05d}.parquet") for i, path in enumerate(self.files)]
 
 
-class TargetJoin:
-    """The merged split's targets and shard for a run of consecutive sample ids."""
-
-    def __init__(self, plan: Plan, ids: IdLayout, targets: TensorFile):
-        self.plan, self.ids, self.targets = plan, ids, targets
-
-    def rows(self, sample_ids: np.ndarray) -> tuple[np.ndarray, pa.Array, pa.Array]:
-        """(which ids were merged, their targets, their shards); ids of missing shards, and ids a shard
-        skipped as undecodable, are dropped."""
-        if sample_ids[-1] >= self.plan.num_rows:
-            raise SourceError(
-                f"Split {self.plan.split} of {self.plan.source_repo} has more rows than the plan's "
-                f"{self.plan.num_rows}.",
-                hint="The plan on main does not describe this source; check it was not edited by hand.",
-            )
-        shard = self.ids.shard_of[sample_ids]
-        keep = shard >= 0
-        # Merged rows are stored in id order, so a run of ids is one contiguous read.
-        position = self.ids.position[sample_ids[keep]]
-        values = self.targets.read_rows("targets", int(position[0]), int(position[-1]) + 1) if keep.any() else None
-        flat = pa.array(np.zeros(0, np.float32) if values is None else values.astype(np.float32).reshape(-1))
-        return keep, pa.FixedSizeListArray.from_arrays(flat, self.plan.dim), pa.array(shard[keep], pa.int32())
-
-
 def write_splits(
-    layout: SourceLayout, plan: Plan, features, join: TargetJoin, workdir: Path, token: str | None
+    source: MergeSource, targets: MergedTargets, workdir: Path, token: str | None, progress: Progress
 ) -> tuple[list[tuple[Path, str]], dict[str, SplitRecord]]:
-    """The merged split with its targets, and every other split of the source with empty targets."""
-    schema = features.arrow_schema
-    source_columns = [name for name in features if name not in ADDED_COLUMNS]
+    """The merged split with its `targets`, and every other split of the source with empty targets."""
+    merged_split = targets.plan.split
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
-    for split in [plan.split, *sorted(s for s in layout.splits if s != plan.split)]:
-        writer = _SplitWriter(workdir, split, schema)
-        split_join = join if split == plan.split else None
-        for table in _split_tables(layout, layout.splits[split], source_columns, schema, split_join, token):
-            writer.write(table)
-        if split == plan.split and writer.num_rows != join.ids.num_rows:
-            raise SourceError(
-                f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {writer.num_rows} merged rows, "
-                f"the shards hold {join.ids.num_rows}.",
-                hint="The pinned source reads differently than when the plan was made; report this.",
-            )
+    for split in [merged_split, *sorted(s for s in source.layout.splits if s != merged_split)]:
+        writer = _write_split(source, split, targets if split == merged_split else None, workdir, token, progress)
         written = writer.finish()
         if written:
             uploads.extend(written)
@@ -156,16 +163,32 @@ def write_splits(
     return uploads, splits
 
 
+def _write_split(
+    source: MergeSource, split: str, join: MergedTargets | None, workdir: Path, token: str | None, progress: Progress
+) -> _SplitWriter:
+    """One split's parquet files, joined with the merged targets (`join`) or with empty targets."""
+    layout = source.layout
+    files = layout.splits[split]
+    source_rows = sum(unit.num_rows for unit in parquet_units(layout.repo, layout.revision, files, token))
+    writer = _SplitWriter(workdir, split, source.features.arrow_schema)
+    with progress.bar(source_rows, f"Writing split {split}", unit="rows") as bar:
+        for table in _split_tables(source, files, join, token, bar):
+            writer.write(table)
+    if join is not None and writer.num_rows != join.ids.num_rows:
+        raise SourceError(
+            f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {writer.num_rows} merged rows, "
+            f"the shards hold {join.ids.num_rows}.",
+            hint="The pinned source reads differently than when the plan was made; report this.",
+        )
+    return writer
+
+
 def _split_tables(
-    layout: SourceLayout,
-    files: tuple[str, ...],
-    source_columns: list[str],
-    schema: pa.Schema,
-    join: TargetJoin | None,
-    token: str | None,
+    source: MergeSource, files: tuple[str, ...], join: MergedTargets | None, token: str | None, bar: Bar
 ) -> Iterator[pa.Table]:
     """Row groups of one split in id order: the source's rows joined with their targets (`join`),
-    or with empty targets."""
+    or with empty targets; `bar` counts the source rows read."""
+    layout, schema, source_columns = source.layout, source.features.arrow_schema, source.source_columns
     target_type = schema.field("target").type
     target_bytes = 4 * target_type.list_size if join is not None else 0
     for first, batch in iter_source_batches(layout.repo, layout.revision, files, source_columns, token):
@@ -177,7 +200,7 @@ def _split_tables(
             if join is None:
                 target, shard = pa.nulls(part.num_rows, target_type), pa.nulls(part.num_rows, pa.int32())
             else:
-                keep, target, shard = join.rows(sample_ids)
+                keep, target, shard = join.rows_for(sample_ids)
                 if not keep.all():
                     part, sample_ids = part.filter(pa.array(keep)), sample_ids[keep]
             if part.num_rows == 0:
@@ -185,6 +208,4 @@ def _split_tables(
             columns = {"id": pa.array(sample_ids), "target": target, "shard": shard}
             columns.update({name: part.column(name) for name in source_columns})
             yield pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
-
-
-ADDED_COLUMNS = ("id", "target", "shard")
+        bar.update(batch.num_rows)

@@ -5,67 +5,41 @@ of rows, not a shard or the dataset: each shard is downloaded, then read range b
 and (re-)aligned, and its targets go straight into a safetensors file laid out up front in id order;
 the parquet files are then written row group by row group from that file and the source's row
 groups. With `verify`, each shard is also re-encoded in part with its declared prior
-(coopt_hub.verify) and the merge is refused unless every shard passes. Main changes in one commit
+(platform.verify) and the merge is refused unless every shard passes. Main changes in one commit
 pinned to the head the merge was computed against, and that commit is tagged.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from coopt_hub import __version__
 from coopt_hub.core.layout import TARGETS_PATH
-from coopt_hub.core.manifest import MANIFEST_VERSION, Manifest, Reference, SourcePin
-from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import (
-    TensorFile,
+from coopt_hub.core.manifest import (
+    MANIFEST_VERSION,
+    Manifest,
+    MergedShard,
+    MergeVerification,
+    Reference,
+    SourcePin,
+    SplitRecord,
 )
-from coopt_hub.errors import ConfigError, SourceError, VerificationError
+from coopt_hub.core.plan import Plan
+from coopt_hub.core.progress import LogProgress, Progress
+from coopt_hub.errors import ConfigError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import read_manifest
-from coopt_hub.hub.source import SourceLayout, resolve_source
 from coopt_hub.platform.card import render_card
-from coopt_hub.platform.merge.commit import MergeResult, check_tag_free, claim_tag, publish_merge
-from coopt_hub.platform.merge.parquet import (
-    ADDED_COLUMNS,
-    TargetJoin,
-    label_column,
-    merged_features,
-    read_source_card,
-    read_source_features,
-    write_splits,
-)
-from coopt_hub.platform.merge.targets import IdLayout, merge_targets
+from coopt_hub.platform.merge.commit import MergeResult, Publication, check_tag_free, claim_tag, publish_merge
+from coopt_hub.platform.merge.parquet import MergeSource, read_merge_source, write_splits
+from coopt_hub.platform.merge.targets import MergedTargets, merge_targets
 from coopt_hub.platform.merge.verification import MergeVerifier
 from coopt_hub.platform.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status
 
-if TYPE_CHECKING:
-    pass
-
 IMAGE_MODES = ("copy", "reference")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _quiet(message: str) -> None:
-    """Default progress sink: library callers see nothing unless they ask."""
 
 
 def merge(
@@ -77,113 +51,134 @@ def merge(
     allow_partial: bool = False,
     verify: bool = False,
     verify_sample: int = 64,
-    progress: Callable[[str], None] = _quiet,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """Check every shard, align them to the lowest-V prior, and publish the dataset on main as a tag.
 
     `verify` also re-encodes `verify_sample` images of each shard and all anchors with the shard's
-    declared prior (coopt_hub.verify.verify_shard) and refuses the merge unless every shard passes.
+    declared prior (platform.verify.verify_shard) and refuses the merge unless every shard passes.
     """
     if images not in IMAGE_MODES:
         raise ConfigError(f"--images must be one of {IMAGE_MODES}, got {images!r}.")
     if verify_sample < 1:
         raise ConfigError(f"--verify-sample must be at least 1, got {verify_sample}.")
+    progress = progress or LogProgress()
+    selection = _select(hub, repo, tag, allow_partial)
+    verification = MergeVerifier(hub, repo, selection.plan, verify_sample, progress) if verify else None
+    record = verification.record if verification is not None else None
+    unchanged = _unchanged(hub, repo, selection, images, record)
+    if unchanged is not None:
+        return unchanged
+
+    reference = selection.reference
+    progress.info(f"Reference prior: shard {reference.shard} (V = {reference.header.uniformity:.4f}).")
+    source = read_merge_source(hub, selection.plan, images)
+    with tempfile.TemporaryDirectory(prefix="coopt-merge-") as scratch:
+        files = _write_files(hub, repo, selection, source, Path(scratch), verification, progress)
+        publication = Publication(
+            plan=selection.plan,
+            uploads=files.uploads,
+            draft=_draft_manifest(selection, source, files, images, record),
+            card_for=functools.partial(render_card, plan=selection.plan, features=source.features,
+                                       source_card=source.card, repo=repo, endpoint=hub.endpoint),
+            message=(f"coopt-hub merge: {len(files.shards)} shards aligned to {reference.branch} "
+                     f"({reference.header.prior.get('model')})"),
+        )
+        return publish_merge(hub, repo, publication, tag, progress)
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """The shards a merge takes (`done`), those it leaves out (`missing`), and the prior it aligns to."""
+
+    status: CollaborationStatus
+    done: list[ShardStatus]
+    missing: tuple[int, ...]
+    reference: ShardStatus  # the done shard with the lowest uniformity
+
+    @property
+    def plan(self) -> Plan:
+        return self.status.plan
+
+
+@dataclass(frozen=True)
+class _MergedFiles:
+    """The merge's files in the scratch folder, and what the manifest records of them."""
+
+    uploads: list[tuple[Path, str]]  # (local file, path in the repo): the parquet files, then the targets
+    shards: tuple[MergedShard, ...]
+    splits: dict[str, SplitRecord]
+
+
+def _select(hub: Hub, repo: str, tag: str | None, allow_partial: bool) -> _Selection:
+    """What to merge, from the collaboration's status; refused when a shard cannot be merged or `tag` is taken."""
     status = collaboration_status(hub, repo)
-    plan = status.plan
-    _, tags = hub.refs(repo)
     if tag is not None:
+        _, tags = hub.refs(repo)
         check_tag_free(repo, tag, tags)
     done = _shards_to_merge(status, allow_partial)
     missing = tuple(s.shard for s in status.shards if s.state != DONE)
-
-    previous = read_manifest(hub, repo, status.main)
-    wanted_key = (plan.plan_hash, images, tuple((s.shard, s.commit) for s in done))
-    verification = MergeVerifier(hub, repo, plan, verify_sample, progress) if verify else None
-    record = verification.record if verification is not None else None
-    if (
-        previous is not None
-        and previous.satisfies(wanted_key, record)
-        and claim_tag(hub, repo, previous.tag, status.main)
-    ):
-        return MergeResult(repo, previous.tag, status.main, created=False, manifest=previous)
-
-    reference = min(done, key=lambda s: (s.header.uniformity, s.shard))
-    progress(f"Reference prior: shard {reference.shard} (V = {reference.header.uniformity:.4f}).")
-    layout = resolve_source(plan.source_repo, plan.source_revision, plan.split, plan.image_column, hub.token)
-    source_features = read_source_features(layout, hub.token)
-    _check_source(plan, layout, source_features)
-    features = merged_features(source_features, plan.image_column, plan.dim, images)
-
-    with tempfile.TemporaryDirectory(prefix="coopt-merge-") as scratch:
-        workdir = Path(scratch)
-        layout_ids = IdLayout(plan, done)
-        targets = TensorFile(
-            workdir / "targets.safetensors",
-            {
-                "ids": (np.dtype(np.int64), (layout_ids.num_rows,)),
-                "targets": (np.dtype(np.float16), (layout_ids.num_rows, plan.dim)),
-                "raw": (np.dtype(np.float16), (layout_ids.num_rows, plan.dim)),
-            },
-            metadata={
-                "format": "coopt-merged-targets",
-                "plan_hash": plan.plan_hash,
-                "source": f"{plan.source_repo}@{plan.source_revision}",
-                "reference_fingerprint": reference.header.fingerprint,
-            },
-        )
-        with targets:
-            targets.write_rows("ids", 0, layout_ids.present_ids)
-            merged = merge_targets(
-                hub, repo, plan, done, reference, layout_ids, targets, workdir, verification, progress
-            )
-            progress("Writing parquet files.")
-            data_files, splits = write_splits(
-                layout, plan, features, TargetJoin(plan, layout_ids, targets), workdir, hub.token
-            )
-
-        def manifest_for(version: str) -> Manifest:
-            return Manifest(
-                version=MANIFEST_VERSION,
-                tag=version,
-                images=images,
-                source=SourcePin(layout.repo, layout.revision, plan.split, plan.image_column),
-                dim=plan.dim,
-                label_column=label_column(features),
-                plan_hash=plan.plan_hash,
-                reference=Reference(
-                    reference.shard,
-                    reference.branch,
-                    reference.commit,
-                    reference.header.prior,
-                    reference.header.fingerprint,
-                    reference.header.uniformity,
-                ),
-                shards=merged,
-                partial=bool(missing),
-                missing=missing,
-                splits=splits,
-                tool_version=__version__,
-                verification=record,
-            )
-
-        source_card = read_source_card(hub, layout)
-
-        def card_for(manifest: Manifest) -> str:
-            return render_card(manifest, plan, features, source_card, repo, hub.endpoint)
-
-        uploads = [*data_files, (workdir / "targets.safetensors", TARGETS_PATH)]
-        message = (
-            f"coopt-hub merge: {len(merged)} shards aligned to {reference.branch} "
-            f"({reference.header.prior.get('model')})"
-        )
-        return publish_merge(hub, repo, plan, uploads, manifest_for, card_for, tag, message, progress)
+    return _Selection(status, done, missing, status.best)
 
 
-# Checks -------------------------------------------------------------------------------------------
+def _unchanged(
+    hub: Hub, repo: str, selection: _Selection, images: str, record: MergeVerification | None
+) -> MergeResult | None:
+    """The merge main holds already when it is this one (then tagged, if its tag was lost), else None."""
+    main = selection.status.main
+    previous = read_manifest(hub, repo, main)
+    wanted_key = (selection.plan.plan_hash, images, tuple((s.shard, s.commit) for s in selection.done))
+    if previous is not None and previous.satisfies(wanted_key, record) and claim_tag(hub, repo, previous.tag, main):
+        return MergeResult(repo, previous.tag, main, created=False, manifest=previous)
+    return None
 
 
+def _write_files(
+    hub: Hub,
+    repo: str,
+    selection: _Selection,
+    source: MergeSource,
+    workdir: Path,
+    verification: MergeVerifier | None,
+    progress: Progress,
+) -> _MergedFiles:
+    """The merged targets file in `workdir`, then the parquet files joined with it."""
+    path = workdir / "targets.safetensors"
+    with MergedTargets(path, selection.plan, selection.done, selection.reference) as targets:
+        shards = merge_targets(hub, repo, targets, workdir, verification, progress)
+        progress.info("Writing parquet files.")
+        data_files, splits = write_splits(source, targets, workdir, hub.token, progress)
+    return _MergedFiles([*data_files, (path, TARGETS_PATH)], shards, splits)
 
 
+def _draft_manifest(
+    selection: _Selection, source: MergeSource, files: _MergedFiles, images: str, record: MergeVerification | None
+) -> Manifest:
+    """The manifest of this merge, but for its tag (chosen when committing)."""
+    plan, reference, layout = selection.plan, selection.reference, source.layout
+    return Manifest(
+        version=MANIFEST_VERSION,
+        tag="",
+        images=images,
+        source=SourcePin(layout.repo, layout.revision, plan.split, plan.image_column),
+        dim=plan.dim,
+        label_column=source.label_column,
+        plan_hash=plan.plan_hash,
+        reference=Reference(
+            reference.shard,
+            reference.branch,
+            reference.commit,
+            reference.header.prior,
+            reference.header.fingerprint,
+            reference.header.uniformity,
+        ),
+        shards=files.shards,
+        partial=bool(selection.missing),
+        missing=selection.missing,
+        splits=files.splits,
+        tool_version=__version__,
+        verification=record,
+    )
 
 
 def _shards_to_merge(status: CollaborationStatus, allow_partial: bool) -> list[ShardStatus]:
@@ -208,74 +203,3 @@ def _shards_to_merge(status: CollaborationStatus, allow_partial: bool) -> list[S
             hint="Wait for them, or pass --allow-partial to publish the shards that are there (the card says so).",
         )
     return done
-
-
-def _check_source(plan: Plan, layout: SourceLayout, source_features) -> None:
-    if layout.units != plan.units:
-        raise SourceError(
-            f"The storage units of {plan.source_repo}@{plan.source_revision[:12]} no longer match the plan.",
-            hint="The pinned source cannot have changed; check that the plan on main was not edited by hand.",
-        )
-    clash = [name for name in ADDED_COLUMNS if name in source_features]
-    if clash:
-        raise SourceError(
-            f"The source already has column(s) {clash}, which the merged dataset adds itself.",
-            hint="Rename those columns in a copy of the source and start the collaboration from that copy.",
-        )
-
-
-
-
-
-
-
-
-
-
-# Targets ------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# Parquet ------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# Publishing ---------------------------------------------------------------------------------------
-
-
-
-
-
-

@@ -5,26 +5,24 @@ safetensors file laid out in id order.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from coopt_hub.core import faults
 from coopt_hub.core.align import apply_alignment, fit_alignment
-from coopt_hub.core.layout import remote_paths, shard_prefix
 from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
+from coopt_hub.core.progress import Progress
 from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardReader, ShardRows, TensorFile, expected_ids
-from coopt_hub.errors import ShardFileError, VerificationError
+from coopt_hub.errors import ShardFileError, SourceError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge.verification import MergeVerifier
-from coopt_hub.platform.status import ShardStatus
-
-# Rows of a shard read, checked and re-aligned at a time: bounds what a shard costs in memory to
-# about 16384 x dim x 14 bytes (fp16 raw and aligned as read, float32 product, fp16 result).
-ALIGN_CHUNK_ROWS = 16384
-
+from coopt_hub.platform.status import ShardStatus, download_shard
+from coopt_hub.platform.verify import ALIGN_CHUNK_ROWS
 
 _RERUN_HINT = "That participant must run `coopt-hub optimize --shard K --push` again."
 
@@ -68,32 +66,100 @@ class IdLayout:
         self.num_rows = int(self.present_ids.size)
 
 
+class MergedTargets:
+    """The merged targets file of the shards `done`, aligned to `reference`'s prior: `ids`, `targets`
+    (aligned) and `raw`, laid out up front in id order, filled shard by shard (`merge_targets`), then
+    read back in runs of ids to join the source's rows. Open from construction to the end of its
+    `with` block."""
+
+    def __init__(self, path: Path, plan: Plan, done: list[ShardStatus], reference: ShardStatus):
+        self.path, self.plan, self.done, self.reference = path, plan, done, reference
+        self.ids = IdLayout(plan, done)
+        rows = self.ids.num_rows
+        self.file = TensorFile(
+            path,
+            {
+                "ids": (np.dtype(np.int64), (rows,)),
+                "targets": (np.dtype(np.float16), (rows, plan.dim)),
+                "raw": (np.dtype(np.float16), (rows, plan.dim)),
+            },
+            metadata={
+                "format": "coopt-merged-targets",
+                "plan_hash": plan.plan_hash,
+                "source": f"{plan.source_repo}@{plan.source_revision}",
+                "reference_fingerprint": reference.header.fingerprint,
+            },
+        )
+        self.file.write_rows("ids", 0, self.ids.present_ids)
+
+    def __enter__(self) -> MergedTargets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.__exit__(*exc)
+
+    def rows_for(self, sample_ids: np.ndarray) -> tuple[np.ndarray, pa.Array, pa.Array]:
+        """For a run of consecutive sample ids: (which of them were merged, their targets, their shards);
+        ids of missing shards, and ids a shard skipped as undecodable, are dropped."""
+        plan = self.plan
+        if sample_ids[-1] >= plan.num_rows:
+            raise SourceError(
+                f"Split {plan.split} of {plan.source_repo} has more rows than the plan's {plan.num_rows}.",
+                hint="The plan on main does not describe this source; check it was not edited by hand.",
+            )
+        shard = self.ids.shard_of[sample_ids]
+        keep = shard >= 0
+        # Merged rows are stored in id order, so a run of ids is one contiguous read.
+        position = self.ids.position[sample_ids[keep]]
+        values = self.file.read_rows("targets", int(position[0]), int(position[-1]) + 1) if keep.any() else None
+        flat = pa.array(np.zeros(0, np.float32) if values is None else values.astype(np.float32).reshape(-1))
+        return keep, pa.FixedSizeListArray.from_arrays(flat, plan.dim), pa.array(shard[keep], pa.int32())
+
+    def write(self, rows: ShardRows, aligned: np.ndarray) -> None:
+        """One range of a shard: its raw rows and `aligned`, at its ids' places."""
+        positions = self.ids.position[rows.ids]
+        # A shard's rows are runs of consecutive ids (its storage units), so a run is one write.
+        for first, stop in _runs(positions):
+            start = int(positions[first])
+            self.file.write_rows("raw", start, rows.raw[first:stop])
+            self.file.write_rows("targets", start, aligned[first:stop])
+
+
+@dataclass(frozen=True)
+class _Realignment:
+    """How a shard's aligned targets are made at merge: kept as pushed (`transform` None), or
+    `raw @ transform` when its participant aligned them to another reference."""
+
+    transform: np.ndarray | None
+    residual: float | None  # of the fit made here
+
+    @property
+    def realigned(self) -> bool:
+        return self.transform is not None
+
+
 def merge_targets(
     hub: Hub,
     repo: str,
-    plan: Plan,
-    done: list[ShardStatus],
-    reference: ShardStatus,
-    layout: IdLayout,
-    targets: TensorFile,
+    targets: MergedTargets,
     workdir: Path,
     verification: MergeVerifier | None,
-    progress: Callable[[str], None],
+    progress: Progress,
 ) -> tuple[MergedShard, ...]:
     """Download, check and align one shard at a time into `targets`; the reference goes first,
     so its anchors are at hand for the others. With `verification`, every shard is verified before
     the refusal that names each one that did not pass."""
+    reference = targets.reference
     reference_space: np.ndarray | None = None
     merged = []
-    for status in sorted(done, key=lambda s: (s.shard != reference.shard, s.shard)):
-        progress(f"Shard {status.shard}: downloading and checking {status.branch}@{status.commit[:12]}.")
-        directory = _download_shard(hub, repo, status, workdir)
-        entry, projected = _merge_shard(
-            plan, status, directory, reference, reference_space, layout, targets, verification, progress
-        )
+    for status in sorted(targets.done, key=lambda s: (s.shard != reference.shard, s.shard)):
+        progress.info(f"Shard {status.shard}: downloading and checking {status.branch}@{status.commit[:12]}.")
+        local = workdir / f"shard-{status.shard}"
+        directory = download_shard(hub, repo, status.shard, status.commit, local)
+        entry, projected = _merge_shard(status, directory, targets, reference_space, verification, progress)
         reference_space = projected if reference_space is None else reference_space
         merged.append(entry)
-        shutil.rmtree(directory)
+        shutil.rmtree(local)
         faults.reach("merge-shard")
     if verification is not None:
         verification.refuse_failures()
@@ -101,36 +167,48 @@ def merge_targets(
 
 
 def _merge_shard(
-    plan: Plan,
     status: ShardStatus,
     directory: Path,
-    reference: ShardStatus,
+    targets: MergedTargets,
     reference_space: np.ndarray | None,
-    layout: IdLayout,
-    targets: TensorFile,
     verification: MergeVerifier | None,
-    progress: Callable[[str], None],
+    progress: Progress,
 ) -> tuple[MergedShard, np.ndarray]:
     """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its
     manifest entry and projected anchors (`reference_space` is None for the reference itself)."""
     try:
-        with ShardReader(directory / shard_prefix(status.shard), verify=True) as shard:
-            header, anchors = shard.header, shard.anchors
-            _check_shard(status, header, anchors, plan)
-            aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
-            realigned = aligned_to != reference.header.fingerprint
-            transform, realigned_residual = None, None
-            if realigned:
-                target_space = anchors.projected if reference_space is None else reference_space
-                transform, realigned_residual = fit_alignment(anchors.projected, target_space)
-                progress(f"Shard {status.shard}: re-aligning to shard {reference.shard} "
-                         f"(residual {realigned_residual:.4f}).")
-            _stream_rows(status, shard, plan, transform, layout, targets)
+        with ShardReader(directory, verify=True) as shard:
+            _check_shard(status, shard.header, shard.anchors, targets.plan)
+            realignment = _realignment(status, shard, targets.reference, reference_space, progress)
+            _stream_rows(status, shard, realignment, targets, progress)
             if verification is not None:
-                verification.check(status, shard.mapped(), anchors)
+                verification.check(status, shard.mapped(), shard.anchors)
     except ShardFileError as err:
         raise VerificationError(f"{_where(status)}: {err} Nothing was written.", hint=err.hint) from err
-    entry = MergedShard(
+    return _manifest_entry(status, shard.header, realignment), shard.anchors.projected
+
+
+def _realignment(
+    status: ShardStatus,
+    shard: ShardReader,
+    reference: ShardStatus,
+    reference_space: np.ndarray | None,
+    progress: Progress,
+) -> _Realignment:
+    """Kept as pushed when the participant aligned to the reference's prior; otherwise a fit from its
+    projected anchors to the reference's (`reference_space`, or its own for the reference itself)."""
+    header = shard.header
+    aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
+    if aligned_to == reference.header.fingerprint:
+        return _Realignment(None, None)
+    projected = shard.anchors.projected
+    transform, residual = fit_alignment(projected, projected if reference_space is None else reference_space)
+    progress.info(f"Shard {status.shard}: re-aligning to shard {reference.shard} (residual {residual:.4f}).")
+    return _Realignment(transform, residual)
+
+
+def _manifest_entry(status: ShardStatus, header: ShardHeader, realignment: _Realignment) -> MergedShard:
+    return MergedShard(
         shard=status.shard,
         branch=status.branch,
         commit=status.commit,
@@ -139,67 +217,47 @@ def _merge_shard(
         output_dim=header.output_dim,
         uniformity=header.uniformity,
         residual=header.residual,
-        realigned=realigned,
-        realigned_residual=realigned_residual,
+        realigned=realignment.realigned,
+        realigned_residual=realignment.residual,
         rows=header.num_rows,
         checksums=header.checksums,
         skipped_ids=tuple(header.skipped_ids),
     )
-    return entry, anchors.projected
 
 
 def _stream_rows(
-    status: ShardStatus,
-    shard: ShardReader,
-    plan: Plan,
-    transform: np.ndarray | None,
-    layout: IdLayout,
-    targets: TensorFile,
+    status: ShardStatus, shard: ShardReader, realignment: _Realignment, targets: MergedTargets, progress: Progress
 ) -> None:
     """Every range of `shard` into `targets`. A problem found in a range is raised only after the
     reader has compared the checksums (at the end of the ranges), so that bad ids or values that
     come from damage are reported as damage."""
-    plan_ids = expected_ids(plan, status.shard, status.header)
+    plan_ids = expected_ids(targets.plan, status.shard, status.header)
     problem: VerificationError | None = None
-    for rows in shard.chunks(ALIGN_CHUNK_ROWS):
-        if problem is not None:
-            continue
-        try:
-            _check_rows(status, rows, plan_ids)
-            _write_rows(status, rows, transform, layout, targets)
-        except VerificationError as err:
-            problem = err
+    with progress.bar(shard.num_rows, f"Shard {status.shard}: merging", unit="rows") as bar:
+        for rows in shard.chunks(ALIGN_CHUNK_ROWS):
+            bar.update(rows.ids.size)
+            if problem is not None:
+                continue
+            try:
+                _check_rows(status, rows, plan_ids)
+                targets.write(rows, _aligned(status, rows, realignment))
+            except VerificationError as err:
+                problem = err
     if problem is not None:
         raise problem
 
 
-def _write_rows(
-    status: ShardStatus, rows: ShardRows, transform: np.ndarray | None, layout: IdLayout, targets: TensorFile
-) -> None:
-    """One range of a shard into the merged targets, re-aligned by `transform` unless that is None."""
-    aligned = rows.aligned  # finite: the reader checked it
-    if transform is not None:
-        aligned = apply_alignment(rows.raw, transform).astype(np.float16)
-        if not np.isfinite(aligned).all():
-            raise VerificationError(
-                f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
-                hint="Its targets are far off the reference's scale; that participant should run optimize again.",
-            )
-    positions = layout.position[rows.ids]
-    # A shard's rows are runs of consecutive ids (its storage units), so a run is one write.
-    for first, stop in _runs(positions):
-        start = int(positions[first])
-        targets.write_rows("raw", start, rows.raw[first:stop])
-        targets.write_rows("targets", start, aligned[first:stop])
-
-
-def _download_shard(hub: Hub, repo: str, status: ShardStatus, workdir: Path) -> Path:
-    """Fetch the shard's files at the commit `status` read (not the branch, which may move on)."""
-    local = workdir / f"shard-{status.shard}"
-    paths = remote_paths(status.shard)
-    for path in (paths.targets, paths.anchors):
-        hub.download(repo, path, status.commit, local_dir=local)
-    return local
+def _aligned(status: ShardStatus, rows: ShardRows, realignment: _Realignment) -> np.ndarray:
+    """The range's aligned targets: as pushed (finite: the reader checked them), or re-aligned here."""
+    if realignment.transform is None:
+        return rows.aligned
+    aligned = apply_alignment(rows.raw, realignment.transform).astype(np.float16)
+    if not np.isfinite(aligned).all():
+        raise VerificationError(
+            f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",
+            hint="Its targets are far off the reference's scale; that participant should run optimize again.",
+        )
+    return aligned
 
 
 def _runs(positions: np.ndarray) -> Iterator[tuple[int, int]]:
