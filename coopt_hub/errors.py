@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx2
 
 
 class CoOptError(Exception):
@@ -113,6 +117,10 @@ def describe_error(err: BaseException) -> tuple[int, str, str | None]:
         if isinstance(err, row.error):
             detail = str(err).strip().splitlines()
             detail_text = f": {detail[0]}" if detail else ""
+            request = _failed_request(err)
+            if request is not None and str(request.url) not in str(err):
+                # "Connection refused" alone does not say which endpoint refused.
+                detail_text += f" ({request.method} {request.url})"
             status = getattr(getattr(err, "response", None), "status_code", None)
             hint = row.hint
             if status == 412:
@@ -123,3 +131,19 @@ def describe_error(err: BaseException) -> tuple[int, str, str | None]:
     return 1, f"Unexpected error: {type(err).__name__}: {err}", (
         "Rerun with --debug for the traceback, and report it if the input looks right."
     )
+
+
+def _failed_request(err: BaseException) -> httpx2.Request | None:
+    """The httpx2 request behind `err`, found on it or on the errors that caused it; None if there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        try:
+            request = getattr(current, "request", None)
+        except RuntimeError:  # httpx2's errors raise when they were made without a request
+            request = None
+        if request is not None and hasattr(request, "url"):
+            return request
+        current = current.__cause__ or current.__context__
+    return None

@@ -37,6 +37,15 @@ class LazyGroup(click.Group):
         accept_debug(command)
         return command
 
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as err:
+            # click draws its "Did you mean" from the commands a group holds, and ours are only named until used.
+            raise click.exceptions.NoSuchCommand(err.command_name, possibilities=self.list_commands(ctx),
+                                                 ctx=ctx) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])

@@ -33,6 +33,9 @@ Examples:
   coopt-hub optimize --shard 3 --push                      # repo and prior from `coopt-hub join`
   coopt-hub optimize org/digits-coopt --shard 0 --model ViT-B-32 --pretrained openai
   accelerate launch --multi_gpu --num_processes 8 -m coopt_hub optimize --shard 3 --push --precision bf16
+  # N processes on a machine without GPUs (--cpu would start one):
+  accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+      -m coopt_hub optimize --shard 3 --push
   coopt-hub push --shard 3                                 # send a result made without --push
 """
 

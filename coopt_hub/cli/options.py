@@ -85,14 +85,15 @@ def _chosen_repo(positional: str | None, alias: str | None, from_config: bool) -
             ctx=click.get_current_context(silent=True),
         )
     given = positional or alias
-    if not from_config:
-        if not given:
-            raise click.UsageError("Missing argument 'REPO'.", ctx=click.get_current_context(silent=True))
+    # A REPO on the command line wins, and then a broken config file is no reason to fail (nor
+    # reading it, which imports torch, a reason to wait).
+    if given:
         return given
+    if not from_config:
+        raise click.UsageError("Missing argument 'REPO'.", ctx=click.get_current_context(silent=True))
     from coopt_hub.participant.config import load_config, resolve_repo
 
-    # A REPO on the command line wins, and then a broken config file is no reason to fail.
-    return resolve_repo(given, None if given else load_config())
+    return resolve_repo(None, load_config())
 
 
 def shard_option(help: str, *, multiple: bool = False):

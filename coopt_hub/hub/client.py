@@ -5,6 +5,10 @@ Every write is one atomic `create_commit` pinned to the branch head it was built
 or the connection breaks. The commit's operations are rebuilt from the fresh head on every try, so a
 caller can look at what is there now (someone else's result, or its own commit that went through
 before the connection dropped) and decide again.
+
+That patience is for a hub that answered once and is restarting. An endpoint this client has
+never reached is more likely wrong or not started, so the first call reaches it first and gives
+up within seconds, naming its URL (huggingface_hub alone retries a refused download for 23 s).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from huggingface_hub import CommitOperation, HfApi, HfFileSystem, hf_hub_download
+import httpx2
+from huggingface_hub import CommitOperation, HfApi, HfFileSystem, constants, get_session, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -38,11 +43,18 @@ RETRY_STATUSES = frozenset({409, 412, 429, 500, 502, 503, 504})
 T = TypeVar("T")
 
 
+# A HEAD of the endpoint is answered at once by any hub worth working with.
+FIRST_CONTACT_TIMEOUT = httpx2.Timeout(10.0)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 8
     base_seconds: float = 0.25
     max_seconds: float = 15.0
+    # How long an endpoint never reached yet may refuse connections: long enough for a hub that is
+    # still binding its port, short enough that a wrong HF_ENDPOINT fails within 5 s.
+    first_contact_seconds: float = 2.0
 
     def delay(self, attempt: int) -> float:
         # Full jitter: concurrent participants retrying after the same conflict spread out.
@@ -104,8 +116,10 @@ class Hub:
         self.token = token
         self.endpoint = self.api.endpoint
         self.retry = retry or RetryPolicy()
+        self.reached = False
 
     def with_retries(self, what: str, call: Callable[[], T]) -> T:
+        self.reach()
         for attempt in range(self.retry.attempts):
             try:
                 return call()
@@ -116,6 +130,29 @@ class Hub:
                 logger.info("%s failed (%s); retrying in %.2fs", what, err, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+    def reach(self) -> None:
+        """Make sure the endpoint answers, once per client: its connection error (with the URL) otherwise.
+
+        Any HTTP answer will do. Offline (HF_HUB_OFFLINE) there is nothing to reach: calls are served
+        from the cache.
+        """
+        if self.reached or constants.is_offline_mode():
+            return
+        deadline = time.monotonic() + self.retry.first_contact_seconds
+        attempt = 0
+        while True:
+            try:
+                get_session().head(self.endpoint, timeout=FIRST_CONTACT_TIMEOUT)
+            except httpx2.TransportError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                time.sleep(min(self.retry.delay(attempt), remaining))
+                attempt += 1
+            else:
+                self.reached = True
+                return
 
     # Reads -----------------------------------------------------------------------------------
 

@@ -48,6 +48,37 @@ def save_config(config: ParticipantConfig, directory: Path | None = None) -> Pat
     return path
 
 
+def save_joined_config(config: ParticipantConfig, *, force: bool = False, directory: Path | None = None) -> bool:
+    """Save `config`; False, and nothing written, when the directory holds exactly this config already.
+
+    Another config, or a file that is not one, is replaced only with `force`: every later command
+    would otherwise work on another collaboration, or with another prior, without a word.
+    """
+    path = config_path(directory)
+    try:
+        existing = load_config(directory)
+    except ConfigError as err:
+        held = f"is not a valid participant config ({err.__cause__})"
+    else:
+        if existing == config:
+            return False
+        held = None if existing is None else f"holds {_described(existing)}"
+    if held is not None and not force:
+        raise ConfigError(f"{path} {held}; this join asks for {_described(config)}.",
+                          hint="Pass --force to replace it, or join from another directory.")
+    save_config(config, directory)
+    return True
+
+
+def _described(config: ParticipantConfig) -> str:
+    prior = config.prior
+    weights = (f" --pretrained {prior.pretrained}" if prior.pretrained else "") + (
+        f" --checkpoint {prior.checkpoint}" if prior.checkpoint else "")
+    size = f" --image-size {prior.image_size}" if prior.image_size else ""
+    name = f" as {config.name}" if config.name else ""
+    return f"{config.repo} with --model {prior.model}{weights}{size}{name}"
+
+
 def load_config(directory: Path | None = None) -> ParticipantConfig | None:
     """The saved config, None when there is none, ConfigError when it cannot be read."""
     path = config_path(directory)
@@ -60,7 +91,7 @@ def load_config(directory: Path | None = None) -> ParticipantConfig | None:
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"{path} is not a valid coopt-hub participant config ({err}).",
-            hint="Write it again with `coopt-hub join REPO --model MODEL`, or delete it.",
+            hint="Write it again with `coopt-hub join REPO --model MODEL --force`, or delete it.",
         ) from err
 
 
