@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        config, accelerator, data = prepare_run(args)
-        rows = compare_objectives(data, config, tuple(VARIANTS[name] for name in args.variants), accelerator)
-        if accelerator.is_main_process:
+        run = prepare_run(args)
+        variants = tuple(VARIANTS[name] for name in args.variants)
+        rows = compare_objectives(run.data, run.config, variants, run.accelerator, progress=run.progress)
+        if run.accelerator.is_main_process:
             print(format_table(rows))
             print(json.dumps([{k: v for k, v in vars(r).items() if k != "result"} for r in rows]))
         return 0

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        config, accelerator, data = prepare_run(args)
-        result = train(config, data, accelerator)
-        if accelerator.is_main_process:
+        run = prepare_run(args)
+        result = train(run.config, run.data, run.accelerator, run.progress)
+        if run.accelerator.is_main_process:
             print(json.dumps(result.to_dict()))
         return 0
 

@@ -8,12 +8,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from coopt_hub.training.data import TARGET_KINDS
+from coopt_hub.core.progress import LogProgress, Progress, Silent
+from coopt_hub.errors import describe_error
+from coopt_hub.training.data import TARGET_KINDS, TrainingData, load_training_data
 from coopt_hub.training.objectives import OBJECTIVES, ByolConfig
 from coopt_hub.training.probe import ProbeConfig
-from coopt_hub.training.trainer import PRECISIONS, TrainConfig
+from coopt_hub.training.trainer import PRECISIONS, TrainConfig, make_accelerator
 
 DEFAULTS = TrainConfig(epochs=1)  # read for its defaults only; the run length is the user's
 
@@ -90,27 +93,32 @@ def config_from_arguments(args: argparse.Namespace, **overrides: Any) -> TrainCo
     return TrainConfig(**values)
 
 
-def prepare_run(args: argparse.Namespace):
-    """(config, accelerator, data) for a recipe: the dataset is read once per machine, progress
-    logged by the main process only."""
-    from coopt_hub.training.data import load_training_data
-    from coopt_hub.training.trainer import make_accelerator
+@dataclass
+class RecipeRun:
+    """What a recipe trains with: the run's settings, the accelerator, the data, and where progress goes."""
 
+    config: TrainConfig
+    accelerator: Any
+    data: TrainingData
+    progress: Progress  # notes and bars on the main process's terminal; the other processes stay silent
+
+
+def prepare_run(args: argparse.Namespace) -> RecipeRun:
+    """The recipe's run: the dataset is read once per machine, progress reported by the main process only."""
     config = config_from_arguments(args)
     accelerator = make_accelerator(config.precision)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     if accelerator.is_main_process:  # progress from this library only, not every HTTP request
         logging.getLogger("coopt_hub").setLevel(logging.INFO)
+    progress = LogProgress() if accelerator.is_main_process else Silent()
     with accelerator.main_process_first():  # one process fills the download caches, the rest reuse them
-        data = load_training_data(args.dataset, args.revision, image_size=args.image_size)
-    return config, accelerator, data
+        data = load_training_data(args.dataset, args.revision, image_size=args.image_size, progress=progress)
+    return RecipeRun(config, accelerator, data, progress)
 
 
 def run_recipe(body: Callable[[], int]) -> int:
-    """Run a recipe's body; any error becomes the CLI's message and next step (traceback with
-    COOPT_HUB_DEBUG=1), so recipes and `coopt-hub` commands fail alike."""
-    from coopt_hub.errors import describe_error
-
+    """Run a recipe's body; any error becomes the CLI's message and next step through the one error
+    table (traceback with COOPT_HUB_DEBUG=1), so recipes and `coopt-hub` commands fail alike."""
     try:
         return body()
     except Exception as err:  # noqa: BLE001 - the recipe's one exit point for errors

@@ -8,14 +8,12 @@ epochs, so the table answers both "better per epoch?" and "better per second?".
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
+from coopt_hub.core.progress import Progress
 from coopt_hub.errors import ConfigError
 from coopt_hub.training.data import TrainingData
-from coopt_hub.training.trainer import TrainConfig, TrainResult, make_accelerator, train
-
-logger = logging.getLogger(__name__)
+from coopt_hub.training.trainer import LogOnly, TrainConfig, TrainResult, make_accelerator, train
 
 
 @dataclass(frozen=True)
@@ -58,21 +56,24 @@ def compare_objectives(
     variants: tuple[Variant, ...] = DEFAULT_VARIANTS,
     accelerator=None,
     same_time: bool = True,
+    progress: Progress | None = None,
 ) -> list[ComparisonRow]:
     """Train each variant for `config.epochs`, then (with `same_time`) for `config.time_budget`
     seconds (default: the first variant's time), and return one row per run, epoch-budget rows first.
 
     Everything else (arch, batch size, lr, seed, probe) comes from `config`; with an output_dir each
     run checkpoints into `{output_dir}/{variant}-{budget}`. Variants the data cannot support (raw
-    targets or labels missing) are skipped with a warning.
+    targets or labels missing) are skipped with a warning. `progress` gets one bar per run (see
+    `train`); by default notes go to logging and no bar is drawn.
     """
+    say = progress or LogOnly()
     if config.epochs is None:
         raise ConfigError("the comparison needs an epoch budget", hint="Pass --epochs E.")
     runnable = []
     for variant in variants:
         reason = _unavailable(variant, data)
         if reason:
-            logger.warning("skipping %s: %s", variant.name, reason)
+            say.warn(f"skipping {variant.name}: {reason}")
         else:
             runnable.append(variant)
     if not runnable:
@@ -85,8 +86,8 @@ def compare_objectives(
             config, objective=variant.objective, targets=variant.targets, epochs=epochs, time_budget=seconds,
             output_dir=output, resume=False,
         )
-        logger.info("training %s for %s", variant.name, f"{epochs} epochs" if epochs else f"{seconds:.1f} s")
-        result = train(run_config, data, accelerator)
+        say.info(f"training {variant.name} for " + (f"{epochs} epochs" if epochs else f"{seconds:.1f} s"))
+        result = train(run_config, data, accelerator, say)
         return ComparisonRow(variant.name, budget, result.epochs, result.seconds, result.samples_per_s,
                              result.accuracy, result)
 

@@ -6,7 +6,8 @@ into it, with no per-sample decoding or worker processes in the training loop.
 
 Targets are read from `targets/train.safetensors` (ids, aligned, raw) and joined on `id`, never
 by row position and never from the parquet `target` list column, which is two orders of
-magnitude slower to materialise.
+magnitude slower to materialise. The manifest and the targets file come through the Hub client
+(coopt_hub.hub.client); the parquet splits are read by `datasets`, one split's columns at a time.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
+from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_PATH
+from coopt_hub.core.manifest import SourcePin
+from coopt_hub.core.progress import Progress, Silent
 from coopt_hub.errors import CoOptError
+from coopt_hub.hub.client import Hub
 
-# The merged dataset's layout on main (docs/design.md, "Hub layout of a CoOpt repo").
-MANIFEST_PATH = "coopt/manifest.json"
-TARGETS_PATH = "targets/train.safetensors"
 TARGET_KINDS = ("aligned", "raw")
 
 
@@ -137,22 +141,26 @@ class TrainingData:
         return int(self.images.shape[-1])
 
 
-def decode_images(images: Iterable[Image.Image], count: int, size: int) -> torch.Tensor:
-    """Decode PIL images into one uint8 [count, 3, size, size] tensor.
+def decode_images(
+    images: Iterable[Image.Image], count: int, size: int, progress: Progress | None = None
+) -> torch.Tensor:
+    """Decode PIL images into one uint8 [count, 3, size, size] tensor (`progress`: a bar over them).
 
     Images of another size are resized on the shorter side and centre-cropped (antialiased PIL
     bicubic), once, here; the training loop then only indexes.
     """
     out = np.empty((count, size, size, 3), dtype=np.uint8)
     n = 0
-    for image in images:
-        if n == count:
-            raise TrainingDataError(f"more than the expected {count} images", hint="Report this; it is a bug.")
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
-        out[n] = np.asarray(image)
-        n += 1
+    with (progress or Silent()).bar(count, "decode images", unit="image") as bar:
+        for image in images:
+            if n == count:
+                raise TrainingDataError(f"more than the expected {count} images", hint="Report this; it is a bug.")
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+            out[n] = np.asarray(image)
+            n += 1
+            bar.update(1)
     if n != count:
         raise TrainingDataError(f"expected {count} images, read {n}", hint="Report this; it is a bug.")
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
@@ -193,6 +201,7 @@ def prepare_training_data(
     label_column: str | None = "label",
     image_source=None,
     image_size: int = 32,
+    progress: Progress | None = None,
 ) -> TrainingData:
     """Build TrainingData from `datasets.Dataset` objects (in memory or loaded from the Hub).
 
@@ -201,6 +210,7 @@ def prepare_training_data(
     test: the labeled split for the linear probe, or None.
     image_source: with `--images reference` merges, the source split at its pinned revision;
         the image of sample `id` is its row `id`.
+    progress: bars over the images decoded.
     """
     if "id" not in train.column_names:
         raise TrainingDataError(
@@ -215,18 +225,19 @@ def prepare_training_data(
                 f"ids reach {int(ids.max())} but the image source has {len(image_source)} rows",
                 hint="The merge and the source revision disagree; check the manifest's source.revision.",
             )
-        images = decode_images(_column_images(image_source.select(ids), image_column), ids.size, image_size)
+        images = decode_images(_column_images(image_source.select(ids), image_column), ids.size, image_size, progress)
     else:
-        images = decode_images(_column_images(train, image_column), ids.size, image_size)
+        images = decode_images(_column_images(train, image_column), ids.size, image_size, progress)
 
     labels = test_set = num_classes = None
     if label_column is not None:
         train_labels = _labels(train, label_column)
         if test is not None:
             test_labels = _labels(test, label_column)
-            test_images = decode_images(_column_images(test, image_column), len(test), image_size)
+            test_images = decode_images(_column_images(test, image_column), len(test), image_size, progress)
             test_set = LabeledImages(images=test_images, labels=torch.from_numpy(test_labels))
-        num_classes = _num_classes(train, label_column, [train_labels] + ([test_set.labels.numpy()] if test_set else []))
+        seen = [train_labels] + ([test_set.labels.numpy()] if test_set else [])
+        num_classes = _num_classes(train, label_column, seen)
         labels = torch.from_numpy(train_labels)
     tensors = {"aligned": torch.from_numpy(np.ascontiguousarray(joined.aligned))}
     if joined.raw is not None:
@@ -252,6 +263,24 @@ def _load_split(files: list[str], columns: list[str] | None, token: str | None):
     return load_dataset("parquet", data_files={"split": files}, split="split", columns=columns, token=token)
 
 
+@dataclass(frozen=True)
+class _MergedVersion:
+    """What training reads of a merged version on the Hub: its manifest's source pin and modes, and
+    the targets file (downloaded)."""
+
+    source: SourcePin
+    reference: bool  # images: reference (read from the source at its pinned revision), else copied
+    label_column: str | None
+    targets_file: Path
+
+
+@dataclass
+class _Splits:
+    train: Any
+    test: Any | None
+    image_source: Any | None  # with reference merges: the source split the images come from
+
+
 def load_training_data(
     repo: str,
     revision: str | None = None,
@@ -259,56 +288,72 @@ def load_training_data(
     image_size: int = 32,
     test_split: str = "test",
     token: str | None = None,
+    progress: Progress | None = None,
 ) -> TrainingData:
     """Load a merged CoOpt dataset from the Hub (HF_ENDPOINT / HF_TOKEN) for training.
 
     Reads `coopt/manifest.json`, the train split's id/label (and image) columns, the targets file,
     and the test split; for `images: reference` merges the images (and the test split) come from
     the source dataset at its pinned revision, joined on id (= row index in the source split).
-    With `images: copy` the merged splits keep the source's image column name.
+    With `images: copy` the merged splits keep the source's image column name. `progress` gets bars
+    over the images decoded.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    revision = revision or "main"
+    merged = _read_merged_version(Hub(token=token), repo, revision)
+    splits = _load_splits(repo, revision, merged, test_split, token)
+    return prepare_training_data(
+        splits.train,
+        read_targets_file(merged.targets_file),
+        splits.test,
+        image_column=merged.source.image_column,
+        label_column=merged.label_column,
+        image_source=splits.image_source,
+        image_size=image_size,
+        progress=progress,
+    )
 
+
+def _read_merged_version(hub: Hub, repo: str, revision: str) -> _MergedVersion:
+    """The manifest and targets file of the merged version at `revision`."""
     try:
-        manifest_file = hf_hub_download(repo, MANIFEST_PATH, repo_type="dataset", revision=revision, token=token)
-        targets_file = hf_hub_download(repo, TARGETS_PATH, repo_type="dataset", revision=revision, token=token)
-    except EntryNotFoundError as err:
+        manifest_file = hub.download(repo, MANIFEST_PATH, revision)
+        targets_file = hub.download(repo, TARGETS_PATH, revision)
+    except RemoteEntryNotFoundError as err:
         raise TrainingDataError(
-            f"{repo}@{revision or 'main'} is not a merged CoOpt dataset: {err.__class__.__name__}",
+            f"{repo}@{revision} is not a merged CoOpt dataset: {err.__class__.__name__}",
             hint="Train on a revision written by `coopt-hub merge` (e.g. --revision v1); "
             "`coopt-hub status REPO` shows what the repo holds.",
         ) from err
-    manifest = json.loads(Path(manifest_file).read_text())
-    source = manifest["source"]
-    image_column = source["image_column"]
-    label_column = manifest.get("label_column")
-    reference = manifest.get("images") == "reference"
+    manifest = json.loads(manifest_file.read_text())
+    try:
+        source = SourcePin(**manifest["source"])
+    except (KeyError, TypeError) as err:
+        raise TrainingDataError(
+            f"{repo}@{revision}: {MANIFEST_PATH} has no valid source pin ({type(err).__name__}: {err})",
+            hint="Train on a revision written by `coopt-hub merge` (e.g. --revision v1).",
+        ) from err
+    return _MergedVersion(
+        source=source,
+        reference=manifest.get("images") == "reference",
+        label_column=manifest.get("label_column"),
+        targets_file=targets_file,
+    )
 
+
+def _load_splits(repo: str, revision: str, merged: _MergedVersion, test_split: str, token: str | None) -> _Splits:
+    """The merged train split's columns, the probe's test split, and the source images of a reference merge."""
+    image_column, label_column = merged.source.image_column, merged.label_column
     merged_splits = _split_files(repo, revision, token)
     if "train" not in merged_splits:
-        raise TrainingDataError(
-            f"{repo}@{revision or 'main'} has no train split", hint="Rerun `coopt-hub merge`."
-        )
-    columns = ["id"] + ([] if reference else [image_column]) + ([label_column] if label_column else [])
+        raise TrainingDataError(f"{repo}@{revision} has no train split", hint="Rerun `coopt-hub merge`.")
+    columns = ["id"] + ([] if merged.reference else [image_column]) + ([label_column] if label_column else [])
     train = _load_split(merged_splits["train"], columns, token)
-
     image_source = None
+    labeled_splits = merged_splits  # where the probe's test split is: with the images
+    if merged.reference:
+        labeled_splits = _split_files(merged.source.repo, merged.source.revision, token)
+        image_source = _load_split(labeled_splits[merged.source.split], [image_column], token)
     test = None
-    if reference:
-        source_splits = _split_files(source["repo"], source["revision"], token)
-        image_source = _load_split(source_splits[source["split"]], [image_column], token)
-        if label_column and test_split in source_splits:
-            test = _load_split(source_splits[test_split], [image_column, label_column], token)
-    elif label_column and test_split in merged_splits:
-        test = _load_split(merged_splits[test_split], [image_column, label_column], token)
-
-    return prepare_training_data(
-        train,
-        read_targets_file(targets_file),
-        test,
-        image_column=image_column,
-        label_column=label_column,
-        image_source=image_source,
-        image_size=image_size,
-    )
+    if label_column and test_split in labeled_splits:
+        test = _load_split(labeled_splits[test_split], [image_column, label_column], token)
+    return _Splits(train, test, image_source)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from coopt_hub.core.progress import Progress, Silent
 from coopt_hub.errors import ConfigError
 from coopt_hub.training.augment import AugmentConfig, normalize
 from coopt_hub.training.data import LabeledImages, TrainingData
@@ -74,8 +75,9 @@ def fit_linear_probe(
     num_classes: int,
     config: ProbeConfig,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> float:
-    """Test accuracy of a linear classifier trained on (train_x, train_y)."""
+    """Test accuracy of a linear classifier trained on (train_x, train_y); a bar over the epochs."""
     device = train_x.device
     train_y = train_y.to(device)
     test_y = test_y.to(device)
@@ -89,7 +91,7 @@ def fit_linear_probe(
         classifier = nn.Linear(train_x.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n = train_x.shape[0]
-    with torch.enable_grad():
+    with torch.enable_grad(), (progress or Silent()).bar(config.epochs, "linear probe", unit="epoch") as bar:
         for _ in range(config.epochs):
             order = torch.randperm(n, generator=generator).to(device)
             for start in range(0, n, config.batch_size):
@@ -98,6 +100,7 @@ def fit_linear_probe(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            bar.update(1)
     with torch.no_grad():
         predictions = classifier(test_x).argmax(dim=1)
     return float((predictions == test_y).float().mean())
@@ -111,10 +114,13 @@ def evaluate_probe(
     config: ProbeConfig,
     augment: AugmentConfig,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> float:
-    """Linear-probe test accuracy of the frozen `backbone` on `data`."""
+    """Linear-probe test accuracy of the frozen `backbone` on `data` (`progress`: a bar over the probe's epochs)."""
     probe_train, probe_test = probe_splits(data, config, seed)
     extract = dict(batch_size=config.feature_batch_size, device=device, augment=augment)
     train_x = extract_features(backbone, probe_train.images, **extract)
     test_x = extract_features(backbone, probe_test.images, **extract)
-    return fit_linear_probe(train_x, probe_train.labels, test_x, probe_test.labels, data.num_classes, config, seed)
+    return fit_linear_probe(
+        train_x, probe_train.labels, test_x, probe_test.labels, data.num_classes, config, seed, progress
+    )

@@ -9,13 +9,14 @@ Randomness is keyed, not streamed: the sample order of epoch e comes from a gene
 replays exactly the batches and views of an uninterrupted one.
 
 The accelerator (multi-process, device, mixed precision) is passed in by the launcher; without one
-a single-process Accelerator is made here. Each process takes its slice of every global batch.
+a single-process Accelerator is made here. Each process takes its slice of every global batch, and
+the main process's clock decides for all of them when a time budget is spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
+from torch import nn
 
+from coopt_hub.core.progress import Bar, LogProgress, Progress, Silent, terminal_bar
 from coopt_hub.errors import ConfigError
 from coopt_hub.training.augment import AugmentConfig, two_views
 from coopt_hub.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -31,8 +35,6 @@ from coopt_hub.training.data import TARGET_KINDS, TrainingData
 from coopt_hub.training.models import BackboneConfig, build_backbone
 from coopt_hub.training.objectives import OBJECTIVES, ByolConfig, Objective, build_objective
 from coopt_hub.training.probe import ProbeConfig, evaluate_probe
-
-logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -162,16 +164,115 @@ class _Clock:
         return self.total + (time.perf_counter() - self.started if self.started is not None else 0.0)
 
 
-def train(config: TrainConfig, data: TrainingData, accelerator=None) -> TrainResult:
-    """Train `config.arch` with `config.objective` on `data`; probe, checkpoint and report."""
+def train(
+    config: TrainConfig, data: TrainingData, accelerator=None, progress: Progress | None = None
+) -> TrainResult:
+    """Train `config.arch` with `config.objective` on `data`; probe, checkpoint and report.
+
+    `progress` gets the log lines and a bar with ETA over the run (its steps, or the seconds of a
+    time budget without epochs) and over the probe's epochs; by default notes go to logging and no
+    bar is drawn. Processes other than the main one stay silent.
+    """
     accelerator = accelerator or make_accelerator(config.precision)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    coopt_targets = data.targets.get(config.targets) if config.objective == "coopt" else None
-    if config.objective == "coopt" and coopt_targets is None:
+    say = (progress or LogOnly()) if accelerator.is_main_process else Silent()
+    run, state = _setup(config, data, accelerator, say)
+    loop = _Loop.start(state, run)
+    _train_steps(run, loop, say)
+    _finish(run, loop, say)
+    accelerator.free_memory()
+    return _result(run, loop)
+
+
+class LogOnly(LogProgress):
+    """Notes to logging, never a bar: what library calls get unless they pass a Progress."""
+
+    def bar(self, total: int | None, description: str, unit: str = "it") -> Bar:
+        return terminal_bar(total, description, unit, enabled=False)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a run's steps are laid out."""
+
+    global_batch: int  # rows per step over all processes
+    steps_per_epoch: int
+    total_steps: int | None  # None: only the time budget ends the run
+    checkpoint_every: int  # in steps
+    can_probe: bool
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: what a checkpoint stores and a resume restores."""
+
+    step: int = 0
+    seconds: float = 0.0  # training seconds so far
+    epoch_losses: list[float] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
+    # The running epoch's loss, so that a resume completes the epoch's mean.
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, loop: dict[str, Any]) -> LoopState:
+        return cls(**{**loop, "evals": [EvalPoint(**point) for point in loop["evals"]]})
+
+
+@dataclass
+class _Run:
+    """A prepared run: the model, its optimizer and the data on the device, and the step layout."""
+
+    config: TrainConfig
+    data: TrainingData
+    accelerator: Any
+    schedule: Schedule
+    model: nn.Module  # as prepared by the accelerator (wrapped for DDP and autocast)
+    objective: Objective  # unwrapped: its backbone is probed, its state checkpointed
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor
+    targets: torch.Tensor | None
+    labels: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def output(self) -> Path | None:
+        return Path(self.config.output_dir) if self.config.output_dir else None
+
+
+def _setup(config: TrainConfig, data: TrainingData, accelerator, say: Progress) -> tuple[_Run, LoopState]:
+    """Check that `data` can feed the run, build the model and optimizer, restore a checkpoint
+    when resuming, then hand both to the accelerator and move the data to its device."""
+    coopt_targets = _coopt_targets(config, data)
+    schedule = _schedule(config, data, accelerator.num_processes)
+    device = accelerator.device
+    objective, optimizer = _build(config, data, coopt_targets, device)
+    state = _restore(config, objective, optimizer, say)
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    run = _Run(
+        config=config, data=data, accelerator=accelerator, schedule=schedule, model=model,
+        objective=accelerator.unwrap_model(model), optimizer=optimizer,
+        images=data.images.to(device),
+        targets=coopt_targets.to(device) if coopt_targets is not None else None,
+        labels=data.labels.to(device) if data.labels is not None else None,
+    )
+    return run, state
+
+
+def _coopt_targets(config: TrainConfig, data: TrainingData) -> torch.Tensor | None:
+    if config.objective != "coopt":
+        return None
+    if config.targets not in data.targets:
         raise ConfigError(
             f"this dataset has no {config.targets!r} targets (it has {sorted(data.targets)})",
             hint="Use --targets aligned, or a merge that kept the raw targets.",
         )
+    return data.targets[config.targets]
+
+
+def _schedule(config: TrainConfig, data: TrainingData, world: int) -> Schedule:
     global_batch = config.batch_size * world
     steps_per_epoch = len(data) // global_batch  # drop the last partial batch: BN wants full batches
     if steps_per_epoch == 0:
@@ -179,9 +280,18 @@ def train(config: TrainConfig, data: TrainingData, accelerator=None) -> TrainRes
             f"{len(data)} training rows cannot fill one batch of {config.batch_size} x {world} process(es)",
             hint="Lower --batch-size.",
         )
-    total_steps = config.epochs * steps_per_epoch if config.epochs is not None else None
-    can_probe = config.eval_points > 0 and data.labels is not None and data.num_classes is not None
+    return Schedule(
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.epochs * steps_per_epoch if config.epochs is not None else None,
+        checkpoint_every=config.checkpoint_every or steps_per_epoch,
+        can_probe=config.eval_points > 0 and data.labels is not None and data.num_classes is not None,
+    )
 
+
+def _build(
+    config: TrainConfig, data: TrainingData, coopt_targets: torch.Tensor | None, device: torch.device
+) -> tuple[Objective, torch.optim.Optimizer]:
     torch.manual_seed(config.seed)
     backbone, width = build_backbone(
         BackboneConfig(config.arch, data.image_size, config.small_stem, config.pretrained, config.model_kwargs)
@@ -189,8 +299,7 @@ def train(config: TrainConfig, data: TrainingData, accelerator=None) -> TrainRes
     objective = build_objective(
         config.objective, backbone, width, targets=coopt_targets, num_classes=data.num_classes, byol=config.byol
     ).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         # Inputs have one fixed shape, so cuDNN's autotuning pays off; channels-last is the layout
         # its mixed-precision convolution kernels are fastest in.
         torch.backends.cudnn.benchmark = True
@@ -198,119 +307,249 @@ def train(config: TrainConfig, data: TrainingData, accelerator=None) -> TrainRes
     optimizer = torch.optim.AdamW(
         [p for p in objective.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
-    loop: dict[str, Any] = {"step": 0, "seconds": 0.0, "epoch_losses": [], "evals": [], "loss_sum": 0.0, "loss_count": 0}
-    output = Path(config.output_dir) if config.output_dir else None
-    if config.resume:
-        if found := list_checkpoints(output):
-            loop = load_checkpoint(found[-1], objective, optimizer, config.run_identity())
-            logger.info("resumed from %s at step %d", found[-1], loop["step"])
-        else:
-            logger.info("no checkpoint in %s yet; starting at step 0", output)
-    model, optimizer = accelerator.prepare(objective, optimizer)
-    unwrapped: Objective = accelerator.unwrap_model(model)
+    return objective, optimizer
 
-    images = data.images.to(device)
-    targets = coopt_targets.to(device) if coopt_targets is not None else None
-    labels = data.labels.to(device) if data.labels is not None else None
-    step = loop["step"]
-    clock = _Clock(loop["seconds"], device)
-    loss_sum = torch.tensor(loop["loss_sum"], device=device)
-    loss_count = loop["loss_count"]
-    evals = [EvalPoint(**p) for p in loop["evals"]]
-    epoch_losses: list[float] = list(loop["epoch_losses"])
-    checkpoint_every = config.checkpoint_every or steps_per_epoch
-    last_checkpoint: Path | None = None
 
-    def progress() -> float:
-        by_steps = step / total_steps if total_steps else 0.0
-        by_time = clock.now() / config.time_budget if config.time_budget else 0.0
-        return max(by_steps, by_time)
+def _restore(
+    config: TrainConfig, objective: Objective, optimizer: torch.optim.Optimizer, say: Progress
+) -> LoopState:
+    """The loop state of the last checkpoint (model and optimizer restored in place), or a fresh one."""
+    if not config.resume:
+        return LoopState()
+    output = Path(config.output_dir)
+    found = list_checkpoints(output)
+    if not found:
+        say.info(f"no checkpoint in {output} yet; starting at step 0")
+        return LoopState()
+    state = LoopState.from_checkpoint(load_checkpoint(found[-1], objective, optimizer, config.run_identity()))
+    say.info(f"resumed from {found[-1]} at step {state.step}")
+    return state
 
-    def evaluate() -> None:
-        if accelerator.is_main_process:
-            with accelerator.autocast():
-                accuracy = evaluate_probe(
-                    unwrapped.backbone, data, device=device, config=config.probe, augment=config.augment, seed=config.seed
-                )
-            point = EvalPoint(step, step / steps_per_epoch, clock.total, step * global_batch, accuracy)
-            evals.append(point)
-            logger.info("eval step %d epoch %.2f: probe accuracy %.4f at %.1f s", step, point.epoch, accuracy, point.seconds)
-        accelerator.wait_for_everyone()
 
-    def save() -> Path | None:
-        state = {"step": step, "seconds": clock.total, "epoch_losses": epoch_losses,
-                 "evals": [dataclasses.asdict(p) for p in evals], "loss_sum": float(loss_sum), "loss_count": loss_count}
-        path = None
-        if accelerator.is_main_process:
-            path = save_checkpoint(output, step, unwrapped, optimizer, state, config.run_identity(), config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
+@dataclass
+class _Loop:
+    """The running loop: a LoopState with the clock running and the epoch's loss summed on the device."""
 
-    def finished() -> bool:
-        return (total_steps is not None and step >= total_steps) or (
-            config.time_budget is not None and clock.now() >= config.time_budget
+    step: int
+    clock: _Clock
+    loss_sum: torch.Tensor
+    loss_count: int
+    epoch_losses: list[float]
+    evals: list[EvalPoint]
+    done: float = 0.0  # fraction of the run done, read once per step and the same on every process
+    order: torch.Tensor | None = None  # the sample order of epoch `order_epoch`
+    order_epoch: int = -1
+    checkpoint: Path | None = None
+
+    @classmethod
+    def start(cls, state: LoopState, run: _Run) -> _Loop:
+        loop = cls(
+            step=state.step, clock=_Clock(state.seconds, run.device),
+            loss_sum=torch.tensor(state.loss_sum, device=run.device), loss_count=state.loss_count,
+            epoch_losses=list(state.epoch_losses), evals=list(state.evals),
         )
+        loop.done = _fraction_done(run, loop)
+        return loop
 
-    order: torch.Tensor | None = None
-    order_epoch = -1
-    model.train()
-    clock.resume()
-    log_start, log_step = clock.now(), step
-    while not finished():
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = _epoch_order(config.seed, epoch, len(data)).to(device), epoch
-        start = within * global_batch + rank * config.batch_size
-        rows = order[start : start + config.batch_size]
-        views = two_views(images[rows], torch.Generator().manual_seed(_key(config.seed, step, rank)), config.augment)
-        if cuda:
-            views = views.contiguous(memory_format=torch.channels_last)
-        loss = model(views, targets[rows] if targets is not None else None, labels[rows] if labels is not None else None)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        unwrapped.after_step(progress())
-        loss_sum += loss.detach().float()
-        loss_count += 1
-        if step % steps_per_epoch == 0:
-            epoch_losses.append(float(loss_sum) / loss_count)
-            loss_sum.zero_()
-            loss_count = 0
-        if accelerator.is_main_process and step % config.log_every == 0:
-            rate = (step - log_step) * global_batch / max(clock.now() - log_start, 1e-9)
-            logger.info("step %d epoch %.2f loss %.4f %.0f samples/s", step, step / steps_per_epoch, loss.item(), rate)
-            log_start, log_step = clock.now(), step
-        due_eval = can_probe and len(evals) < config.eval_points and progress() >= (len(evals) + 1) / config.eval_points
-        due_checkpoint = output is not None and step % checkpoint_every == 0
-        if due_eval or due_checkpoint:
-            clock.pause()
-            if due_eval and not finished():  # the final evaluation happens once, after the loop
-                evaluate()
-            if due_checkpoint and not finished():
-                last_checkpoint = save()
-            clock.resume()
-    clock.pause()
-    if can_probe and (not evals or evals[-1].step != step):
-        evaluate()
-    if output is not None:
-        last_checkpoint = save()  # keeps a partial epoch's running loss, so a resume completes it
-    if loss_count:
-        epoch_losses.append(float(loss_sum) / loss_count)
-    accelerator.free_memory()
+    def state(self) -> LoopState:
+        return LoopState(self.step, self.clock.total, list(self.epoch_losses), list(self.evals),
+                         float(self.loss_sum), self.loss_count)
 
-    samples = step * global_batch
+    def add_loss(self, loss: torch.Tensor, steps_per_epoch: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.loss_count += 1
+        if self.step % steps_per_epoch == 0:
+            self.close_epoch()
+
+    def close_epoch(self) -> None:
+        self.epoch_losses.append(float(self.loss_sum) / self.loss_count)
+        self.loss_sum.zero_()
+        self.loss_count = 0
+
+
+def _fraction_done(run: _Run, loop: _Loop) -> float:
+    """How far the run is, by steps or by training seconds, whichever is further."""
+    config, total_steps = run.config, run.schedule.total_steps
+    by_steps = loop.step / total_steps if total_steps else 0.0
+    if not config.time_budget:
+        return by_steps
+    by_time = loop.clock.now() / config.time_budget
+    if run.accelerator.num_processes > 1:
+        # Every process keeps its own clock; they must agree on when the budget ends (and on the
+        # evaluation points and the objective's schedule), or one would wait forever for the others.
+        by_time = broadcast_object_list([by_time], from_process=0)[0]
+    return max(by_steps, by_time)
+
+
+def _train_steps(run: _Run, loop: _Loop, say: Progress) -> None:
+    """Train until the run length is reached; the clock stops for evaluation points and checkpoints."""
+    config = run.config
+    targets = f" ({config.targets} targets)" if config.objective == "coopt" else ""
+    rate = _RateLine(config.log_every, loop.clock.now(), loop.step)
+    counter = _BarCounter.start(run, loop)
+    run.model.train()
+    loop.clock.resume()
+    with say.bar(counter.total - counter.shown, f"train {config.objective}{targets}", counter.unit) as bar:
+        while loop.done < 1.0:
+            loss = _train_step(run, loop)
+            counter.advance(bar, loop)
+            rate.after_step(run, loop, loss, say)
+            _evaluate_or_checkpoint(run, loop, say)
+    loop.clock.pause()
+
+
+@dataclass
+class _BarCounter:
+    """What the training bar counts: steps when the run has a number of epochs, else whole training
+    seconds of the budget, so that either way its ETA is the run's."""
+
+    by_steps: bool
+    total: int
+    shown: int = 0
+
+    @classmethod
+    def start(cls, run: _Run, loop: _Loop) -> _BarCounter:
+        total_steps = run.schedule.total_steps
+        if total_steps is not None:
+            counter = cls(by_steps=True, total=total_steps)
+        else:
+            counter = cls(by_steps=False, total=math.ceil(run.config.time_budget))
+        counter.shown = counter.position(loop)
+        return counter
+
+    @property
+    def unit(self) -> str:
+        return "step" if self.by_steps else "s"
+
+    def position(self, loop: _Loop) -> int:
+        return min(self.total, loop.step if self.by_steps else int(loop.clock.now()))
+
+    def advance(self, bar: Bar, loop: _Loop) -> None:
+        position = self.position(loop)
+        if position > self.shown:  # tqdm would count an empty update into its rate
+            bar.update(position - self.shown)
+            self.shown = position
+
+
+def _train_step(run: _Run, loop: _Loop) -> torch.Tensor:
+    """One optimiser step on this process's slice of the step's global batch; returns its loss."""
+    config, schedule = run.config, run.schedule
+    epoch, within = divmod(loop.step, schedule.steps_per_epoch)
+    if epoch != loop.order_epoch:
+        loop.order, loop.order_epoch = _epoch_order(config.seed, epoch, len(run.data)).to(run.device), epoch
+    rank = run.accelerator.process_index
+    start = within * schedule.global_batch + rank * config.batch_size
+    rows = loop.order[start : start + config.batch_size]
+    generator = torch.Generator().manual_seed(_key(config.seed, loop.step, rank))
+    views = two_views(run.images[rows], generator, config.augment)
+    if run.device.type == "cuda":
+        views = views.contiguous(memory_format=torch.channels_last)
+    targets = run.targets[rows] if run.targets is not None else None
+    labels = run.labels[rows] if run.labels is not None else None
+    loss = run.model(views, targets, labels)
+    run.accelerator.backward(loss)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loop.step += 1
+    loop.done = _fraction_done(run, loop)
+    run.objective.after_step(loop.done)
+    loop.add_loss(loss, schedule.steps_per_epoch)
+    return loss
+
+
+@dataclass
+class _RateLine:
+    """Every `every` steps, a line with the loss and the samples/s since the previous line."""
+
+    every: int
+    seconds: float
+    step: int
+
+    def after_step(self, run: _Run, loop: _Loop, loss: torch.Tensor, say: Progress) -> None:
+        if loop.step % self.every or not run.accelerator.is_main_process:
+            return
+        now = loop.clock.now()
+        rate = (loop.step - self.step) * run.schedule.global_batch / max(now - self.seconds, 1e-9)
+        say.info(f"step {loop.step} epoch {loop.step / run.schedule.steps_per_epoch:.2f} "
+                 f"loss {loss.item():.4f} {rate:.0f} samples/s")
+        self.seconds, self.step = now, loop.step
+
+
+def _evaluate_or_checkpoint(run: _Run, loop: _Loop, say: Progress) -> None:
+    """Probe at the evaluation points and checkpoint every `checkpoint_every` steps, clock stopped.
+
+    Neither happens at the step that ends the run: `_finish` evaluates and checkpoints once, there.
+    """
+    config, schedule = run.config, run.schedule
+    due_eval = (
+        schedule.can_probe and len(loop.evals) < config.eval_points
+        and loop.done >= (len(loop.evals) + 1) / config.eval_points
+    )
+    due_checkpoint = run.output is not None and loop.step % schedule.checkpoint_every == 0
+    if loop.done >= 1.0 or not (due_eval or due_checkpoint):
+        return
+    loop.clock.pause()
+    if due_eval:
+        loop.evals.append(_evaluate(run, loop, say))
+    if due_checkpoint:
+        loop.checkpoint = _save(run, loop)
+    loop.clock.resume()
+
+
+def _evaluate(run: _Run, loop: _Loop, say: Progress) -> EvalPoint:
+    """Probe the backbone on the main process; every process records the same point."""
+    config, schedule = run.config, run.schedule
+    point = None
+    if run.accelerator.is_main_process:
+        with run.accelerator.autocast():
+            accuracy = evaluate_probe(
+                run.objective.backbone, run.data, device=run.device, config=config.probe, augment=config.augment,
+                seed=config.seed, progress=say,
+            )
+        point = EvalPoint(loop.step, loop.step / schedule.steps_per_epoch, loop.clock.total,
+                          loop.step * schedule.global_batch, accuracy)
+        say.info(f"eval step {point.step} epoch {point.epoch:.2f}: probe accuracy {accuracy:.4f} "
+                 f"at {point.seconds:.1f} s")
+    # Also the barrier: the other processes wait here while the main one probes.
+    return broadcast_object_list([point], from_process=0)[0]
+
+
+def _save(run: _Run, loop: _Loop) -> Path | None:
+    """Write a checkpoint from the main process (its path there, None on the others)."""
+    path = None
+    if run.accelerator.is_main_process:
+        config = run.config
+        path = save_checkpoint(run.output, loop.step, run.objective, run.optimizer, dataclasses.asdict(loop.state()),
+                               config.run_identity(), config.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _finish(run: _Run, loop: _Loop, say: Progress) -> None:
+    """The run's last evaluation and checkpoint, and the mean loss of a final partial epoch."""
+    if run.schedule.can_probe and (not loop.evals or loop.evals[-1].step != loop.step):
+        loop.evals.append(_evaluate(run, loop, say))
+    if run.output is not None:
+        loop.checkpoint = _save(run, loop)  # keeps a partial epoch's running loss, so a resume completes it
+    if loop.loss_count:
+        loop.close_epoch()
+
+
+def _result(run: _Run, loop: _Loop) -> TrainResult:
+    config, schedule = run.config, run.schedule
+    samples = loop.step * schedule.global_batch
+    seconds = loop.clock.total
     return TrainResult(
         objective=config.objective,
         targets=config.targets if config.objective == "coopt" else None,
         arch=config.arch,
-        steps=step,
-        epochs=step / steps_per_epoch,
-        seconds=clock.total,
+        steps=loop.step,
+        epochs=loop.step / schedule.steps_per_epoch,
+        seconds=seconds,
         samples=samples,
-        samples_per_s=samples / clock.total if clock.total > 0 else 0.0,
-        accuracy=evals[-1].accuracy if evals else None,
-        evals=evals,
-        epoch_losses=epoch_losses,
-        checkpoint=str(last_checkpoint) if last_checkpoint else None,
+        samples_per_s=samples / seconds if seconds > 0 else 0.0,
+        accuracy=loop.evals[-1].accuracy if loop.evals else None,
+        evals=loop.evals,
+        epoch_losses=loop.epoch_losses,
+        checkpoint=str(loop.checkpoint) if loop.checkpoint else None,
     )
