@@ -1,8 +1,10 @@
-"""Suite-wide setup: one embedded Hub server, and every client cache pointed at a temp dir.
+"""Suite-wide setup: one embedded Hub server, every client cache pointed at a temp dir, and the
+fixtures the test modules share (the hub client, sources, new collaborations, fake prior backends).
 
 huggingface_hub and datasets read HF_ENDPOINT and their cache paths when they are imported, so the
 environment is set in pytest_configure, before any test module imports them. Keep this file free
-of heavy imports (torch, open_clip): collection must stay fast.
+of heavy imports (torch, open_clip, huggingface_hub): collection must stay fast, and the helpers
+are imported inside the fixtures that use them.
 """
 
 from __future__ import annotations
@@ -79,3 +81,51 @@ def new_repo_id():
 def repo_id(new_repo_id) -> str:
     """A fresh, not yet created repo id for this test."""
     return new_repo_id()
+
+
+@pytest.fixture(scope="session")
+def hub(hub_server):
+    """The library's Hub client, with the server's write token."""
+    from coopt_hub.hub.client import Hub
+
+    return Hub(token=hub_server.token)
+
+
+@pytest.fixture(scope="session")
+def digits_source(hub_server) -> str:
+    """The sample dataset (all of scikit-learn's digits: train and test splits, labels, 16 px PNGs in
+    row groups of 100) as a source repo. Shared by the whole session: never write to it."""
+    import helpers_hub
+
+    return helpers_hub.digits_source(f"org/digits-{uuid.uuid4().hex[:8]}", hub_server.token)
+
+
+@pytest.fixture(scope="session")
+def small_source(hub) -> str:
+    """240 digits (16 px PNGs, with labels) in 8 row groups of 30: 2 shards of 4 storage units each.
+    Shared by the whole session: never write to it."""
+    from helpers_hub import publish_digit_rows
+
+    return publish_digit_rows(hub, rows=240, rows_per_group=30, name="small-digits")
+
+
+@pytest.fixture(scope="session")
+def new_collaboration(hub):
+    """Factory: new_collaboration(source, "name", shards=3, anchors=96, dim=16) publishes a plan over
+    `source` in a new repo org/name-<random> and returns its helpers_hub.Collaboration."""
+    from helpers_hub import start_collaboration
+
+    def make(source: str, name: str = "coopt", **settings):
+        return start_collaboration(hub, f"org/{name}-{uuid.uuid4().hex[:12]}", source, **settings)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def fake_backends():
+    """tests/fakes.py's prior backends, registered: `--model pixel:net` (fakes.PIXEL_MODEL) loads the pixel prior."""
+    import fakes
+
+    fakes.register_backends()
+    yield
+    fakes.unregister_backends()

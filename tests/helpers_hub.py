@@ -1,6 +1,7 @@
-"""Building a realistic collaboration on the embedded hub, for tests that need one.
+"""Building sources and realistic collaborations on the embedded hub, for tests that need them.
 
-The source is scikit-learn's digits as RGB PNGs (train/test, 100-row row groups), the plan is
+The sources are scikit-learn's digits as RGB PNGs: the sample dataset (train/test, 100-row row
+groups) or the first rows in row groups of a chosen size, some of them broken. The plan is
 published by `initialize` exactly as `coopt-hub init` does, and participants are synthetic but
 faithful: each prior is a different random linear map (with its own output size) of one latent
 vector per sample, so the priors disagree the way real ones do while sharing the information that
@@ -10,47 +11,27 @@ storage code, and each shard is pushed to its branch in one commit.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fakes import LATENT_DIM, FakePrior
 
 from coopt_hub import __version__
-from coopt_hub.core.align import apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.align import apply_alignment, fit_alignment, uniformity
 from coopt_hub.core.layout import remote_paths, shard_branch
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
-from coopt_hub.demo.sample_data import publish_digits
+from coopt_hub.demo.sample_data import digits_images, publish_digits
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.init import initialize
-
-LATENT_DIM = 24
-
-
-@dataclass(frozen=True)
-class FakePrior:
-    """A prior that sees only the first `rank` latent dimensions: fewer means a more collapsed, worse prior."""
-
-    name: str
-    output_dim: int
-    rank: int = LATENT_DIM
-    seed: int = 0
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.name}:{self.output_dim}:{self.rank}:{self.seed}".encode()).hexdigest()
-
-    def spec(self) -> dict:
-        return {"model": self.name, "pretrained": None, "checkpoint": None, "seed": self.seed, "image_size": None}
-
-    def encode(self, latent: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.output_dim, self.rank])
-        mixing = rng.standard_normal((self.rank, self.output_dim))
-        return normalize(latent[:, : self.rank] @ mixing)
 
 
 @dataclass
@@ -174,6 +155,29 @@ def start_collaboration(
 
 
 def digits_source(repo: str, token: str | None = None) -> str:
-    """Publish the digits source to `repo`; returns the repo id."""
+    """Publish the digits source (train and test splits, labels, 16 px PNGs) to `repo`; returns the repo id."""
     publish_digits(repo, image_size=16, token=token)
+    return repo
+
+
+def publish_digit_rows(hub: Hub, rows: int, rows_per_group: int, broken: tuple[int, ...] = (),
+                       name: str = "digits") -> str:
+    """The first `rows` digits (16 px RGB PNGs, with labels) as one train file in row groups of
+    `rows_per_group`; the rows in `broken` hold bytes that are no image. Returns the new repo's id."""
+    from huggingface_hub import CommitOperationAdd
+
+    images, labels = digits_images(16)
+    cells = []
+    for row, image in enumerate(images[:rows]):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        cells.append({"bytes": b"\x89PNG truncated" if row in broken else buffer.getvalue(), "path": None})
+    table = pa.table({"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      "label": pa.array(labels[:rows])})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=rows_per_group)
+    repo = f"org/{name}-{uuid.uuid4().hex[:8]}"
+    hub.ensure_repo(repo)
+    hub.commit(repo, "main", lambda head: [CommitOperationAdd("data/train-00000-of-00001.parquet",
+                                                              buffer.getvalue())], "digits")
     return repo

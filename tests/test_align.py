@@ -37,7 +37,8 @@ def test_uniformity_survives_large_temperatures():
     t = 800.0 / closest  # every exp(-t d) underflows float64, so a naive mean would give log(0)
     assert np.exp(-t * closest) == 0.0
     value = uniformity(features, t=t, block=16)
-    assert math.isfinite(value) and value == pytest.approx(direct_uniformity(features, t), rel=1e-4)
+    assert math.isfinite(value)
+    assert value == pytest.approx(direct_uniformity(features, t), rel=1e-4)
 
 
 def test_normalize_gives_unit_rows():
@@ -53,7 +54,8 @@ def test_alignment_recovers_a_linear_map():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         transform, residual = fit_alignment(source.astype(np.float32), source @ true_map)
-    assert transform.dtype == np.float64 and transform.shape == (32, 32)
+    assert transform.dtype == np.float64
+    assert transform.shape == (32, 32)
     assert residual < 1e-5
     np.testing.assert_allclose(transform, true_map, atol=1e-4)
     aligned = apply_alignment(source, transform)
@@ -75,7 +77,8 @@ def test_under_determined_fit_warns_and_still_solves():
     source, target = rng.standard_normal((10, 32)), rng.standard_normal((10, 32))
     with pytest.warns(AlignmentWarning, match="under-determined"):
         transform, residual = fit_alignment(source, target)
-    assert np.isfinite(transform).all() and residual < 0.1
+    assert np.isfinite(transform).all()
+    assert residual < 0.1
 
 
 def test_explicit_ridge_shrinks_the_map():
@@ -84,7 +87,8 @@ def test_explicit_ridge_shrinks_the_map():
     target = source @ rng.standard_normal((8, 8))
     loose, _ = fit_alignment(source, target)
     tight, residual = fit_alignment(source, target, ridge=1e4)
-    assert np.linalg.norm(tight) < 0.1 * np.linalg.norm(loose) and residual > 0.5
+    assert np.linalg.norm(tight) < 0.1 * np.linalg.norm(loose)
+    assert residual > 0.5
 
 
 @pytest.mark.parametrize("call, words", [

@@ -24,9 +24,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+import reliability
 from click.testing import CliRunner
-from helpers_hub import FakePrior, start_collaboration
-from test_faults import PIXEL_MODEL, PixelPrior, publish_small_source
+from fakes import PIXEL_MODEL, FakePrior, NanPixelPrior, PixelPrior
+from helpers_hub import publish_digit_rows
 
 from coopt_hub import errors
 from coopt_hub.cli import main
@@ -94,16 +95,13 @@ SECRET = b"private-content-0f9e8d"  # what the private repo holds; no unauthenti
 
 
 @pytest.fixture(scope="module")
-def world(hub_server, tmp_path_factory) -> World:
+def world(hub, hub_server, small_source, new_collaboration, tmp_path_factory) -> World:
     from huggingface_hub import CommitOperationAdd
 
-    hub = Hub(token=hub_server.token)
-    source = publish_small_source(hub)
-    broken_source = publish_small_source(hub, broken=BROKEN_ROWS)
+    broken_source = publish_digit_rows(hub, rows=240, rows_per_group=30, broken=BROKEN_ROWS, name="broken-digits")
 
-    def collab(name: str, origin: str = source):
-        return start_collaboration(hub, f"org/bad-{name}-{uuid.uuid4().hex[:8]}", origin, shards=2, anchors=32,
-                                   dim=16)
+    def collab(name: str, origin: str = small_source):
+        return new_collaboration(origin, f"bad-{name}", shards=2, anchors=32, dim=16)
 
     repo = collab("inputs")
     first = repo.push(0, FakePrior("someone-else", output_dim=20))
@@ -128,7 +126,7 @@ def world(hub_server, tmp_path_factory) -> World:
 
     workdir = tmp_path_factory.mktemp("result")
     optimize_shard(hub, repo.repo, 1, PixelPrior(PriorSpec(PIXEL_MODEL)), workdir=workdir)
-    repos = {"repo": repo.repo, "source": source, "broken_source": broken_source, "stale": stale.repo,
+    repos = {"repo": repo.repo, "source": small_source, "broken_source": broken_source, "stale": stale.repo,
              "handplan": handplan.repo, "shuffled": shuffled.repo, "mismatch": mismatch.repo,
              "manifest": manifest.repo, "broken": broken.repo, "noplan": noplan, "private": private}
     broken_shard = broken.plan.unit_shards[0]  # the shard holding rows 3 and 4
@@ -370,25 +368,21 @@ def fill(parts: tuple[str, ...], world: World, tmp: Path) -> list[str]:
 
 def assert_clear_error(outcome: Outcome, case: Case) -> None:
     text = outcome.stderr
-    assert outcome.code != 0 and (case.code is None or outcome.code == case.code), text
-    assert "Traceback" not in text + outcome.stdout, text
+    assert outcome.code != 0, f"exit code 0:\n{text}"
+    if case.code is not None:
+        assert outcome.code == case.code, f"exit code {outcome.code}, expected {case.code}:\n{text}"
+    assert "Traceback" not in text + outcome.stdout, f"a traceback:\n{text}"
     error = re.search(r"^Error: (.*)$", text, re.MULTILINE)
     hint = re.search(r"^Next step: (.*)$", text, re.MULTILINE)
-    assert error and re.search(case.message, error.group(1)), text
-    assert hint and case.hint in hint.group(1), text
+    assert error, f"no 'Error:' line:\n{text}"
+    assert re.search(case.message, error.group(1)), f"the error does not match {case.message!r}:\n{text}"
+    assert hint, f"no 'Next step:' line:\n{text}"
+    assert case.hint in hint.group(1), f"the next step does not say {case.hint!r}:\n{text}"
 
 
 @pytest.fixture
-def in_tmp(tmp_path, monkeypatch) -> Path:
-    """Run from an empty directory, with the pixel prior standing in for open_clip's models by that name."""
-    import coopt_hub.priors
-
-    real = coopt_hub.priors.load_prior
-
-    def load(spec, device="cpu", precision="fp32"):
-        return PixelPrior(spec) if spec.model == PIXEL_MODEL else real(spec, device, precision)
-
-    monkeypatch.setattr(coopt_hub.priors, "load_prior", load)
+def in_tmp(tmp_path, monkeypatch, fake_backends) -> Path:
+    """Run from an empty directory, with the fake backends known (PIXEL_MODEL is the pixel prior)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -401,8 +395,8 @@ def test_cli_bad_input_gets_a_clear_error_and_changes_nothing(world, in_tmp, cas
     outcome = run_main(fill(case.argv, world, in_tmp))
     assert_clear_error(outcome, case)
     for token in (world.hub.token, "hf_wrong_token"):
-        assert token not in outcome.stdout + outcome.stderr
-    assert world.refs() == before
+        assert token not in outcome.stdout + outcome.stderr, "a token was printed"
+    assert world.refs() == before, "a branch or tag changed"
 
 
 def test_debug_shows_the_traceback_the_plain_run_hides(world, in_tmp):
@@ -431,7 +425,7 @@ def test_console_script_reports_bad_input_the_same_way(world, tmp_path, case):
     done = subprocess.run([str(BIN / "coopt-hub"), *fill(case.argv, world, tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert_clear_error(Outcome(done.returncode, done.stdout, done.stderr), case)
-    assert world.refs() == before
+    assert world.refs() == before, "a branch or tag changed"
 
 
 # Library calls ---------------------------------------------------------------------------------------
@@ -446,15 +440,6 @@ class Call:
     hint: str  # text the error's hint must contain
 
 
-class NanPixelPrior(PixelPrior):
-    """The pixel prior with NaN for the fourth image of every batch."""
-
-    def encode_batch(self, pixels):
-        out = super().encode_batch(pixels)
-        out[3] = float("nan")
-        return out
-
-
 def damaged_chunk(world: World, tmp: Path) -> None:
     shutil.copytree(world.result, tmp / "work")
     chunk = sorted((tmp / "work").rglob("chunks/unit-*.safetensors"))[0]
@@ -465,7 +450,12 @@ def damaged_chunk(world: World, tmp: Path) -> None:
 
 
 def nan_shard(world: World, tmp: Path) -> None:
-    from coopt_hub.core.shardfile import AnchorOutputs, ShardResult, read_shard, write_shard
+    from coopt_hub.core.shardfile import (
+        AnchorOutputs,
+        ShardResult,
+        read_shard,
+        write_shard,
+    )
 
     (directory,) = world.result.glob(f"*/shard-00001/*/result/{shard_prefix(1)}")
     result, anchors = read_shard(directory)
@@ -540,8 +530,9 @@ def test_library_bad_input_raises_a_clear_error_and_changes_nothing(world, tmp_p
     with pytest.raises(case.error) as raised:
         case.call(world, tmp_path)
     assert re.search(case.message, str(raised.value)), str(raised.value)
-    assert raised.value.hint and case.hint in raised.value.hint, raised.value.hint
-    assert world.refs() == before
+    assert raised.value.hint, "the error has no next step"
+    assert case.hint in raised.value.hint, raised.value.hint
+    assert world.refs() == before, "a branch or tag changed"
 
 
 # Raw requests to the server ------------------------------------------------------------------------
@@ -625,8 +616,10 @@ def test_server_bad_request_gets_a_4xx_that_says_why_and_changes_nothing(world, 
     status, headers, body = send(hub_server.endpoint, request_, world, hub_server.token)
     assert status == request_.status, body[:500]
     assert request_.message in body.decode("utf-8", "replace"), body[:500]
-    assert b"Traceback" not in body and SECRET not in body and hub_server.token.encode() not in body
-    assert world.refs() == before
+    assert b"Traceback" not in body, "the answer carries a traceback"
+    assert SECRET not in body, "the answer carries the private repo's content"
+    assert hub_server.token.encode() not in body, "the answer carries the token"
+    assert world.refs() == before, "a branch or tag changed"
 
 
 def test_a_readme_with_unreadable_metadata_does_not_break_the_repo(world, hub_server, new_repo_id):
@@ -639,37 +632,35 @@ def test_a_readme_with_unreadable_metadata_does_not_break_the_repo(world, hub_se
     line = {"key": "file", "value": {"path": "README.md", "content": base64.b64encode(readme).decode()}}
     commit = Request("", "POST", f"/api/datasets/{repo}/commit/main", 200, "commitOid",
                      HEADER_LINE + json.dumps(line).encode() + b"\n")
-    assert send(hub_server.endpoint, commit, world, hub_server.token)[0] == 200
+    status, _, body = send(hub_server.endpoint, commit, world, hub_server.token)
+    assert status == 200, f"the raw commit was refused: {body[:500]!r}"
     info = world.hub.api.dataset_info(repo)
-    assert info.card_data is None or not info.card_data.to_dict()
-    assert "README.md" in [sibling.rfilename for sibling in info.siblings]
+    assert info.card_data is None or not info.card_data.to_dict(), "unreadable metadata was read as card data"
+    assert "README.md" in [sibling.rfilename for sibling in info.siblings], "the repo info lost the README"
 
 
 # RELIABILITY.md ---------------------------------------------------------------------------------------
 
 
 def test_reliability_report_matches_the_tables():
-    """RELIABILITY.md's figures and scenario lists are these files' tables: the page cannot go stale."""
-    import test_faults
-    import test_server_fuzz
-
+    """RELIABILITY.md's figures and scenario lists are the suite's tables: the page cannot go stale."""
     figures = {
         "Participant killed (SIGKILL) at a stage of `optimize`, then the same command rerun":
-            len(test_faults.OPTIMIZE_KILLS),
+            len(reliability.OPTIMIZE_KILLS),
         "Hub process killed (SIGKILL) mid-push and restarted; the push completes by itself":
-            len(test_faults.SERVER_KILLS),
-        "Hub down (connection refused) when a client call starts": len(test_faults.OUTAGE_CALLS),
-        "Connection cut once in the middle of a push": len(test_faults.NETWORK_CUTS),
-        "Merge killed (SIGKILL) at a stage, then rerun": len(test_faults.MERGE_KILLS),
-        "Participants pushing while a merge runs": test_faults.RACERS,
+            len(reliability.SERVER_KILLS),
+        "Hub down (connection refused) when a client call starts": len(reliability.OUTAGE_CALLS),
+        "Connection cut once in the middle of a push": len(reliability.NETWORK_CUTS),
+        "Merge killed (SIGKILL) at a stage, then rerun": len(reliability.MERGE_KILLS),
+        "Participants pushing while a merge runs": reliability.RACERS,
         "Bad command lines, run in process": len(CLI_CASES),
         "Bad command lines, run as `coopt-hub` processes": len(END_TO_END),
         "Bad library calls": len(LIBRARY_CASES),
         "Bad raw requests to the server": len(SERVER_CASES),
         "Fuzzed structured requests (method, route, odd encodings, headers, body)":
-            test_server_fuzz.FUZZ_EXAMPLES["structured requests"],
-        "Fuzzed raw request bytes (request line and headers)": test_server_fuzz.FUZZ_EXAMPLES["raw request bytes"],
-        "Fuzzed commit payloads (NDJSON)": test_server_fuzz.FUZZ_EXAMPLES["commit payloads"],
+            reliability.FUZZ_EXAMPLES["structured requests"],
+        "Fuzzed raw request bytes (request line and headers)": reliability.FUZZ_EXAMPLES["raw request bytes"],
+        "Fuzzed commit payloads (NDJSON)": reliability.FUZZ_EXAMPLES["commit payloads"],
     }
     report = (Path(__file__).parent.parent / "RELIABILITY.md").read_text()
     table = report.split("## Figures", 1)[1].split("\n## ", 1)[0]
@@ -677,7 +668,9 @@ def test_reliability_report_matches_the_tables():
     assert written == figures, "update the table in RELIABILITY.md:\n" + "\n".join(
         f"| {label} | {count} |" for label, count in figures.items())
     listed = set(re.findall(r"^- (.+)$", report, re.MULTILINE))
-    scenarios = [*test_faults.OPTIMIZE_KILLS, *test_faults.SERVER_KILLS, *test_faults.NETWORK_CUTS,
-                 *test_faults.MERGE_KILLS]
-    assert {fault.name for fault in scenarios} <= listed
-    assert len(CLI_CASES) + len(END_TO_END) + len(LIBRARY_CASES) + len(SERVER_CASES) >= 30
+    scenarios = [*reliability.OPTIMIZE_KILLS, *reliability.SERVER_KILLS, *reliability.NETWORK_CUTS,
+                 *reliability.MERGE_KILLS]
+    unlisted = {fault.name for fault in scenarios} - listed
+    assert not unlisted, f"RELIABILITY.md does not list the scenario(s) {sorted(unlisted)}"
+    cases = len(CLI_CASES) + len(END_TO_END) + len(LIBRARY_CASES) + len(SERVER_CASES)
+    assert cases >= 30, "the bad-input tables shrank"

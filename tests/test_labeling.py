@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,50 +10,19 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from fakes import LinearPrior, Member, ThreadGroup
 
 from coopt_hub.errors import PriorError, ShardFileError
 from coopt_hub.participant.collective import SingleProcess
 from coopt_hub.participant.labeling import Chunk, ChunkStore, collect_chunks, label_chunks, rank_chunks
-from coopt_hub.priors import Preprocessing, Prior, PriorSpec
 
-SIZE = 8
-
-
-class LinearPrior(Prior):
-    """A fixed random linear map of the pixels; records the ids of every batch it encodes."""
-
-    def __init__(self, output_dim: int = 6, nan_ids: Sequence[int] = ()):
-        self.spec = PriorSpec(model="linear-fake")
-        self.preprocessing = Preprocessing(image_size=(SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3,
-                                           interpolation="bilinear", resize_mode="squash")
-        self.output_dim = output_dim
-        self.fingerprint = hashlib.sha256(b"linear-fake").hexdigest()
-        self.random_init = True
-        self.weights = torch.randn(3 * SIZE * SIZE, output_dim, generator=torch.Generator().manual_seed(0))
-        self.nan_ids = set(nan_ids)
-        self.batches: list[list[int]] = []
-        self._lock = threading.Lock()
-
-    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
-        array = np.asarray(image.resize((SIZE, SIZE)), dtype=np.float32) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-    def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = pixels.reshape(len(pixels), -1) @ self.weights
-        # The pixels carry their id in the first value (see image_cell), so NaNs can target ids.
-        ids = [round(float(v) * 255) for v in pixels[:, 0, 0, 0]]
-        with self._lock:
-            self.batches.append(ids)
-        for row, sample_id in enumerate(ids):
-            if sample_id in self.nan_ids:
-                out[row] = float("nan")
-        return out
+SIZE = LinearPrior.SIZE
 
 
 def image_cell(sample_id: int) -> dict[str, Any]:
     rng = np.random.default_rng(sample_id)
     pixels = rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)
-    pixels[0, 0, 0] = sample_id  # ids stay below 256 here
+    pixels[0, 0, 0] = sample_id  # where LinearPrior reads the id; ids stay below 256 here
     buffer = io.BytesIO()
     PIL.Image.fromarray(pixels).save(buffer, format="PNG")
     return {"bytes": buffer.getvalue(), "path": None}
@@ -89,15 +56,18 @@ def test_chunks_are_encoded_in_fixed_batches_and_stored(tmp_path):
     prior, store = LinearPrior(), ChunkStore(tmp_path)
     chunks = make_chunks([10, 3, 7])
     stats = label_chunks(prior, chunks, store, batch_size=4, workers=3)
-    assert stats.computed == [c.name for c in chunks] and stats.reused == [] and stats.images == 20
+    assert stats.computed == [c.name for c in chunks]
+    assert stats.reused == []
+    assert stats.images == 20
     # Batches never straddle chunks: their composition depends on the chunk alone.
     assert prior.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18, 19]]
     for chunk in chunks:
         output = store.read(chunk.name)
-        np.testing.assert_array_equal(output.ids, chunk.ids)
-        np.testing.assert_allclose(output.features, expected_features(prior, chunk.ids), rtol=1e-5, atol=1e-6)
-        assert output.bad_ids.size == 0
-        assert store.marker(chunk.name)["rows"] == len(chunk.ids)
+        np.testing.assert_array_equal(output.ids, chunk.ids, err_msg=chunk.name)
+        np.testing.assert_allclose(output.features, expected_features(prior, chunk.ids), rtol=1e-5, atol=1e-6,
+                                   err_msg=chunk.name)
+        assert output.bad_ids.size == 0, chunk.name
+        assert store.marker(chunk.name)["rows"] == len(chunk.ids), chunk.name
 
 
 def test_rerun_skips_finished_chunks_and_ignores_partial_writes(tmp_path):
@@ -111,8 +81,9 @@ def test_rerun_skips_finished_chunks_and_ignores_partial_writes(tmp_path):
     loads: list[str] = []
     prior = LinearPrior()
     stats = label_chunks(prior, make_chunks([5, 5, 5], loads=loads), store, batch_size=2, workers=2)
-    assert stats.reused == ["unit-00000"] and stats.computed == ["unit-00001", "unit-00002"]
-    assert loads == ["unit-00001", "unit-00002"]
+    assert stats.reused == ["unit-00000"]
+    assert stats.computed == ["unit-00001", "unit-00002"]
+    assert loads == ["unit-00001", "unit-00002"], "a finished chunk's images were read again"
     assert store.data_path(chunks[0].name).stat().st_mtime_ns == first
     np.testing.assert_array_equal(store.read("unit-00001").ids, np.arange(5, 10))
     assert label_chunks(prior, chunks, store, batch_size=2, workers=2).computed == []
@@ -143,19 +114,22 @@ def test_stop_on_bad_image_keeps_the_chunk_and_starts_no_other(tmp_path):
     store = ChunkStore(tmp_path)
     stats = label_chunks(LinearPrior(), make_chunks([4, 4, 4], broken=[5]), store, batch_size=2, workers=1,
                          stop_on_bad_image=True)
-    assert stats.computed == ["unit-00000", "unit-00001"] and stats.bad_ids == [5]
-    assert not store.is_complete("unit-00002")
+    assert stats.computed == ["unit-00000", "unit-00001"]
+    assert stats.bad_ids == [5]
+    assert not store.is_complete("unit-00002"), "a chunk after the bad image was started"
     # A rerun that still refuses bad images stops at the stored chunk without encoding anything.
     again = label_chunks(LinearPrior(), make_chunks([4, 4, 4], broken=[5]), store, batch_size=2, workers=1,
                          stop_on_bad_image=True)
-    assert again.computed == [] and again.bad_ids == [5]
+    assert again.computed == [], "the rerun encoded again"
+    assert again.bad_ids == [5], "the rerun does not name the bad image"
 
 
 def test_non_finite_outputs_raise_prior_error_naming_the_ids(tmp_path):
     store = ChunkStore(tmp_path)
     with pytest.raises(PriorError, match=r"2 sample\(s\): ids 5, 6"):
         label_chunks(LinearPrior(nan_ids=[5, 6]), make_chunks([4, 4, 4]), store, batch_size=4, workers=2)
-    assert store.is_complete("unit-00000") and not store.is_complete("unit-00001")
+    assert store.is_complete("unit-00000"), "the chunk before the NaN was not kept"
+    assert not store.is_complete("unit-00001"), "the chunk with the NaN was stored"
 
 
 def test_reader_errors_reach_the_caller(tmp_path):
@@ -165,63 +139,6 @@ def test_reader_errors_reach_the_caller(tmp_path):
     chunks = make_chunks([3]) + [Chunk("unit-00001", np.arange(3, 6), broken_load)]
     with pytest.raises(ConnectionError, match="range read failed"):
         label_chunks(LinearPrior(), chunks, ChunkStore(tmp_path), batch_size=2, workers=2)
-
-
-class ThreadGroup:
-    """In-process ranks (threads) with the collective operations the library needs."""
-
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-        self._barrier = threading.Barrier(world_size)
-        self._slots: list[Any] = [None] * world_size
-        self.broadcasts = 0
-
-    def member(self, rank: int) -> Member:
-        return Member(self, rank)
-
-    def run(self, work) -> list[Any]:
-        results: list[Any] = [None] * self.world_size
-        errors: list[BaseException] = []
-
-        def target(rank: int) -> None:
-            try:
-                results[rank] = work(self.member(rank))
-            except BaseException as err:  # noqa: BLE001 - re-raised in the test thread
-                errors.append(err)
-                self._barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world_size)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
-class Member:
-    def __init__(self, group: ThreadGroup, rank: int):
-        self.group, self.rank, self.world_size = group, rank, group.world_size
-
-    def barrier(self) -> None:
-        self.group._barrier.wait()
-
-    def all_gather(self, value):
-        self.group._slots[self.rank] = value
-        self.barrier()
-        gathered = list(self.group._slots)
-        self.barrier()
-        return gathered
-
-    def broadcast(self, value, src: int):
-        if self.rank == src:
-            self.group._slots[0] = value
-            self.group.broadcasts += 1
-        self.barrier()
-        received = self.group._slots[0]
-        self.barrier()
-        return received
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["separate-workdirs", "shared-workdir"])
@@ -246,4 +163,4 @@ def test_two_ranks_give_the_same_chunks_as_one(tmp_path, shared):
     # Without a shared directory, rank 0 receives exactly the chunks it lacks; with one, nothing travels.
     assert group.broadcasts == (0 if shared else 2)
     for chunk in make_chunks(sizes):
-        assert stores[0].data_path(chunk.name).read_bytes() == single.data_path(chunk.name).read_bytes()
+        assert stores[0].data_path(chunk.name).read_bytes() == single.data_path(chunk.name).read_bytes(), chunk.name

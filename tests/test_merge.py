@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from helpers_hub import Collaboration, FakePrior, digits_source, skipping, start_collaboration
+from helpers_hub import Collaboration, FakePrior, skipping
 
 from coopt_hub.core.align import apply_alignment, fit_alignment
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
@@ -16,6 +16,7 @@ from coopt_hub.core.manifest import next_tag
 from coopt_hub.errors import ConflictError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
+from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
@@ -25,19 +26,13 @@ GOOD = FakePrior("good-net", output_dim=40, rank=18)
 BEST = FakePrior("best-net", output_dim=48, rank=24)
 
 
-@pytest.fixture(scope="module")
-def hub(hub_server) -> Hub:
-    return Hub(token=hub_server.token)
-
-
-@pytest.fixture(scope="module")
-def source(hub, hub_server) -> str:
-    return digits_source(f"org/digits-{uuid.uuid4().hex[:8]}", hub_server.token)
+def new_digits_collaboration(new_collaboration, digits_source) -> Collaboration:
+    return new_collaboration(digits_source, "digits-coopt", shards=3, anchors=96, dim=16)
 
 
 @pytest.fixture
-def collab(hub, source, new_repo_id) -> Collaboration:
-    return start_collaboration(hub, new_repo_id("digits-coopt"), source, shards=3, anchors=96, dim=16)
+def collab(new_collaboration, digits_source) -> Collaboration:
+    return new_digits_collaboration(new_collaboration, digits_source)
 
 
 def push_all(collab: Collaboration) -> dict[int, str]:
@@ -67,66 +62,130 @@ def source_labels(source: str) -> dict[str, np.ndarray]:
     return {split: np.asarray(data[split]["label"]) for split in data}
 
 
-def test_merge_publishes_a_dataset_that_loads_at_its_tag(hub, collab, source):
+# One complete merge, read back every way a user reads it ------------------------------------------
+
+
+@dataclass
+class Published:
+    collab: Collaboration
+    commits: dict[int, str]  # shard -> the commit pushed
+    result: MergeResult
+
+
+@pytest.fixture(scope="module")
+def published(hub, new_collaboration, digits_source) -> Published:
+    """Every shard pushed, shard 0 with the best prior, then merged once."""
+    collab = new_digits_collaboration(new_collaboration, digits_source)
     commits = push_all(collab)
-    result = merge(hub, collab.repo)
-    assert (result.tag, result.created) == ("v1", True)
-    plan = collab.plan
+    return Published(collab, commits, merge(hub, collab.repo))
 
-    data = load(collab.repo, "v1")
-    train, test = data["train"], data["test"]
-    assert train.num_rows == plan.num_rows and test.num_rows > 0
+
+@pytest.fixture(scope="module")
+def v1(published):
+    """The published merge, loaded at its tag with `datasets`."""
+    return load(published.collab.repo, "v1")
+
+
+@pytest.fixture(scope="module")
+def v1_train(v1) -> dict[str, np.ndarray]:
+    return v1["train"].with_format("numpy")[:]
+
+
+def test_the_first_merge_creates_v1(published):
+    assert (published.result.tag, published.result.created) == ("v1", True)
+
+
+def test_the_train_split_holds_every_row_with_its_image_and_target(published, v1, v1_train):
+    plan, train = published.collab.plan, v1["train"]
+    assert train.num_rows == plan.num_rows
     assert train.column_names == ["id", "image", "target", "shard", "label"]
-    assert train[0]["image"].mode == "RGB" and train[0]["image"].size == (16, 16)
-    columns = train.with_format("numpy")[:]
-    targets = columns["target"]
-    assert targets.dtype == np.float32 and targets.shape == (plan.num_rows, plan.dim)
-    assert np.array_equal(columns["id"], np.arange(plan.num_rows))
-    for k in range(3):
-        assert np.array_equal(np.flatnonzero(columns["shard"] == k), plan.shard_ids(k))
-    labels = source_labels(source)
-    assert np.array_equal(columns["label"], labels["train"])
-    assert np.array_equal(np.asarray(test["label"]), labels["test"]) and test[0]["target"] is None
+    assert train[0]["image"].mode == "RGB"
+    assert train[0]["image"].size == (16, 16)
+    assert v1_train["target"].dtype == np.float32
+    assert v1_train["target"].shape == (plan.num_rows, plan.dim)
 
+
+def test_rows_keep_their_ids_shards_and_labels(published, digits_source, v1_train):
+    plan = published.collab.plan
+    assert np.array_equal(v1_train["id"], np.arange(plan.num_rows)), "ids"
+    for k in range(3):
+        assert np.array_equal(np.flatnonzero(v1_train["shard"] == k), plan.shard_ids(k)), f"rows of shard {k}"
+    assert np.array_equal(v1_train["label"], source_labels(digits_source)["train"]), "labels"
+
+
+def test_the_test_split_is_the_sources_without_targets(digits_source, v1):
+    test = v1["test"]
+    assert test.num_rows > 0
+    assert np.array_equal(np.asarray(test["label"]), source_labels(digits_source)["test"])
+    assert test[0]["target"] is None
+
+
+def test_targets_are_the_participants_own_bit_for_bit(hub, published, v1_train):
     # The reference (lowest V) is shard 0, to which the others aligned: nothing is re-aligned and
     # the targets are the participants' own, bit for bit (fp16) in safetensors and as float32 in parquet.
+    collab, plan = published.collab, published.collab.plan
     stored = read_targets(hub, collab.repo, "v1")
-    assert np.array_equal(stored["ids"], np.arange(plan.num_rows))
-    assert stored["targets"].dtype == np.float16 and np.array_equal(stored["targets"].astype(np.float32), targets)
+    assert np.array_equal(stored["ids"], np.arange(plan.num_rows)), "ids"
+    assert stored["targets"].dtype == np.float16
+    assert np.array_equal(stored["targets"].astype(np.float32), v1_train["target"]), "safetensors and parquet differ"
     for k, prior in ((0, GOOD), (1, WEAK), (2, MID)):
         ids = plan.shard_ids(k)
         _, raw = collab.projected(prior, ids)
-        assert np.allclose(stored["raw"][ids], raw, atol=2e-3)
+        assert np.allclose(stored["raw"][ids], raw, atol=2e-3), f"raw targets of shard {k}"
 
+
+def test_the_manifest_records_source_reference_and_shards(hub, published, digits_source):
+    collab, plan = published.collab, published.collab.plan
     manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, "v1").read_text())
-    assert manifest["tag"] == "v1" and manifest["images"] == "copy" and manifest["dim"] == plan.dim
-    assert manifest["label_column"] == "label" and manifest["plan_hash"] == plan.plan_hash
+    assert manifest["tag"] == "v1"
+    assert manifest["images"] == "copy"
+    assert manifest["dim"] == plan.dim
+    assert manifest["label_column"] == "label"
+    assert manifest["plan_hash"] == plan.plan_hash
     assert manifest["source"] == {
-        "repo": source, "revision": plan.source_revision, "split": "train", "image_column": "image"
+        "repo": digits_source, "revision": plan.source_revision, "split": "train", "image_column": "image"
     }
-    assert manifest["reference"]["shard"] == 0 and not manifest["partial"]
-    assert {s["shard"]: s["commit"] for s in manifest["shards"]} == commits
+    assert manifest["reference"]["shard"] == 0
+    assert not manifest["partial"]
+    assert {s["shard"]: s["commit"] for s in manifest["shards"]} == published.commits
     assert not any(s["realigned"] for s in manifest["shards"])
     assert set(manifest["splits"]) == {"train", "test"}
 
-    card = hub.download(collab.repo, "README.md", "v1").read_text()
-    assert "license: cc-by-4.0" in card and "length: 16" in card
-    assert f'load_dataset("{collab.repo}", revision="v1")' in card
-    assert f"accelerate launch recipes/train_from_hub.py --dataset {collab.repo} --revision v1 --arch resnet18" in card
-    assert "coopt/plan.json" in hub.list_files(collab.repo, "v1")
-    assert load(collab.repo, "v1", name="anchors")["anchors"].num_rows == len(plan.anchor_ids)
 
-    streamed = load(collab.repo, "v1", streaming=True)["train"]
+def test_the_card_says_how_to_load_and_train(hub, published):
+    repo = published.collab.repo
+    card = hub.download(repo, "README.md", "v1").read_text()
+    assert "license: cc-by-4.0" in card
+    assert "length: 16" in card
+    assert f'load_dataset("{repo}", revision="v1")' in card
+    assert f"accelerate launch recipes/train_from_hub.py --dataset {repo} --revision v1 --arch resnet18" in card
+    assert "coopt/plan.json" in hub.list_files(repo, "v1")
+
+
+def test_the_anchors_load_as_their_own_config(published):
+    anchors = load(published.collab.repo, "v1", name="anchors")["anchors"]
+    assert anchors.num_rows == len(published.collab.plan.anchor_ids)
+
+
+def test_the_merge_streams(published):
+    streamed = load(published.collab.repo, "v1", streaming=True)["train"]
     first = next(iter(streamed))
-    assert first["id"] == 0 and len(first["target"]) == plan.dim and first["image"].mode == "RGB"
+    assert first["id"] == 0
+    assert len(first["target"]) == published.collab.plan.dim
+    assert first["image"].mode == "RGB"
 
-    # Nothing new: a rerun changes nothing, and an explicit existing tag is refused before writing.
-    head = hub.head(collab.repo)
-    again = merge(hub, collab.repo)
-    assert (again.tag, again.created, hub.head(collab.repo)) == ("v1", False, head)
+
+def test_a_rerun_changes_nothing_and_an_existing_tag_is_refused_before_writing(hub, published):
+    repo = published.collab.repo
+    head = hub.head(repo)
+    again = merge(hub, repo)
+    assert (again.tag, again.created, hub.head(repo)) == ("v1", False, head), "the rerun made a new version"
     with pytest.raises(ConflictError, match="v1 already exists"):
-        merge(hub, collab.repo, tag="v1", images="reference")
-    assert hub.head(collab.repo) == head
+        merge(hub, repo, tag="v1", images="reference")
+    assert hub.head(repo) == head, "the refused merge moved main"
+
+
+# More versions, bad shards, concurrent merges ------------------------------------------------------
 
 
 def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monkeypatch):
@@ -141,40 +200,48 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     monkeypatch.setattr(merge_module, "FILE_BYTES", 20_000)  # several files, to see v2 delete them
     partial = merge(hub, collab.repo, allow_partial=True)
     monkeypatch.undo()
-    assert partial.tag == "v1" and partial.manifest.partial and partial.manifest.missing == (2,)
+    assert partial.tag == "v1", "partial merge: not v1"
+    assert partial.manifest.partial, "partial merge: the manifest does not say partial"
+    assert partial.manifest.missing == (2,), "partial merge: the manifest does not say shard 2 is missing"
     v1_files = [f for f in hub.list_files(collab.repo, "v1") if f.startswith("data/train-")]
-    assert len(v1_files) > 1
-    assert "**Partial merge**: shard 2 had not been pushed" in hub.download(collab.repo, "README.md", "v1").read_text()
+    assert len(v1_files) > 1, "partial merge: one train file, though FILE_BYTES asks for several"
+    v1_card = hub.download(collab.repo, "README.md", "v1").read_text()
+    assert "**Partial merge**: shard 2 had not been pushed" in v1_card, "partial merge: the card does not say so"
     v1 = load(collab.repo, "v1")["train"].with_format("numpy")[:]
     present = np.sort(np.concatenate([plan.shard_ids(0), plan.shard_ids(1)]))
-    assert np.array_equal(v1["id"], present)
+    assert np.array_equal(v1["id"], present), "partial merge: not the rows of shards 0 and 1"
 
     # A late participant brings a better prior: v2 re-aligns shards 0 and 1 to it without re-labeling.
     collab.push(2, BEST)
-    assert collab.uniformity(BEST) < min(collab.uniformity(p) for p in (GOOD, WEAK))
+    assert collab.uniformity(BEST) < min(collab.uniformity(p) for p in (GOOD, WEAK)), "BEST is not the lowest V"
     result = merge(hub, collab.repo)
-    assert result.tag == "v2" and result.manifest.reference.shard == 2 and not result.manifest.partial
+    assert result.tag == "v2", "full merge: not v2"
+    assert result.manifest.reference.shard == 2, "full merge: the reference is not the better prior's shard"
+    assert not result.manifest.partial, "full merge: the manifest says partial"
     realigned = {s.shard: s for s in result.manifest.shards if s.realigned}
-    assert set(realigned) == {0, 1}
+    assert set(realigned) == {0, 1}, "full merge: not exactly shards 0 and 1 re-aligned"
     anchor_ids = np.asarray(plan.anchor_ids)
     v2 = load(collab.repo, "v2")["train"].with_format("numpy")[:]
-    assert np.array_equal(v2["id"], np.arange(plan.num_rows))
+    assert np.array_equal(v2["id"], np.arange(plan.num_rows)), "full merge: rows missing"
     for k, prior in ((0, GOOD), (1, WEAK)):
         transform, residual = fit_alignment(
             collab.projected(prior, anchor_ids)[1], collab.projected(BEST, anchor_ids)[1]
         )
-        assert realigned[k].realigned_residual == pytest.approx(residual, rel=1e-6)
+        assert realigned[k].realigned_residual == pytest.approx(residual, rel=1e-6), f"residual of shard {k}"
         expected = apply_alignment(collab.projected(prior, plan.shard_ids(k))[1], transform)
-        assert np.allclose(v2["target"][plan.shard_ids(k)], expected, atol=2e-2)
+        assert np.allclose(v2["target"][plan.shard_ids(k)], expected, atol=2e-2), f"re-aligned targets of shard {k}"
     card = hub.download(collab.repo, "README.md", "v2").read_text()
-    assert "Shards 0, 1 had been aligned to another reference by their participants" in card and "Partial" not in card
+    assert "Shards 0, 1 had been aligned to another reference by their participants" in card, \
+        "full merge: the card does not say which shards were re-aligned"
+    assert "Partial" not in card, "full merge: the card says partial"
     assert [f for f in hub.list_files(collab.repo, "v2") if f.startswith("data/train-")] == [
         "data/train-00000-of-00001.parquet"
-    ]
+    ], "full merge: v1's train files were not replaced"
 
     # v1 still loads exactly its own data.
     again = load(collab.repo, "v1")["train"].with_format("numpy")[:]
-    assert np.array_equal(again["id"], v1["id"]) and np.array_equal(again["target"], v1["target"])
+    assert np.array_equal(again["id"], v1["id"]), "v1 after v2: other ids"
+    assert np.array_equal(again["target"], v1["target"]), "v1 after v2: other targets"
 
 
 def _flip_raw_byte(directory):
@@ -214,7 +281,8 @@ def test_a_bad_shard_is_refused_and_main_untouched(hub, collab, damage, message)
     head = hub.head(collab.repo)
     with pytest.raises(VerificationError, match=message):
         merge(hub, collab.repo)
-    assert hub.head(collab.repo) == head and hub.refs(collab.repo)[1] == {}
+    assert hub.head(collab.repo) == head, "main moved"
+    assert hub.refs(collab.repo)[1] == {}, "a tag was made"
 
 
 def _merge_concurrently(hub: Hub, repo: str, modes: tuple[str, str]) -> list:
@@ -231,7 +299,8 @@ def _merge_concurrently(hub: Hub, repo: str, modes: tuple[str, str]) -> list:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results and len(results) + len(errors) == 2
+    assert results, f"every merge was refused: {errors}"
+    assert len(results) + len(errors) == 2, "a merge neither finished nor was refused"
     return results
 
 
@@ -239,8 +308,10 @@ def test_concurrent_identical_merges_make_one_version(hub, collab):
     push_all(collab)
     results = _merge_concurrently(hub, collab.repo, ("copy", "copy"))
     _, tags = hub.refs(collab.repo)
-    assert set(tags) == {"v1"} and tags["v1"] == hub.head(collab.repo)
-    assert all(result.tag == "v1" and result.commit == tags["v1"] for result in results)
+    assert set(tags) == {"v1"}
+    assert tags["v1"] == hub.head(collab.repo), "v1 is not main"
+    assert [result.tag for result in results] == ["v1"] * len(results)
+    assert [result.commit for result in results] == [tags["v1"]] * len(results)
     assert load(collab.repo, "v1")["train"].num_rows == collab.plan.num_rows
 
 
@@ -251,9 +322,10 @@ def test_concurrent_different_merges_each_get_a_version(hub, collab):
     assert {result.tag for result in results} == set(tags) == {"v1", "v2"}
     for result in results:
         manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, result.tag).read_text())
-        assert manifest["tag"] == result.tag and manifest["images"] == result.manifest.images
-        assert tags[result.tag] == result.commit
-        assert load(collab.repo, result.tag)["train"].num_rows == collab.plan.num_rows
+        assert manifest["tag"] == result.tag, f"{result.tag}: the manifest names another tag"
+        assert manifest["images"] == result.manifest.images, f"{result.tag}: the manifest has another image mode"
+        assert tags[result.tag] == result.commit, f"{result.tag} is not the merge's commit"
+        assert load(collab.repo, result.tag)["train"].num_rows == collab.plan.num_rows, f"{result.tag}: rows missing"
     assert hub.head(collab.repo) in {result.commit for result in results}
 
 
@@ -270,62 +342,94 @@ def test_a_tag_taken_between_commit_and_tag_moves_this_merge_to_the_next_version
     monkeypatch.setattr(hub, "create_tag", someone_else_tags_first)
     result = merge(hub, collab.repo)
     _, tags = hub.refs(collab.repo)
-    assert result.tag == "v2" and tags == {"v1": before, "v2": result.commit}
+    assert result.tag == "v2"
+    assert tags == {"v1": before, "v2": result.commit}
     assert result.commit == hub.head(collab.repo)
     assert json.loads(hub.download(collab.repo, MANIFEST_PATH, "v2").read_text())["tag"] == "v2"
     assert 'revision="v2"' in hub.download(collab.repo, "README.md", "v2").read_text()
 
 
-def test_rows_a_shard_skipped_as_undecodable_are_left_out_and_recorded(hub, collab):
-    plan = collab.plan
-    skipped = [int(i) for i in plan.shard_ids(1)[[0, 7, 8, -1]]]
+@dataclass
+class SkippedMerge:
+    collab: Collaboration
+    skipped: list[int]  # ids of shard 1 its participant could not decode
+    result: MergeResult
+
+    @property
+    def kept(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.collab.plan.num_rows), self.skipped)
+
+
+@pytest.fixture(scope="module")
+def skipped_merge(hub, new_collaboration, digits_source) -> SkippedMerge:
+    """A merge of three shards, shard 1 having skipped four undecodable rows."""
+    collab = new_digits_collaboration(new_collaboration, digits_source)
+    skipped = [int(i) for i in collab.plan.shard_ids(1)[[0, 7, 8, -1]]]
     first = collab.push(0, GOOD)
     collab.push(1, WEAK, reference=(0, GOOD, first), edit=skipping(*skipped))
     collab.push(2, MID, reference=(0, GOOD, first))
-    result = merge(hub, collab.repo)
-    kept = np.setdiff1d(np.arange(plan.num_rows), skipped)
+    return SkippedMerge(collab, skipped, merge(hub, collab.repo))
 
-    train = load(collab.repo, result.tag)["train"]
+
+def test_rows_a_shard_skipped_as_undecodable_are_left_out_of_the_dataset(skipped_merge):
+    collab, skipped, kept = skipped_merge.collab, skipped_merge.skipped, skipped_merge.kept
+    plan = collab.plan
+    train = load(collab.repo, skipped_merge.result.tag)["train"]
     assert train.num_rows == plan.num_rows - len(skipped)
     columns = train.with_format("numpy")[:]
-    assert np.array_equal(columns["id"], kept) and not set(skipped) & set(columns["id"].tolist())
-    assert np.array_equal(np.sort(columns["id"][columns["shard"] == 1]), np.setdiff1d(plan.shard_ids(1), skipped))
-    assert np.array_equal(columns["label"], source_labels(collab.source)["train"][kept])
-    stored = read_targets(hub, collab.repo, result.tag)
-    assert np.array_equal(stored["ids"], kept)
-    _, raw = collab.projected(WEAK, kept[np.isin(kept, plan.shard_ids(1))])
-    assert np.allclose(stored["raw"][np.isin(kept, plan.shard_ids(1))], raw, atol=2e-3)
+    assert np.array_equal(columns["id"], kept), "ids"
+    assert not set(skipped) & set(columns["id"].tolist()), "a skipped id is in the dataset"
+    assert np.array_equal(np.sort(columns["id"][columns["shard"] == 1]), np.setdiff1d(plan.shard_ids(1), skipped)), \
+        "rows of shard 1"
+    assert np.array_equal(columns["label"], source_labels(collab.source)["train"][kept]), "labels"
 
-    manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, result.tag).read_text())
+
+def test_rows_a_shard_skipped_as_undecodable_are_left_out_of_the_targets(hub, skipped_merge):
+    collab, kept = skipped_merge.collab, skipped_merge.kept
+    stored = read_targets(hub, collab.repo, skipped_merge.result.tag)
+    assert np.array_equal(stored["ids"], kept), "ids"
+    _, raw = collab.projected(WEAK, kept[np.isin(kept, collab.plan.shard_ids(1))])
+    assert np.allclose(stored["raw"][np.isin(kept, collab.plan.shard_ids(1))], raw, atol=2e-3), "raw targets of shard 1"
+
+
+def test_rows_a_shard_skipped_as_undecodable_are_recorded_in_the_manifest_and_card(hub, skipped_merge):
+    collab, skipped, tag = skipped_merge.collab, skipped_merge.skipped, skipped_merge.result.tag
+    manifest = json.loads(hub.download(collab.repo, MANIFEST_PATH, tag).read_text())
     assert {s["shard"]: s["skipped_ids"] for s in manifest["shards"]} == {0: [], 1: skipped, 2: []}
-    assert manifest["splits"]["train"]["num_rows"] == plan.num_rows - len(skipped)
-    card = hub.download(collab.repo, "README.md", result.tag).read_text()
-    assert "4 samples of the merged shards could not be decoded" in card and "4 in shard 1." in card
+    assert manifest["splits"]["train"]["num_rows"] == collab.plan.num_rows - len(skipped)
+    card = hub.download(collab.repo, "README.md", tag).read_text()
+    assert "4 samples of the merged shards could not be decoded" in card
+    assert "4 in shard 1." in card
     assert "`skipped_ids` of each shard in `coopt/manifest.json`" in card
-    again = merge(hub, collab.repo)  # the manifest read back is the same merge
-    assert (again.tag, again.created) == (result.tag, False) and again.manifest.shards[1].skipped_ids == tuple(skipped)
 
 
-def test_reference_mode_writes_no_images(hub, source, new_repo_id):
-    collab = start_collaboration(hub, new_repo_id("digits-ref"), source, shards=1, anchors=64, dim=8)
+def test_a_merge_with_skipped_rows_reads_back_as_the_same_merge(hub, skipped_merge):
+    again = merge(hub, skipped_merge.collab.repo)
+    assert (again.tag, again.created) == (skipped_merge.result.tag, False), "the rerun made a new version"
+    assert again.manifest.shards[1].skipped_ids == tuple(skipped_merge.skipped)
+
+
+def test_reference_mode_writes_no_images(hub, digits_source, new_collaboration):
+    collab = new_collaboration(digits_source, "digits-ref", shards=1, anchors=64, dim=8)
     collab.push(0, MID)
     result = merge(hub, collab.repo, images="reference", tag="first")
-    assert result.tag == "first" and result.manifest.images == "reference"
+    assert result.tag == "first"
+    assert result.manifest.images == "reference"
     data = load(collab.repo, "first")
     assert data["train"].column_names == ["id", "target", "shard", "label"]
     assert data["test"].column_names == ["id", "target", "shard", "label"]
     assert next_tag(hub.refs(collab.repo)[1]) == "v1"
 
 
-def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, source, new_repo_id):
+@pytest.mark.slow
+def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, digits_source, new_repo_id):
     """Shard 1 labeled with open_clip prior B but declaring prior A, with consistent checksums, as in
     test_verify: only re-encoding tells. `merge --verify` refuses it and a plain merge publishes it;
     once shard 1 is honest, a verified merge of the same kind makes a new version that says so."""
     from dataclasses import replace
 
     from click.testing import CliRunner
-    from test_verify import PRIOR_A, PRIOR_B, Pushed, label
-    from test_verify import Collaboration as Participants
+    from real_shards import PRIOR_A, PRIOR_B, Pushed, RealCollaboration, label
 
     from coopt_hub.cli import cli
     from coopt_hub.core.shardfile import ShardResult
@@ -333,9 +437,9 @@ def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, source
     from coopt_hub.platform.verify import PriorLoader
 
     repo = new_repo_id("digits-verified")
-    plan = initialize(hub, repo, source=source, source_revision=None, split="train", image_column="image",
+    plan = initialize(hub, repo, source=digits_source, source_revision=None, split="train", image_column="image",
                       shards=2, anchors=32, dim=16, seed=0, temperature=2.0).plan
-    people = Participants(hub, repo, plan, PriorLoader(keep=2), {})
+    people = RealCollaboration(hub, repo, plan, PriorLoader(keep=2), {})
     result, anchors = label(people, 0, PRIOR_A, None)
     people.shards[0] = Pushed(0, people.push(0, result, anchors), result, anchors)
     honest, honest_anchors = label(people, 1, PRIOR_B, people.shards[0])
@@ -347,29 +451,38 @@ def test_merge_verify_refuses_targets_of_another_model_than_declared(hub, source
     runner = CliRunner()
     head = hub.head(repo)
     refused = runner.invoke(cli, ["merge", repo, "--images", "reference", "--verify", "--verify-sample", "16"])
-    assert refused.exit_code == 1 and isinstance(refused.exception, VerificationError), refused.output
-    assert "shard 1 fail (targets, anchors)" in str(refused.exception) and "shard 0" not in str(refused.exception)
-    assert "Nothing was written" in str(refused.exception)
-    assert hub.head(repo) == head and hub.refs(repo)[1] == {}
+    assert refused.exit_code == 1, f"verified merge of a false shard: {refused.output}"
+    assert isinstance(refused.exception, VerificationError), f"verified merge of a false shard: {refused.output}"
+    assert "shard 1 fail (targets, anchors)" in str(refused.exception), "verified merge: shard 1 not failed"
+    assert "shard 0" not in str(refused.exception), "verified merge: the honest shard 0 failed"
+    assert "Nothing was written" in str(refused.exception), "verified merge: the error does not say nothing changed"
+    assert hub.head(repo) == head, "verified merge of a false shard moved main"
+    assert hub.refs(repo)[1] == {}, "verified merge of a false shard made a tag"
 
     plain = runner.invoke(cli, ["merge", repo, "--images", "reference", "--json"])
     assert plain.exit_code == 0, plain.output
-    assert json.loads(plain.stdout)["verified"] is False
-    assert json.loads(hub.download(repo, MANIFEST_PATH, "v1").read_text())["verification"] is None
-    assert "re-encoded with their declared priors" in hub.download(repo, "README.md", "v1").read_text()
+    assert json.loads(plain.stdout)["verified"] is False, "plain merge: said verified"
+    assert json.loads(hub.download(repo, MANIFEST_PATH, "v1").read_text())["verification"] is None, \
+        "plain merge: the manifest records a verification"
+    assert "re-encoded with their declared priors" in hub.download(repo, "README.md", "v1").read_text(), \
+        "plain merge: the card does not say the shards were not re-encoded"
 
     people.push(1, honest, honest_anchors)
     verified = runner.invoke(cli, ["merge", repo, "--images", "reference", "--verify", "--verify-sample", "16",
                                    "--json"])
     assert verified.exit_code == 0, verified.output
-    assert json.loads(verified.stdout)["tag"] == "v2" and json.loads(verified.stdout)["verified"] is True
+    assert json.loads(verified.stdout)["tag"] == "v2", "verified merge of honest shards: not v2"
+    assert json.loads(verified.stdout)["verified"] is True, "verified merge of honest shards: not said verified"
     manifest = json.loads(hub.download(repo, MANIFEST_PATH, "v2").read_text())
-    assert manifest["verification"] == {"sample": 16, "seed": 0, "min_cosine": 0.999, "tolerance": 1e-4}
-    assert "Every merged shard was verified" in hub.download(repo, "README.md", "v2").read_text()
+    assert manifest["verification"] == {"sample": 16, "seed": 0, "min_cosine": 0.999, "tolerance": 1e-4}, \
+        "verified merge: the manifest does not record the verification"
+    assert "Every merged shard was verified" in hub.download(repo, "README.md", "v2").read_text(), \
+        "verified merge: the card does not say so"
     # The same verified merge again changes nothing; a plain merge accepts the verified version.
     for again in (["--verify", "--verify-sample", "16"], []):
         unchanged = runner.invoke(cli, ["merge", repo, "--images", "reference", "--json", *again])
-        assert unchanged.exit_code == 0 and json.loads(unchanged.stdout)["created"] is False, unchanged.output
+        assert unchanged.exit_code == 0, f"merge {again} after v2: {unchanged.output}"
+        assert json.loads(unchanged.stdout)["created"] is False, f"merge {again} after v2 made a version"
     assert set(hub.refs(repo)[1]) == {"v1", "v2"}
 
 
@@ -379,7 +492,8 @@ def test_verify_sample_needs_verify():
     from coopt_hub.cli import cli
 
     refused = CliRunner().invoke(cli, ["merge", "org/any", "--verify-sample", "8"])
-    assert refused.exit_code == 2 and "pass --verify too" in refused.output
+    assert refused.exit_code == 2, refused.output
+    assert "pass --verify too" in refused.output
 
 
 def test_next_tag():

@@ -33,15 +33,17 @@ def all_shard_ids(plan: Plan) -> list[np.ndarray]:
 def test_units_are_split_into_disjoint_balanced_shards():
     sizes = [100, 100, 100, 100, 90, 80, 60, 50, 40, 30, 20, 10]
     plan = plan_for(row_group_units(sizes))
-    assert plan.granularity == "row_group" and plan.num_rows == sum(sizes)
+    assert plan.granularity == "row_group"
+    assert plan.num_rows == sum(sizes)
     shards = all_shard_ids(plan)
     assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(plan.num_rows))
     rows = [len(ids) for ids in shards]
     assert max(rows) - min(rows) <= max(sizes)
     for k, ids in enumerate(shards):
-        assert ids.dtype == np.int64 and np.all(np.diff(ids) > 0)
+        assert ids.dtype == np.int64, f"shard {k}"
+        assert np.all(np.diff(ids) > 0), f"shard {k}: ids not sorted and unique"
         from_units = np.concatenate([np.arange(u.start, u.stop) for u in plan.shard_units(k)])
-        assert np.array_equal(np.sort(from_units), ids)
+        assert np.array_equal(np.sort(from_units), ids), f"shard {k}: ids are not those of its units"
 
 
 def test_assignment_depends_on_the_seed_only():
@@ -58,7 +60,8 @@ def test_whole_files_give_file_granularity():
 
 def test_too_few_units_fall_back_to_rows():
     plan = plan_for([Unit(file="data/train.parquet", row_group=0, start=0, num_rows=1000)], num_shards=4)
-    assert plan.granularity == "row" and plan.unit_shards == ()
+    assert plan.granularity == "row"
+    assert plan.unit_shards == ()
     shards = all_shard_ids(plan)
     assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(1000))
     assert sorted(len(ids) for ids in shards) == [250, 250, 250, 250]
@@ -71,7 +74,10 @@ def test_anchor_count_and_fraction():
     units = row_group_units([100] * 10)
     plan = plan_for(units, anchors=25)
     ids = np.asarray(plan.anchor_ids)
-    assert len(ids) == 25 and np.all(np.diff(ids) > 0) and ids[0] >= 0 and ids[-1] < 1000
+    assert len(ids) == 25
+    assert np.all(np.diff(ids) > 0)
+    assert ids[0] >= 0
+    assert ids[-1] < 1000
     assert len(plan_for(units, anchors=0.05).anchor_ids) == 50
     assert len(plan_for(units, anchors=0.0001).anchor_ids) == 1
     assert len(plan_for(units, anchors=1000).anchor_ids) == 1000
@@ -81,7 +87,8 @@ def test_json_round_trip_and_hash():
     plan = plan_for(row_group_units([30, 20, 10, 40, 25, 35, 5]), num_shards=2, temperature=0.5)
     text = plan.to_json()
     again = Plan.from_json(text)
-    assert again == plan and again.plan_hash == plan.plan_hash
+    assert again == plan
+    assert again.plan_hash == plan.plan_hash
     reformatted = json.dumps(json.loads(text), indent=4)
     assert Plan.from_json(reformatted).plan_hash == plan.plan_hash
     assert replace(plan, dim=17).plan_hash != plan.plan_hash
@@ -90,12 +97,14 @@ def test_json_round_trip_and_hash():
 def test_projection_is_shared_by_equal_output_sizes():
     plan = plan_for(row_group_units([100] * 6), dim=64)
     w = plan.projection(384)
-    assert w.shape == (384, 64) and w.dtype == np.float32
+    assert w.shape == (384, 64)
+    assert w.dtype == np.float32
     assert np.array_equal(w, Plan.from_json(plan.to_json()).projection(384))
     assert not np.allclose(plan.projection(512)[:384], w)
     assert not np.allclose(replace(plan, seed=8).projection(384), w)
     # entries ~ N(0, 1/dim): squared norms are kept on average
-    assert abs(float(np.mean(w))) < 0.01 and abs(float(np.var(w)) * 64 - 1) < 0.05
+    assert abs(float(np.mean(w))) < 0.01
+    assert abs(float(np.var(w)) * 64 - 1) < 0.05
 
 
 @pytest.mark.parametrize("overrides, error, words", [

@@ -63,7 +63,8 @@ def tamper_consistently(directory: Path, file: str, **tensors) -> None:
 
 
 def test_remote_layout():
-    assert shard_branch(3) == "shard/3" and shard_prefix(3) == "shards/3"
+    assert shard_branch(3) == "shard/3"
+    assert shard_prefix(3) == "shards/3"
     paths = remote_paths(3)
     assert tuple(paths) == ("shards/3/targets.safetensors", "shards/3/anchors.safetensors", "shards/3/report.json")
     assert paths.targets == "shards/3/targets.safetensors"
@@ -77,10 +78,13 @@ def test_round_trip(tmp_path: Path):
     assert len(result.header.checksums) == 6
     back, back_anchors = read_shard(tmp_path / "out")
     assert back.header == result.header
-    assert back.ids.dtype == np.int64 and back.raw.dtype == np.float16 and back.aligned.dtype == np.float16
+    assert back.ids.dtype == np.int64
+    assert back.raw.dtype == np.float16
+    assert back.aligned.dtype == np.float16
     np.testing.assert_array_equal(back.ids, result.ids)
     np.testing.assert_allclose(back.raw, result.raw, atol=1e-2)
-    assert back_anchors.features.dtype == np.float32 and back_anchors.projected.shape == (ANCHORS, DIM)
+    assert back_anchors.features.dtype == np.float32
+    assert back_anchors.projected.shape == (ANCHORS, DIM)
     np.testing.assert_allclose(back_anchors.features, anchors.features, rtol=1e-6)
 
 
@@ -187,7 +191,8 @@ def test_ranges_read_what_read_shard_reads(shard_dir: Path):
         assert np.array_equal(shard.anchors.features, anchors.features)
         list(shard.chunks(ROWS))
         mapped = shard.mapped()
-    assert np.array_equal(mapped.raw, whole.raw) and np.array_equal(mapped.ids, whole.ids)
+    assert np.array_equal(mapped.raw, whole.raw)
+    assert np.array_equal(mapped.ids, whole.ids)
 
 
 def test_damage_is_found_after_the_last_range(shard_dir: Path):

@@ -1,37 +1,28 @@
 """`verify` against the embedded hub with real random-init open_clip priors on the digits source.
 
-Honest shards are made the way a participant makes them (prior outputs, L2-normalised, projected
-with the plan's W, stored fp16, aligned to the reference on the anchors); tampered ones start from
-an honest shard, are edited, rewritten with valid checksums and pushed to the shard's branch, so
-only the recomputation can tell them apart.
+Honest shards are made the way a participant makes them (tests/real_shards.py: prior outputs,
+L2-normalised, projected with the plan's W, stored fp16, aligned to the reference on the anchors);
+tampered ones start from an honest shard, are edited, rewritten with valid checksums and pushed to
+the shard's branch, so only the recomputation can tell them apart.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import uuid
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from real_shards import PRIOR_A, PRIOR_B, Pushed, RealCollaboration, label
 
-from coopt_hub import __version__
 from coopt_hub.cli import cli
-from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment
 from coopt_hub.core.layout import remote_paths, shard_branch
-from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
-from coopt_hub.demo.sample_data import publish_digits
+from coopt_hub.core.shardfile import AnchorOutputs, ShardResult
 from coopt_hub.errors import VerificationError
-from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import load_anchors
-from coopt_hub.hub.source import read_plan_unit
 from coopt_hub.platform.init import initialize
 from coopt_hub.platform.verify import (
     CHECKS,
@@ -45,104 +36,20 @@ from coopt_hub.platform.verify import (
     failure_error,
     sample_ids,
     verify_repo,
-    verify_shard,
 )
-from coopt_hub.priors import Prior, PriorSpec, decode_image
 
-# Same architecture and size, different seeds: the "other model" differs only in its weights.
-PRIOR_A = PriorSpec(model="ViT-S-32", seed=0, image_size=32)
-PRIOR_B = PriorSpec(model="ViT-S-32", seed=1, image_size=32)
-
-
-@dataclass
-class Pushed:
-    """An honest shard as pushed: its commit and the files' contents."""
-
-    shard: int
-    commit: str
-    result: ShardResult
-    anchors: AnchorOutputs
-
-
-@dataclass
-class Collaboration:
-    hub: Hub
-    repo: str
-    plan: Plan
-    priors: PriorLoader
-    shards: dict[int, Pushed]
-
-    def push(self, shard: int, result: ShardResult, anchors: AnchorOutputs) -> str:
-        from huggingface_hub import CommitOperationAdd
-
-        with tempfile.TemporaryDirectory() as scratch:
-            write_shard(Path(scratch), result, anchors)
-            paths = remote_paths(shard)
-            operations = [CommitOperationAdd(paths.targets, (Path(scratch) / "targets.safetensors").read_bytes()),
-                          CommitOperationAdd(paths.anchors, (Path(scratch) / "anchors.safetensors").read_bytes()),
-                          CommitOperationAdd(paths.report, json.dumps({"shard": shard}).encode())]
-        self.hub.ensure_branch(self.repo, shard_branch(shard))
-        return self.hub.commit(self.repo, shard_branch(shard), lambda head: operations, message=f"shard {shard}")
-
-    def tampered(self, shard: int, edit: Callable[[ShardResult, AnchorOutputs], None]) -> str:
-        """Push an edited copy of the honest shard (checksums recomputed); returns the commit."""
-        honest = self.shards[shard]
-        result = ShardResult(replace(honest.result.header, checksums={}), honest.result.ids.copy(),
-                             honest.result.raw.copy(), honest.result.aligned.copy())
-        anchors = AnchorOutputs(honest.anchors.ids.copy(), honest.anchors.features.copy(),
-                                honest.anchors.projected.copy())
-        edit(result, anchors)
-        return self.push(shard, result, anchors)
-
-    def verify(self, shard: int, commit: str, **kwargs) -> ShardVerification:
-        return verify_shard(self.hub, self.repo, self.plan, shard, commit=commit, priors=self.priors, **kwargs)
-
-
-def encode(prior: Prior, cells: list, ids: np.ndarray) -> np.ndarray:
-    pixels = torch.stack([prior.preprocess(decode_image(cell, int(i))) for cell, i in zip(cells, ids)])
-    return normalize(np.concatenate([prior.encode_batch(batch).numpy() for batch in pixels.split(64)]))
-
-
-def label(collab: Collaboration, shard: int, spec: PriorSpec,
-          reference: Pushed | None) -> tuple[ShardResult, AnchorOutputs]:
-    """What a participant computes for `shard` with the prior of `spec`, aligned to `reference` (or itself)."""
-    plan, prior = collab.plan, collab.priors(spec)
-    ids = plan.shard_ids(shard)
-    cells = [cell for unit in plan.shard_units(shard)
-             for cell in read_plan_unit(plan, unit, [plan.image_column]).column(plan.image_column).to_pylist()]
-    anchor_ids = np.asarray(plan.anchor_ids, dtype=np.int64)
-    anchor_features = encode(prior, load_anchors(collab.hub, collab.repo, plan).column("image").to_pylist(), anchor_ids)
-    projection = plan.projection(prior.output_dim)
-    raw, projected = encode(prior, cells, ids) @ projection, anchor_features @ projection
-    if reference is None:
-        aligned, residual, header_reference = raw, 0.0, None
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AlignmentWarning)
-            transform, residual = fit_alignment(projected, reference.anchors.projected)
-        aligned = apply_alignment(raw, transform)
-        header_reference = {"shard": reference.shard, "branch": shard_branch(reference.shard),
-                            "commit": reference.commit, "fingerprint": reference.result.header.fingerprint}
-    header = ShardHeader(
-        shard=shard, plan_hash=plan.plan_hash, source_revision=plan.source_revision, prior=spec.to_dict(),
-        preprocessing=prior.preprocessing.to_dict(), fingerprint=prior.fingerprint, output_dim=prior.output_dim,
-        dim=plan.dim, uniformity=uniformity(anchor_features, t=plan.temperature), reference=header_reference,
-        residual=residual, num_rows=len(ids), tool_version=__version__, checksums={},
-    )
-    return (ShardResult(header, ids, raw, aligned),
-            AnchorOutputs(ids=anchor_ids, features=anchor_features, projected=projected))
+# Every test here but one reads the module's collaboration, whose shards take about a minute to
+# label and verify with real priors on two busy cores.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def collab(hub_server) -> Collaboration:
+def collab(hub, digits_source) -> RealCollaboration:
     """Shard 0 labeled with prior A (its own reference), shard 1 with prior B aligned to shard 0; 2-4 not pushed."""
-    hub = Hub(token=hub_server.token)
-    source = f"org/digits-{uuid.uuid4().hex[:8]}"
-    publish_digits(source, image_size=16, token=hub_server.token)
     repo = f"org/digits-verify-{uuid.uuid4().hex[:8]}"
-    plan = initialize(hub, repo, source=source, source_revision=None, split="train", image_column="image",
+    plan = initialize(hub, repo, source=digits_source, source_revision=None, split="train", image_column="image",
                       shards=5, anchors=64, dim=16, seed=0, temperature=2.0).plan
-    collab = Collaboration(hub, repo, plan, PriorLoader(keep=2), {})
+    collab = RealCollaboration(hub, repo, plan, PriorLoader(keep=2), {})
     for shard, spec in ((0, PRIOR_A), (1, PRIOR_B)):
         result, anchors = label(collab, shard, spec, collab.shards.get(0))
         commit = collab.push(shard, result, anchors)
@@ -159,21 +66,45 @@ def statuses(report: ShardVerification) -> dict[str, str]:
     return {check.name: check.status for check in report.checks}
 
 
-def test_honest_shards_pass_with_every_figure(collab):
-    for shard in (0, 1):
-        report = collab.verify(shard, collab.shards[shard].commit)
+@pytest.fixture(scope="module")
+def honest(collab) -> dict[int, ShardVerification]:
+    """The verification of each honest shard at the commit it was pushed at."""
+    reports = {shard: collab.verify(shard, collab.shards[shard].commit) for shard in (0, 1)}
+    for shard, report in reports.items():
         print(f"honest shard {shard}: targets {report.targets}, anchors {report.anchors}, aligned {report.aligned}, "
               f"dV {report.uniformity_delta}, dresidual {report.residual_delta}")
-        assert report.status == PASSED and report.passed, report.problems()
-        assert statuses(report) == dict.fromkeys(CHECKS, PASSED)
-        assert report.fingerprint == report.loaded_fingerprint == collab.shards[shard].result.header.fingerprint
-        assert report.targets.rows == 64 and report.targets.min_cosine > 0.9999
-        assert report.anchors.rows == len(collab.plan.anchor_ids) and report.anchors.min_cosine > 0.9999
-        assert report.aligned.rows == len(collab.plan.shard_ids(shard)) and report.aligned.min_cosine > 0.9999
-        assert report.uniformity_delta < 1e-6 and report.residual_delta < 1e-6
-        assert set(report.sample_ids) <= set(collab.plan.shard_ids(shard).tolist())
-    assert "shard 0@" in report.check("alignment").message  # shard 1 was refitted to its declared reference
-    assert failure_error([report], collab.repo) is None
+    return reports
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_an_honest_shard_passes_every_check(collab, honest, shard):
+    report = honest[shard]
+    assert report.status == PASSED, report.problems()
+    assert report.passed, report.problems()
+    assert statuses(report) == dict.fromkeys(CHECKS, PASSED)
+    assert report.fingerprint == report.loaded_fingerprint == collab.shards[shard].result.header.fingerprint
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_an_honest_shard_has_every_figure(collab, honest, shard):
+    report = honest[shard]
+    assert report.targets.rows == 64, "targets: not every sampled row was re-encoded"
+    assert report.targets.min_cosine > 0.9999, "targets: re-encoding differs"
+    assert report.anchors.rows == len(collab.plan.anchor_ids), "anchors: not every anchor was re-encoded"
+    assert report.anchors.min_cosine > 0.9999, "anchors: re-encoding differs"
+    assert report.aligned.rows == len(collab.plan.shard_ids(shard)), "aligned: not every row was checked"
+    assert report.aligned.min_cosine > 0.9999, "aligned: raw @ T differs"
+    assert report.uniformity_delta < 1e-6, "uniformity: recomputed V differs"
+    assert report.residual_delta < 1e-6, "alignment: recomputed residual differs"
+    assert set(report.sample_ids) <= set(collab.plan.shard_ids(shard).tolist()), "sampled ids of another shard"
+
+
+def test_a_shard_aligned_to_another_is_refitted_to_its_declared_reference(honest):
+    assert "shard 0@" in honest[1].check("alignment").message
+
+
+def test_honest_shards_make_no_failure(collab, honest):
+    assert failure_error(list(honest.values()), collab.repo) is None
 
 
 def test_files_in_hand_are_not_downloaded_again(collab, monkeypatch):
@@ -186,7 +117,8 @@ def test_files_in_hand_are_not_downloaded_again(collab, monkeypatch):
     original = collab.hub.download
     monkeypatch.setattr(collab.hub, "download", no_shard_downloads)
     report = collab.verify(0, honest.commit, sample=8, files=(honest.result, honest.anchors))
-    assert report.passed and report.commit == honest.commit
+    assert report.passed, report.problems()
+    assert report.commit == honest.commit
 
 
 def test_damaged_files_fail_and_nothing_else_is_checked(collab):
@@ -196,17 +128,19 @@ def test_damaged_files_fail_and_nothing_else_is_checked(collab):
     truncated = [CommitOperationAdd(paths.targets, b"not a safetensors file")]
     commit = collab.hub.commit(collab.repo, shard_branch(1), lambda head: truncated, message="damage")
     report = collab.verify(1, commit)
-    assert report.status == FAILED and report.check("files").status == FAILED
-    assert {check.status for check in report.checks[1:]} == {SKIPPED}
+    assert report.status == FAILED
+    assert report.check("files").status == FAILED
+    assert {check.status for check in report.checks[1:]} == {SKIPPED}, "checks ran past damaged files"
 
 
 def test_sample_is_seeded_and_stable():
     ids = np.arange(100, 600, dtype=np.int64)
     first = sample_ids(ids, 64, seed=0, shard=1)
-    assert np.array_equal(first, sample_ids(ids, 64, seed=0, shard=1)) and np.all(np.diff(first) > 0)
-    assert not np.array_equal(first, sample_ids(ids, 64, seed=1, shard=1))
-    assert not np.array_equal(first, sample_ids(ids, 64, seed=0, shard=2))
-    assert np.array_equal(sample_ids(ids[:10], 64, seed=0, shard=1), ids[:10])
+    assert np.array_equal(first, sample_ids(ids, 64, seed=0, shard=1)), "the same seed drew another sample"
+    assert np.all(np.diff(first) > 0), "the sample is not sorted and unique"
+    assert not np.array_equal(first, sample_ids(ids, 64, seed=1, shard=1)), "another seed drew the same sample"
+    assert not np.array_equal(first, sample_ids(ids, 64, seed=0, shard=2)), "another shard drew the same sample"
+    assert np.array_equal(sample_ids(ids[:10], 64, seed=0, shard=1), ids[:10]), "a small shard is not taken whole"
 
 
 def _shuffle_rows(result: ShardResult, anchors: AnchorOutputs) -> None:
@@ -234,7 +168,8 @@ def test_targets_of_another_model_than_declared_are_caught(collab):
     print(f"other model, declared as A: targets {report.targets}, anchors {report.anchors}")
     assert report.status == FAILED
     assert statuses(report) == {**dict.fromkeys(CHECKS, PASSED), "targets": FAILED, "anchors": FAILED}
-    assert report.targets.min_cosine < 0.9 and report.anchors.min_cosine < 0.9
+    assert report.targets.min_cosine < 0.9
+    assert report.anchors.min_cosine < 0.9
 
     def claim_a_keep_fingerprint(result: ShardResult, anchors: AnchorOutputs) -> None:
         result.header.prior = declared.prior
@@ -273,7 +208,8 @@ def test_shuffled_aligned_targets_only_are_caught(collab):
     report = collab.verify(1, collab.tampered(1, shuffle_aligned))
     print(f"shuffled aligned: targets {report.targets}, aligned {report.aligned}")
     assert statuses(report) == {**dict.fromkeys(CHECKS, PASSED), "alignment": FAILED}
-    assert report.aligned.min_cosine < 0.9 and report.targets.min_cosine > 0.9999
+    assert report.aligned.min_cosine < 0.9
+    assert report.targets.min_cosine > 0.9999
     assert "aligned targets are not raw @ T" in report.check("alignment").message
 
 
@@ -285,7 +221,8 @@ def test_declared_uniformity_and_residual_are_recomputed(collab):
     report = collab.verify(1, collab.tampered(1, flatter), sample=8)
     assert statuses(report) == {**dict.fromkeys(CHECKS, PASSED), "uniformity": FAILED, "alignment": FAILED}
     assert report.uniformity_delta == pytest.approx(0.05, abs=1e-6)
-    assert report.residual_delta > 1e-3 and "declared residual" in report.check("alignment").message
+    assert report.residual_delta > 1e-3
+    assert "declared residual" in report.check("alignment").message
 
 
 def test_unavailable_weights_cannot_verify_and_do_not_pass(collab):
@@ -293,29 +230,37 @@ def test_unavailable_weights_cannot_verify_and_do_not_pass(collab):
         result.header.prior = {**result.header.prior, "checkpoint": "/home/participant/vit-s-32-finetuned.pt"}
 
     report = collab.verify(1, collab.tampered(1, private_checkpoint))
-    assert report.status == UNVERIFIABLE and not report.passed
+    assert report.status == UNVERIFIABLE
+    assert not report.passed
     assert report.check("prior").message.startswith("cannot verify: weights unavailable")
     assert statuses(report) == {"files": PASSED, "prior": UNVERIFIABLE, "targets": UNVERIFIABLE,
                                 "anchors": UNVERIFIABLE, "uniformity": PASSED, "alignment": PASSED}
     error = failure_error([report], collab.repo)
-    assert isinstance(error, VerificationError) and "--checkpoint-dir" in error.hint
+    assert isinstance(error, VerificationError)
+    assert "--checkpoint-dir" in error.hint
 
 
-def test_cli_table_json_and_exit_code(collab):
-    runner = CliRunner()
-    passing = runner.invoke(cli, ["verify", collab.repo, "--shard", "0", "--sample", "16"])
+def test_cli_prints_a_table_and_exits_0_when_shards_pass(collab):
+    passing = CliRunner().invoke(cli, ["verify", collab.repo, "--shard", "0", "--sample", "16"])
     assert passing.exit_code == 0, passing.output
-    assert "1 pass" in passing.stdout and "ViT-S-32 (random init, seed 0)" in passing.stdout
+    assert "1 pass" in passing.stdout, passing.stdout
+    assert "ViT-S-32 (random init, seed 0)" in passing.stdout, passing.stdout
 
+
+def test_cli_json_and_exit_code_when_a_shard_fails(collab):
     tampered = collab.tampered(1, _shuffle_rows)  # now the head of shard/1
-    failing = runner.invoke(cli, ["verify", collab.repo, "--shard", "1", "--shard", "2", "--sample", "16", "--json"])
-    assert failing.exit_code == 1 and isinstance(failing.exception, VerificationError)
+    failing = CliRunner().invoke(cli, ["verify", collab.repo, "--shard", "1", "--shard", "2", "--sample", "16",
+                                       "--json"])
+    assert failing.exit_code == 1, failing.output
+    assert isinstance(failing.exception, VerificationError), failing.output
     assert "shard 1 fail (targets)" in str(failing.exception)
     document = json.loads(failing.stdout)
     by_shard = {entry["shard"]: entry for entry in document["shards"]}
     assert [by_shard[k]["status"] for k in (1, 2)] == [FAILED, MISSING]
-    assert by_shard[1]["commit"] == tampered and by_shard[1]["targets"]["min_cosine"] < 0.9
-    assert document["passed"] is False and document["thresholds"]["min_cosine"] == 0.999
+    assert by_shard[1]["commit"] == tampered
+    assert by_shard[1]["targets"]["min_cosine"] < 0.9
+    assert document["passed"] is False
+    assert document["thresholds"]["min_cosine"] == 0.999
 
 
 def test_verify_repo_reports_unpushed_shards_as_missing(collab):
