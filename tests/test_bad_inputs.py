@@ -622,21 +622,24 @@ def test_server_bad_request_gets_a_4xx_that_says_why_and_changes_nothing(world, 
     assert world.refs() == before, "a branch or tag changed"
 
 
-def test_a_readme_with_unreadable_metadata_does_not_break_the_repo(world, hub_server, new_repo_id):
-    """Committed without validate-yaml (as raw commits are), such a README made every repo info a 500."""
+def test_a_readme_with_unreadable_metadata_is_refused_at_commit(world, hub_server, new_repo_id):
+    """Such a README once made every repo info a 500; the hub now refuses it when it is committed
+    (a 4xx naming README.md), and the repo stays as it was."""
     import base64
 
     repo = new_repo_id("deep-card")
     world.hub.ensure_repo(repo)
+    before = world.hub.head(repo)
     readme = ("---\nlicense: " + "[" * 5000 + "\n---\n# card\n").encode()
     line = {"key": "file", "value": {"path": "README.md", "content": base64.b64encode(readme).decode()}}
-    commit = Request("", "POST", f"/api/datasets/{repo}/commit/main", 200, "commitOid",
+    commit = Request("", "POST", f"/api/datasets/{repo}/commit/main", 400, "error",
                      HEADER_LINE + json.dumps(line).encode() + b"\n")
     status, _, body = send(hub_server.endpoint, commit, world, hub_server.token)
-    assert status == 200, f"the raw commit was refused: {body[:500]!r}"
+    assert 400 <= status < 500, f"the raw commit was not refused: {status} {body[:500]!r}"
+    assert b"README.md" in body, f"the refusal does not name the README: {body[:500]!r}"
+    assert world.hub.head(repo) == before, "the refused commit moved main"
     info = world.hub.api.dataset_info(repo)
-    assert info.card_data is None or not info.card_data.to_dict(), "unreadable metadata was read as card data"
-    assert "README.md" in [sibling.rfilename for sibling in info.siblings], "the repo info lost the README"
+    assert info.card_data is None or not info.card_data.to_dict(), "the repo gained card data"
 
 
 # RELIABILITY.md ---------------------------------------------------------------------------------------

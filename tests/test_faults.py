@@ -229,7 +229,7 @@ def test_a_hub_that_refuses_connections_for_a_while_is_waited_for(tmp_path):
         served.stop()
 
 
-def test_an_unreachable_hub_is_not_taken_for_a_missing_file(monkeypatch):
+def test_an_unreachable_hub_is_not_taken_for_a_missing_file(monkeypatch, hub_server):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from coopt_hub.hub import client as hub_module
@@ -241,7 +241,8 @@ def test_an_unreachable_hub_is_not_taken_for_a_missing_file(monkeypatch):
         raise LocalEntryNotFoundError("Cannot reach the Hub, and the file is not in the cache.")
 
     monkeypatch.setattr(hub_module, "hf_hub_download", unreachable)
-    client = Hub(token="t", endpoint="http://127.0.0.1:9", retry=RetryPolicy(attempts=3, base_seconds=0.01))
+    # The endpoint answers the client's first contact; every download after it fails as an outage does.
+    client = Hub(token=hub_server.token, endpoint=hub_server.endpoint, retry=RetryPolicy(attempts=3, base_seconds=0.01))
     # Read as "no report", an outage would make a participant pick the wrong reference or a merge
     # publish a card without the source's license.
     with pytest.raises(LocalEntryNotFoundError):
