@@ -578,7 +578,7 @@ SERVER_CASES = [
     Request("private tree without a token", "GET", "/api/datasets/{private}/tree/main", 404, "not found", token=None),
     Request("private refs with a wrong token", "GET", "/api/datasets/{private}/refs", 401, "Invalid credentials",
             token="hf_not_a_token"),
-    Request("deleting main", "DELETE", "/api/datasets/{repo}/branch/main", 403, "cannot be deleted"),
+    Request("deleting main", "DELETE", "/api/datasets/{repo}/branch/main", 403, "it is the default branch"),
     Request("a tag named like a branch ref", "POST", "/api/datasets/{repo}/tag/main", 400, "Invalid tag name",
             b'{"tag": "refs/heads/main"}'),
     Request("a repo named x.git", "POST", "/api/repos/create", 400, "must not end with",

@@ -23,12 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from coopt_hub.core.align import fit_pca_basis, normalize, uniformity
 from coopt_hub.errors import ConfigError
@@ -172,6 +166,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
 
     Ties between classes go to the smallest label (scikit-learn's rule), so the figure is deterministic.
     """
+    from sklearn.neighbors import KNeighborsClassifier  # scikit-learn takes seconds to import: only for probes
+
     classifier = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
     classifier.fit(np.asarray(train_x), np.asarray(train_y))
     return float(np.mean(classifier.predict(np.asarray(test_x)) == np.asarray(test_y)))
@@ -179,6 +175,8 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
 
 def cv_probe_accuracy(x, y, folds: int = 5, seed: int = 0) -> float:
     """Stratified k-fold accuracy of the fixed probe (_probe), pooled over the held-out rows."""
+    from sklearn.model_selection import StratifiedKFold
+
     x, y = np.asarray(x), np.asarray(y)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     correct = sum(int(np.sum(_fit_probe(x[train], y[train]).predict(x[test]) == y[test]))
@@ -222,13 +220,19 @@ def leave_one_group_out_probe(x, y, groups) -> GroupProbe:
     return GroupProbe(accuracy=overall, groups=accuracy, rows=rows)
 
 
-def _probe() -> Pipeline:
+def _probe():
     """The one probe every figure uses: standardised features, multinomial logistic regression,
     C = 1, lbfgs, at most 1,000 iterations; fixed, so figures compare across targets and priors."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
 
 
-def _fit_probe(x: np.ndarray, y: np.ndarray) -> Pipeline:
+def _fit_probe(x: np.ndarray, y: np.ndarray):
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         # The iteration budget is part of the fixed probe; where lbfgs stops short the figure is
         # still comparable, and a warning per fold would only bury the report.
