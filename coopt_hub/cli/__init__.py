@@ -18,6 +18,7 @@ COMMANDS = {
     "init": ("coopt_hub.cli.init:init", "Publish the plan: pinned source, shards, anchors."),
     "join": ("coopt_hub.cli.join:join", "Save this directory's participant config (repo, prior)."),
     "optimize": ("coopt_hub.cli.optimize:optimize", "Label a shard with a prior, align it, optionally push."),
+    "prepare-source": ("coopt_hub.cli.prepare_source:prepare_source", "Republish a source sized for shards."),
     "push": ("coopt_hub.cli.push:push", "Push a finished local shard result to its branch."),
     "status": ("coopt_hub.cli.status:status", "Show every shard's state at a glance."),
     "merge": ("coopt_hub.cli.merge:merge", "Merge the shard branches into a versioned dataset on main."),

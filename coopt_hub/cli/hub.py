@@ -1,4 +1,5 @@
-"""`coopt-hub hub serve`: run the embedded Hub-compatible server in the foreground."""
+"""`coopt-hub hub serve`: run the embedded Hub-compatible server in the foreground;
+`coopt-hub hub import-model`: put a model repo into a hub (the embedded one, typically)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from coopt_hub.cli.options import json_option, token_option
 from coopt_hub.errors import ConfigError
 
 SERVE_EXAMPLES = """
@@ -17,12 +19,21 @@ Examples:
   coopt-hub hub serve --root ./hub-data
   coopt-hub hub serve --root ./hub-data --port 8765 --token-file ./tokens.txt
   coopt-hub hub serve --root ./hub-data > hub.env &   # then, in any shell: source hub.env
+  coopt-hub hub serve --root ./hub-data --host 0.0.0.0 --public-url https://hub.example.org
+"""
+
+IMPORT_EXAMPLES = """
+\b
+Examples:
+  coopt-hub hub import-model timm/vit_base_patch32_clip_224.openai      # from this machine's hf cache
+  coopt-hub hub import-model timm/vit_base_patch32_clip_224.openai --from ./vit-b-32 --endpoint http://127.0.0.1:8765
+  coopt-hub optimize --shard 3 --model ViT-B-32 --pretrained openai --weights-endpoint http://127.0.0.1:8765
 """
 
 
 @click.group()
 def hub() -> None:
-    """Run the embedded Hugging Face Hub-compatible server."""
+    """Run the embedded Hugging Face Hub-compatible server, and put model repos into a hub."""
 
 
 @hub.command(epilog=SERVE_EXAMPLES)
@@ -37,18 +48,23 @@ def hub() -> None:
               help="File with one token per line (blank lines and '#' comments ignored).")
 @click.option("--max-body-mb", default=1024, show_default=True, type=click.IntRange(1),
               help="Largest API request body accepted (413 above); LFS uploads are bounded by their declared size.")
+@click.option("--public-url", metavar="URL", default=None,
+              help="The address clients reach the server at (behind a reverse proxy): the base of every link in "
+                   "its answers and of the printed HF_ENDPOINT. Default: the address it listens on.")
 @click.option("--quiet", is_flag=True, help="Do not log each request on stderr.")
 def serve(root: Path, host: str, port: int, tokens: tuple[str, ...], token_file: Path | None,
-          max_body_mb: int, quiet: bool) -> None:
+          max_body_mb: int, public_url: str | None, quiet: bool) -> None:
     """Serve the Hub API for the real huggingface_hub and datasets clients.
 
     Prints the environment a client needs on stdout, then logs requests on stderr until Ctrl+C.
     """
     from coopt_hub.server import HubServer
 
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise click.BadParameter(f"{public_url!r} is not an http(s) URL.", param_hint="--public-url")
     all_tokens = list(tokens) + (_read_token_file(token_file) if token_file else [])
     server = HubServer(root, tokens=all_tokens or None, host=host, port=port,
-                       max_body_bytes=max_body_mb * 1024 * 1024)
+                       max_body_bytes=max_body_mb * 1024 * 1024, public_url=public_url)
     try:
         server.bind()
     except OSError as err:
@@ -63,6 +79,41 @@ def serve(root: Path, host: str, port: int, tokens: tuple[str, ...], token_file:
         server.serve_forever()
     except KeyboardInterrupt:
         click.echo("Stopped.", err=True)
+
+
+@hub.command("import-model", epilog=IMPORT_EXAMPLES)
+@click.argument("repo_id", metavar="REPO_ID")
+@click.option("--from", "source", type=click.Path(exists=True, path_type=Path), default=None, metavar="DIR_OR_CACHE",
+              help="A folder of the model's files (e.g. from `hf download REPO --local-dir DIR`), or an hf cache "
+                   "folder holding REPO_ID. Default: this machine's hf cache.")
+@click.option("--revision", default="main", show_default=True,
+              help="The revision of REPO_ID to take from an hf cache.")
+@click.option("--endpoint", metavar="URL", default=None,
+              help="The hub to put it into. Default: HF_ENDPOINT (`coopt-hub hub serve` prints it).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@token_option
+@json_option
+def import_model(repo_id: str, source: Path | None, revision: str, endpoint: str | None, private: bool,
+                 token: str | None, out) -> None:
+    """Put the model repo REPO_ID (its files in a folder or the hf cache) into a hub, in one commit.
+
+    Then priors load their weights from that hub with --weights-endpoint URL. Rerunning sends only
+    what the repo lacks, and makes no commit when it holds everything already.
+    """
+    from coopt_hub.hub.client import Hub
+    from coopt_hub.hub.models import import_model as put_model
+    from coopt_hub.hub.models import local_model_folder
+
+    folder = local_model_folder(repo_id, source, revision)
+    result = put_model(Hub(token=token, endpoint=endpoint), repo_id, folder, private=private)
+    if result.created:
+        outcome = f"Imported {len(result.sent)} of {len(result.files)} files into {result.endpoint}/{repo_id}"
+    else:
+        outcome = f"{result.endpoint}/{repo_id} already holds all {len(result.files)} files; nothing committed"
+    out.result(f"{outcome} (commit {result.commit}).\n"
+               f"Use it with: --weights-endpoint {result.endpoint} (or COOPT_HUB_WEIGHTS_ENDPOINT={result.endpoint})",
+               repo_id=repo_id, endpoint=result.endpoint, commit=result.commit, created=result.created,
+               folder=str(folder), files=list(result.files), sent=list(result.sent))
 
 
 def _read_token_file(path: Path) -> list[str]:

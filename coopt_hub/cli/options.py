@@ -126,6 +126,22 @@ def device_option(default: str | None = None):
                                                           f"(default: {fallback}).")
 
 
+def _use_weights_endpoint(ctx: click.Context, param: click.Parameter, endpoint: str | None) -> None:
+    # The priors read it where they download (coopt_hub.priors.weights), in this process and in those
+    # it starts; HF_ENDPOINT, the collaboration's hub, stays as it is.
+    if endpoint:
+        from coopt_hub.priors.weights import use_weights_endpoint
+
+        use_weights_endpoint(endpoint)
+
+
+weights_endpoint_option = click.option(
+    "--weights-endpoint", envvar="COOPT_HUB_WEIGHTS_ENDPOINT", metavar="URL", expose_value=False,
+    callback=_use_weights_endpoint,
+    help="Hub to download the prior's published weights from (a mirror, or a `coopt-hub hub serve` holding "
+         "them: `coopt-hub hub import-model`). Default: huggingface.co, whatever HF_ENDPOINT says.",
+)
+
 _PRIOR_OPTIONS = (
     click.option("--model", default=None,
                  help="The prior: an open_clip name (ViT-B-32, hf-hub:ORG/NAME) or BACKEND:NAME of another "
@@ -136,11 +152,13 @@ _PRIOR_OPTIONS = (
                  help="A local weights file for the model instead of a pretrained tag."),
     click.option("--image-size", type=click.IntRange(min=8), default=None,
                  help="Override the model's input size (px)."),
+    weights_endpoint_option,
 )
 
 
 def prior_options(command):
-    """--model, --pretrained, --checkpoint, --image-size: the options that choose a prior."""
+    """--model, --pretrained, --checkpoint, --image-size: the options that choose a prior; and
+    --weights-endpoint, where its published weights come from (set for the process, not passed on)."""
     for option in reversed(_PRIOR_OPTIONS):
         command = option(command)
     return command

@@ -26,8 +26,10 @@ from coopt_hub.errors import BadImageError, ConfigError, PriorError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_BACKEND = "open_clip"
-# open_clip and timm both read `hf-hub:ORG/NAME` as "this repo's architecture with its weights".
+# open_clip and timm both read `hf-hub:ORG/NAME` as "this repo's architecture with its weights",
+# and `local-dir:FOLDER` as the same from a folder holding the repo's files.
 HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
 # The resize modes that can crop a margin (Preprocessing.crop_pct), by the name timm gives them.
 TIMM_CROP_MODES = {"center": "shortest", "squash": "squash"}
 
@@ -70,7 +72,8 @@ class PriorSpec:
 
     @property
     def random_init(self) -> bool:
-        return not (self.pretrained or self.checkpoint or split_model(self.model)[1].startswith(HF_HUB_PREFIX))
+        named_weights = split_model(self.model)[1].startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+        return not (self.pretrained or self.checkpoint or named_weights)
 
     def to_dict(self) -> dict:
         return asdict(self)

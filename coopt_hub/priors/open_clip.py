@@ -1,17 +1,26 @@
 """The open_clip backend: image towers by architecture name with a pretrained tag, an `hf-hub:`
 id, a local checkpoint, or a seeded random init. Only the image tower is kept.
+
+Published weights (a tag's, an `hf-hub:` repo's) are downloaded from the weights endpoint
+(priors.weights) and handed to open_clip as local files, so that open_clip never downloads from
+HF_ENDPOINT, the collaboration's hub.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from coopt_hub.errors import ConfigError, PriorError
 from coopt_hub.priors.base import (
     HF_HUB_PREFIX,
+    LOCAL_DIR_PREFIX,
     Preprocessing,
     Prior,
     PriorSpec,
@@ -22,8 +31,15 @@ from coopt_hub.priors.base import (
     split_model,
 )
 from coopt_hub.priors.registry import Backend
+from coopt_hub.priors.weights import REDOWNLOAD, ModelRepo, fetch_model_files, safetensors_first
 
 LIST_MODELS = "python -c 'import open_clip; print(open_clip.list_models())'"
+# An `hf-hub:ORG/NAME` repo, as open_clip reads it: this config and the weights (the file named here,
+# or its safetensors twin, open_clip_model.safetensors).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+# What a pretrained tag sets of the preprocessing; the input size stays the model's.
+TAG_PREPROCESSING = ("mean", "std", "interpolation", "resize_mode")
 
 
 def check_open_clip(spec: PriorSpec) -> None:
@@ -71,33 +87,93 @@ def _create_model(spec: PriorSpec) -> torch.nn.Module:
     if spec.checkpoint and not os.path.isfile(spec.checkpoint):
         raise PriorError(f"The checkpoint {spec.checkpoint} does not exist.",
                          hint="Pass the path of a .safetensors, .bin or .pt state dict of the open_clip model.")
+    weights = _local_weights(spec, name)
     try:
-        with seeded(spec.seed):
-            return open_clip.create_model(name, pretrained=spec.checkpoint or spec.pretrained,
-                                          force_image_size=spec.image_size, device="cpu", precision="fp32")
+        with seeded(spec.seed), _root_log_kept_from(open_clip):
+            return open_clip.create_model(weights.model_name, pretrained=weights.pretrained,
+                                          force_image_size=spec.image_size, force_preprocess_cfg=weights.preprocessing,
+                                          device="cpu", precision="fp32")
     except Exception as err:  # open_clip reports every failure as RuntimeError/OSError/ValueError and kin
-        raise _creation_error(spec, name, err) from err
+        raise _creation_error(spec, name, weights, err) from err
 
 
-def _creation_error(spec: PriorSpec, name: str, err: Exception) -> PriorError:
-    """Why open_clip could not create the model, said by where its weights were to come from."""
+@dataclass(frozen=True)
+class _LocalWeights:
+    """What open_clip.create_model is given for the weights of a spec, every file of it local."""
+
+    model_name: str  # a name of open_clip's, or `local-dir:FOLDER` for an `hf-hub:` model fetched into FOLDER
+    pretrained: str | None = None  # a weights file
+    # A pretrained tag's preprocessing (mean, std, ...): open_clip takes it from the tag, never from a file.
+    preprocessing: dict | None = None
+
+
+def _local_weights(spec: PriorSpec, name: str) -> _LocalWeights:
+    """The weights of `spec` as local files, downloaded from the weights endpoint (priors.weights) if need be."""
     import open_clip
 
+    if spec.checkpoint:
+        return _LocalWeights(name, spec.checkpoint)
+    if name.startswith(HF_HUB_PREFIX):
+        repo = ModelRepo(name[len(HF_HUB_PREFIX):], failed=f"Could not load {spec.model}")
+        files = fetch_model_files(repo, safetensors_first(OPEN_CLIP_WEIGHTS), config=OPEN_CLIP_CONFIG)
+        return _LocalWeights(f"{LOCAL_DIR_PREFIX}{files.folder}")
+    if not spec.pretrained:
+        return _LocalWeights(name)
+    tag = open_clip.get_pretrained_cfg(name, spec.pretrained)
+    # Every tag names its file on the Hub: 'org/name/' (open_clip's default file) or 'org/name/file.bin'.
+    repo_id, filename = os.path.split(tag["hf_hub"])
+    repo = ModelRepo(repo_id, failed=f"The {spec.pretrained} weights of {name} could not be downloaded",
+                     local_copy=f"--model {spec.model} --checkpoint PATH")
+    files = fetch_model_files(repo, safetensors_first(filename or OPEN_CLIP_WEIGHTS))
+    return _LocalWeights(name, str(files.weights), {key: tag[key] for key in TAG_PREPROCESSING if key in tag})
+
+
+@contextlib.contextmanager
+def _root_log_kept_from(library: ModuleType):
+    """Keep what `library` logs on the root logger off stderr while it runs.
+
+    open_clip logs with `logging.error(...)`, and the root logger, unconfigured, then configures itself
+    to print `ERROR:root:...`: each failure it goes on to raise would be shown twice, and every random
+    init announced as a warning. The error coopt-hub raises says what those lines say.
+    """
+    folder = os.path.dirname(library.__file__) + os.sep
+    root = logging.getLogger()
+    keep_out = _NotFrom(folder)
+    # A handler of our own keeps logging from configuring the root logger for the library's record.
+    placeholder = None if root.handlers else logging.NullHandler()
+    root.addFilter(keep_out)
+    if placeholder is not None:
+        root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep_out)
+        if placeholder is not None:
+            root.removeHandler(placeholder)
+
+
+class _NotFrom(logging.Filter):
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self.folder)
+
+
+def _creation_error(spec: PriorSpec, name: str, weights: _LocalWeights, err: Exception) -> PriorError:
+    """Why open_clip could not create the model from local weights, said by where they came from."""
     reason = first_lines(err)
     if spec.checkpoint:
         return PriorError(f"The checkpoint {spec.checkpoint} does not fit {name}: {reason}",
                           hint=f"The file must hold a state dict of the whole open_clip {name} model.")
     if spec.pretrained:
-        hub_file = open_clip.get_pretrained_cfg(name, spec.pretrained).get("hf_hub", "").rstrip("/")
-        return PriorError(
-            f"The {spec.pretrained} weights of {name} could not be downloaded: {reason}",
-            hint=(f"On a machine with network access download them (`hf download {hub_file}`), "
-                  if hub_file else "Download the weights on a machine with network access, ")
-            + f"then pass the file with --model {spec.model} --checkpoint PATH.",
-        )
+        return PriorError(f"The {spec.pretrained} weights of {name} ({weights.pretrained}) do not load: {reason}",
+                          hint=REDOWNLOAD)
     if name.startswith(HF_HUB_PREFIX):
-        return PriorError(f"Could not load {spec.model} from the Hub: {reason}",
-                          hint="Check the repo id, HF_ENDPOINT and HF_TOKEN, or download the weights and use "
-                          "--checkpoint.")
+        folder = weights.model_name[len(LOCAL_DIR_PREFIX):]
+        return PriorError(f"open_clip could not build {spec.model} from its files ({folder}): {reason}",
+                          hint=f"The repo must hold an open_clip model: {OPEN_CLIP_CONFIG} (with model_cfg) and its "
+                          "weights, as open_clip's push_to_hf_hub writes them.")
     return PriorError(f"open_clip could not build {name}: {reason}",
                       hint="Try another --image-size, or rerun with --debug for the traceback.")

@@ -2,18 +2,24 @@
 dot), or `timm:hf-hub:ORG/NAME`, as pooled features (no classifier). Weights are timm's pretrained
 ones (`--pretrained TAG`, or `--pretrained true` for the tag in the name or timm's default), a local
 checkpoint, or a seeded random init; the preprocessing is timm's data config for the model.
+
+Published weights on the Hub are downloaded from the weights endpoint (priors.weights) and handed to
+timm as local files, so that timm never downloads from HF_ENDPOINT, the collaboration's hub.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from coopt_hub.errors import ConfigError, PriorError
 from coopt_hub.priors.base import (
     HF_HUB_PREFIX,
+    LOCAL_DIR_PREFIX,
     TIMM_CROP_MODES,
     Preprocessing,
     Prior,
@@ -25,8 +31,13 @@ from coopt_hub.priors.base import (
     split_model,
 )
 from coopt_hub.priors.registry import Backend
+from coopt_hub.priors.weights import REDOWNLOAD, ModelRepo, fetch_model_files, safetensors_first
 
 LIST_MODELS = "python -c 'import timm; print(timm.list_pretrained())'"
+# A timm model repo, as timm reads it: this config and the weights (the file named here, or its
+# safetensors twin, model.safetensors).
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "pytorch_model.bin"
 # `--pretrained` words meaning "timm's weights for the name as given", rather than a tag.
 DEFAULT_WEIGHTS = frozenset({"true", "yes", "1"})
 
@@ -103,18 +114,53 @@ def _create_model(spec: PriorSpec, name: str, pretrained: bool) -> torch.nn.Modu
         # Only models built for one input size take img_size (a ViT's position embedding);
         # the others run at any size, which the preprocessing alone sets.
         options["img_size"] = spec.image_size
+    created, local = name, None  # local: the downloaded folder or file of the weights
+    if name.startswith(HF_HUB_PREFIX):
+        local = str(_hub_model_folder(spec, name[len(HF_HUB_PREFIX):]))
+        created = f"{LOCAL_DIR_PREFIX}{local}"
+    elif pretrained:
+        options["pretrained_cfg_overlay"] = pretrained_overlay(name)
+        local = options["pretrained_cfg_overlay"].get("file")
     try:
         with seeded(spec.seed):
-            return timm.create_model(name, pretrained=pretrained, **options)
+            return timm.create_model(created, pretrained=pretrained, **options)
     except TypeError as err:
         if "img_size" not in str(err):
-            raise _creation_error(spec, name, pretrained, err) from err
+            raise _creation_error(spec, name, local, err) from err
         raise PriorError(f"timm builds {spec.model} without an img_size setting: --image-size cannot change "
                          "its input size.",
                          hint="Leave out --image-size (the model's data config sets the size), or pick a timm "
                          "model that takes one (ViTs do).") from err
-    except Exception as err:  # timm and huggingface_hub fail with RuntimeError, OSError and kin
-        raise _creation_error(spec, name, pretrained, err) from err
+    except Exception as err:  # timm and torch fail with RuntimeError, OSError and kin
+        raise _creation_error(spec, name, local, err) from err
+
+
+def pretrained_overlay(name: str) -> dict[str, Any]:
+    """timm's `pretrained_cfg_overlay` that loads the pretrained weights of `name` (ARCH or ARCH.TAG)
+    from a local file, downloaded from the weights endpoint (priors.weights): pass it to
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=...)`. Empty for weights timm
+    publishes at a plain URL only, which timm downloads itself.
+    """
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if config is None or not config.hf_hub_id:
+        return {}
+    repo_id, _, revision = config.hf_hub_id.partition("@")
+    repo = ModelRepo(repo_id, revision=revision or None,
+                     failed=f"The {config.tag} weights of timm's {config.architecture} could not be downloaded",
+                     local_copy=f"--model timm:{config.architecture}.{config.tag} --checkpoint PATH")
+    files = fetch_model_files(repo, safetensors_first(config.hf_hub_filename or TIMM_WEIGHTS))
+    # A file in a format of the model's own ("custom_load": "hf") goes through model.load_pretrained;
+    # timm would otherwise read every file as a state dict.
+    return {"file": str(files.weights), "custom_load": config.custom_load == "hf" and bool(config.hf_hub_filename)}
+
+
+def _hub_model_folder(spec: PriorSpec, model_id: str) -> Path:
+    """The local folder of a timm model repo (`ORG/NAME` or `ORG/NAME@REVISION`): config.json and weights."""
+    repo_id, _, revision = model_id.partition("@")
+    repo = ModelRepo(repo_id, failed=f"Could not load {spec.model}", revision=revision or None)
+    return fetch_model_files(repo, safetensors_first(TIMM_WEIGHTS), config=TIMM_CONFIG).folder
 
 
 def _fixed_input_size(name: str) -> bool:
@@ -125,23 +171,27 @@ def _fixed_input_size(name: str) -> bool:
     return config is None or bool(config.fixed_input_size)
 
 
-def _creation_error(spec: PriorSpec, name: str, pretrained: bool, err: Exception) -> PriorError:
-    """Why timm could not create the model, said by where its weights were to come from."""
+def _creation_error(spec: PriorSpec, name: str, local: str | None, err: Exception) -> PriorError:
+    """Why timm could not create the model, said by where its weights came from."""
     from timm.models import get_pretrained_cfg
 
     reason = first_lines(err)
     if name.startswith(HF_HUB_PREFIX):
-        return PriorError(f"Could not load {spec.model} from the Hub: {reason}",
-                          hint="Check the repo id, HF_ENDPOINT and HF_TOKEN, or download the weights and use "
-                          "--model timm:ARCH --checkpoint PATH.")
-    if pretrained:
+        return PriorError(f"timm could not build {spec.model} from its files ({local}): {reason}",
+                          hint=f"The repo must hold a timm model: {TIMM_CONFIG} (with its architecture) and its "
+                          "weights, as timm's push_to_hf_hub writes them.")
+    if spec.pretrained:
         config = get_pretrained_cfg(name)
         weights = f"{config.architecture}.{config.tag}"
+        if local:  # downloaded already (priors.weights): the file itself failed
+            return PriorError(f"The {config.tag} weights of timm's {config.architecture} ({local}) do not load: "
+                              f"{reason}",
+                              hint=REDOWNLOAD)
         return PriorError(
-            f"The {config.tag} weights of timm's {config.architecture} could not be downloaded: {reason}",
-            hint=(f"On a machine with network access download them (`hf download {config.hf_hub_id}`), "
-                  if config.hf_hub_id else "Download the weights on a machine with network access, ")
-            + f"then pass the file with --model timm:{weights} --checkpoint PATH.",
+            f"The {config.tag} weights of timm's {config.architecture} could not be downloaded from "
+            f"{config.url}: {reason}",
+            hint=f"Download the file on a machine with network access, then pass it with --model timm:{weights} "
+            "--checkpoint PATH.",
         )
     return PriorError(f"timm could not build {name}: {reason}",
                       hint="Try another --image-size, or rerun with --debug for the traceback.")
