@@ -370,7 +370,7 @@ def test_bf16_on_cpu_is_close_to_fp32(tiny: Prior):
      r"names the pretrained tag 'c3_in1k' and --pretrained another", "--pretrained true"),
     (PriorSpec("timm:hf-hub:org/net", checkpoint="x.pt"), ConfigError, "brings its own weights",
      "name a timm architecture"),
-    (PriorSpec("timm:hf-hub:nobody/nothing"), PriorError, r"Could not load timm:hf-hub:nobody/nothing", "HF_TOKEN"),
+    (PriorSpec("timm:hf-hub:nobody/nothing"), PriorError, r"Could not load timm:hf-hub:nobody/nothing", "coopt-hub hub import-model nobody/nothing"),
     (PriorSpec("timm:vit_tiny_patch16_224", image_size=8), PriorError, r"does not run on 8x8 images", "--image-size"),
 ])
 def test_timm_errors_say_what_to_do(spec, error, message, hint):

@@ -65,10 +65,14 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
     plan = result.plan
     sizes = [len(plan.shard_ids(k)) for k in range(plan.num_shards)]
     if plan.granularity == "row":
+        needed = 2 * plan.num_shards
         out.warn(
-            "the source has too few row groups to split; shards are sets of rows and every participant "
-            "reads the whole source. Re-publish it with smaller row groups to let participants download only "
-            "their shard."
+            f"{plan.source_repo} (split {plan.split}) has {len(plan.units)} non-empty row group(s); a plan splits "
+            f"{plan.num_shards} shards by row group from 2 x {plan.num_shards} = {needed} on. So shards are sets of "
+            f"rows and every participant downloads the whole split ({plan.num_rows} rows). To let each download only "
+            f"its share, republish the source in row groups sized for the shards and plan on that copy in a new repo: "
+            f"`coopt-hub prepare-source {plan.source_repo} {plan.source_repo}-sharded --shards {plan.num_shards}`, "
+            f"then `coopt-hub init NEW_REPO --source {plan.source_repo}-sharded --shards {plan.num_shards} --anchors A`."
         )
     if len(plan.anchor_ids) < plan.dim:
         out.warn(

@@ -15,6 +15,7 @@ from coopt_hub.cli.options import (
     repo_argument,
     shard_option,
     token_option,
+    weights_endpoint_option,
 )
 from coopt_hub.cli.output import Column
 
@@ -59,6 +60,7 @@ COLUMNS = (
 @click.option("--tolerance", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
               help="Largest difference allowed between the declared and recomputed V and alignment residual.")
 @device_option("cpu")
+@weights_endpoint_option
 @click.option("--checkpoint-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder holding declared checkpoints (matched by file name) that are not at their declared path.")
 @batch_size_option
