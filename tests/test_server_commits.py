@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, hf_hub_download
+from huggingface_hub import CommitOperationAdd, CommitOperationCopy, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     RemoteEntryNotFoundError,
@@ -31,17 +31,18 @@ def _read(repo_id: str, path: str, revision: str | None = None) -> bytes:
 
 def test_one_commit_with_regular_and_lfs_files(hf_api, dataset):
     weights = os.urandom(4096)
-    info = hf_api.create_commit(
-        dataset,
-        operations=[
-            CommitOperationAdd("README.md", b"# hello\n"),
-            CommitOperationAdd("data/train.parquet", weights),
-            CommitOperationAdd("notes/a b#c.txt", b"odd name"),
-        ],
-        commit_message="add files",
-        commit_description="the body",
-        repo_type="dataset",
-    )
+    with pytest.warns(UserWarning, match="missing yaml metadata"):  # a README without metadata, as the Hub warns
+        info = hf_api.create_commit(
+            dataset,
+            operations=[
+                CommitOperationAdd("README.md", b"# hello\n"),
+                CommitOperationAdd("data/train.parquet", weights),
+                CommitOperationAdd("notes/a b#c.txt", b"odd name"),
+            ],
+            commit_message="add files",
+            commit_description="the body",
+            repo_type="dataset",
+        )
     assert len(info.oid) == 40 and info.commit_url.endswith(info.oid)
     entries = {e.path: e for e in hf_api.list_repo_tree(dataset, repo_type="dataset", recursive=True)}
     assert entries["data/train.parquet"].lfs.sha256 == hashlib.sha256(weights).hexdigest()
@@ -209,7 +210,7 @@ def test_unicode_and_special_paths(hf_api, dataset):
     assert not hf_api.file_exists(dataset, "données/absent.txt", repo_type="dataset")
 
 
-def test_deleting_a_repo_under_concurrent_writers(hf_api, dataset):
+def test_deleting_a_repo_under_concurrent_writers(hf_api, hub_server, dataset):
     failures: list[Exception] = []
 
     def write(i: int) -> None:
@@ -225,7 +226,7 @@ def test_deleting_a_repo_under_concurrent_writers(hf_api, dataset):
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
-    hf_api.delete_repo(dataset, repo_type="dataset")
+    HfApi(token=hub_server.new_token("admin")).delete_repo(dataset, repo_type="dataset")
     hf_api.create_repo(dataset, repo_type="dataset")
     for thread in threads:
         thread.join()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from huggingface_hub import HfFileSystem, hf_hub_download
+from huggingface_hub import HfApi, HfFileSystem, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 
@@ -59,17 +59,17 @@ def test_branch_and_nested_branch_conflict_cleanly(hf_api, dataset):
     assert info.value.response.status_code == 409
 
 
-def test_deleting_missing_refs_and_main(hf_api, dataset):
+def test_deleting_missing_refs_and_main(hf_api, hub_server, dataset):
     with pytest.raises(RevisionNotFoundError):
         hf_api.delete_branch(dataset, branch="nope", repo_type="dataset")
     with pytest.raises(RevisionNotFoundError):
-        hf_api.delete_tag(dataset, tag="nope", repo_type="dataset")
+        HfApi(token=hub_server.new_token("admin")).delete_tag(dataset, tag="nope", repo_type="dataset")
     with pytest.raises(HfHubHTTPError) as info:
         hf_api.delete_branch(dataset, branch="main", repo_type="dataset")
     assert info.value.response.status_code == 403
 
 
-def test_tag_keeps_serving_old_data_after_main_moves(hf_api, dataset, tmp_path):
+def test_tag_keeps_serving_old_data_after_main_moves(hf_api, hub_server, dataset, tmp_path):
     hf_api.create_tag(dataset, tag="v1", tag_message="first release", repo_type="dataset")
     tagged = hf_api.dataset_info(dataset, revision="v1").sha
     hf_api.upload_file(path_or_fileobj=b"v2 data", path_in_repo="data.txt", repo_id=dataset, repo_type="dataset")
@@ -83,7 +83,7 @@ def test_tag_keeps_serving_old_data_after_main_moves(hf_api, dataset, tmp_path):
         hf_api.create_tag(dataset, tag="v1", repo_type="dataset")
     assert info.value.response.status_code == 409
     hf_api.create_tag(dataset, tag="v1", repo_type="dataset", exist_ok=True)
-    hf_api.delete_tag(dataset, tag="v1", repo_type="dataset")
+    HfApi(token=hub_server.new_token("admin")).delete_tag(dataset, tag="v1", repo_type="dataset")
     assert hf_api.list_repo_refs(dataset, repo_type="dataset").tags == []
 
 

@@ -43,14 +43,15 @@ def test_model_repo_round_trip(hf_api, repo_id):
         assert f.read() == "{}"
 
 
-def test_delete_repo(hf_api, repo_id):
+def test_delete_repo(hf_api, hub_server, repo_id):
+    admin = HfApi(token=hub_server.new_token("admin"))
     hf_api.create_repo(repo_id, repo_type="dataset")
-    hf_api.delete_repo(repo_id, repo_type="dataset")
+    admin.delete_repo(repo_id, repo_type="dataset")
     with pytest.raises(RepositoryNotFoundError):
         hf_api.dataset_info(repo_id)
     with pytest.raises(RepositoryNotFoundError):
-        hf_api.delete_repo(repo_id, repo_type="dataset")
-    hf_api.delete_repo(repo_id, repo_type="dataset", missing_ok=True)
+        admin.delete_repo(repo_id, repo_type="dataset")
+    admin.delete_repo(repo_id, repo_type="dataset", missing_ok=True)
     hf_api.create_repo(repo_id, repo_type="dataset")  # the name is free again
 
 
@@ -109,9 +110,9 @@ def test_private_repo_is_invisible_without_a_token(hf_api, repo_id, tmp_path):
             call()
 
 
-def test_visibility_can_be_changed(hf_api, repo_id):
+def test_visibility_can_be_changed(hf_api, hub_server, repo_id):
     hf_api.create_repo(repo_id, repo_type="dataset", private=True)
-    hf_api.update_repo_settings(repo_id, repo_type="dataset", private=False)
+    HfApi(token=hub_server.new_token("admin")).update_repo_settings(repo_id, repo_type="dataset", private=False)
     assert HfApi(token=False).dataset_info(repo_id).private is False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import re
 import threading
 from collections import OrderedDict
@@ -20,20 +21,21 @@ from urllib.parse import unquote, urlencode
 from dulwich.errors import NotGitRepository
 from dulwich.ignore import IgnoreFilter
 
-from coopt_hub.server import discussions
-from coopt_hub.server.auth import Auth, require_user
+from coopt_hub.server import access, discussions
+from coopt_hub.server.auth import Auth
 from coopt_hub.server.cards import CardMetadataError, card_metadata
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found
 from coopt_hub.server.http import Request, Response, json_response, parse_json, ranged
 from coopt_hub.server.names import (
+    DEFAULT_BRANCH,
     TYPES_BY_PLURAL,
+    RepoId,
     check_path,
     check_ref_name,
     check_repo_type,
     make_repo_id,
 )
 from coopt_hub.server.storage import (
-    DEFAULT_BRANCH,
     AddFile,
     AddLfsFile,
     DeleteFile,
@@ -57,6 +59,8 @@ _MAX_COMMIT_LINES = 100_000
 _TREE_PAGE = 1000
 _EXPANDED_PAGE = 50  # expanded entries cost a history walk: the Hub pages them by 50 too
 _MAX_PATHS_INFO = 1000
+_DISCUSSION_CHANGES = {"merge": "merge pull requests", "title": "rename discussions",
+                       "status": "close or reopen discussions"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class HubApi:
             ("POST", "repos/create"): self.create_repo,
             ("POST", "repos/delete"): self.delete_repo,
             ("DELETE", "repos/delete"): self.delete_repo,
+            ("POST", "repos/move"): self.move_repo,
         }
         # (method, action after /api/{t}/{ns}/{name}/, number of segments after the action)
         self._repo_routes: dict[tuple[str, str, int], Callable[..., Response]] = {
@@ -98,19 +103,25 @@ class HubApi:
             ("POST", "discussions", 0): self.create_discussion,
             ("GET", "discussions", 1): self.discussion_details,
             ("POST", "discussions", 2): self.change_discussion,
+            ("POST", "discussions", 4): self.change_comment,
+            ("GET", "auth-check", 0): self.auth_check,
+            ("GET", "auth-check", 1): self.auth_check,
+            ("POST", "super-squash", 1): self.super_squash,
         }
 
     # ---- routing ---------------------------------------------------------------------------
 
     def route(self, request: Request) -> Route:
         """Who is calling and which endpoint answers; runs before the body is read, to size its limit."""
-        request.user = self.auth.user_for(request.headers.get("Authorization"))
+        request.grant = self.auth.grant_for(request.headers.get("Authorization"))
+        request.user = request.grant.user if request.grant is not None else None
         s = request.segments
         route = self._route_api(request.method, s[1:]) if s[:1] == ["api"] else self._route_web(request.method, s)
         if route is None:
             raise HubError(404, f"No endpoint for {request.method} /{'/'.join(s)[:200]}.", "NotFound")
         handler, args = route
-        limit = self.max_body_bytes if request.user is not None else UNAUTHENTICATED_BODY_BYTES
+        may_upload = request.grant is not None and request.grant.allows("contribute")
+        limit = self.max_body_bytes if may_upload else UNAUTHENTICATED_BODY_BYTES
         if handler == self.lfs_upload:
             limit = self._check_upload_url(request, *args)
         return Route(lambda: self._call(handler, request, args), limit)
@@ -121,7 +132,7 @@ class HubApi:
         except (OSError, KeyError, NotGitRepository):
             # A repo deleted while this request was reading it: its files vanished under us.
             if args and isinstance(args[0], tuple) and not self.storage.exists(args[0]):
-                raise repo_not_found(f"{args[0][1]}/{args[0][2]}") from None
+                raise repo_not_found() from None
             raise
 
     def _route_api(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list] | None:
@@ -130,15 +141,17 @@ class HubApi:
             return fixed, []
         if s[:1] and s[0] in TYPES_BY_PLURAL and len(s) == 1 and method == "GET":
             return self.list_repos, [TYPES_BY_PLURAL[s[0]]]
-        if len(s) < 3 or s[0] not in TYPES_BY_PLURAL:
+        if len(s) < 2 or s[0] not in TYPES_BY_PLURAL:
             return None
+        if len(s) == 2:  # a repo id without a namespace (`gpt2`): the Hub's legacy ids, none here
+            return self.no_endpoint, [(TYPES_BY_PLURAL[s[0]], "", unquote(s[1]))]
         repo = (TYPES_BY_PLURAL[s[0]], unquote(s[1]), unquote(s[2]))
         action, rest = (s[3], s[4:]) if len(s) > 3 else ("", [])
         if action == "tree" and rest and method == "GET":
             # The sub-path arrives as one encoded segment (`data%2Fsub`), or as several.
             return self.list_tree, [repo, unquote(rest[0]), unquote("/".join(rest[1:]))]
         handler = self._repo_routes.get((method, action, len(rest)))
-        return (handler, [repo, *map(unquote, rest)]) if handler is not None else None
+        return (handler, [repo, *map(unquote, rest)]) if handler is not None else (self.no_endpoint, [repo])
 
     def _route_web(self, method: str, s: list[str]) -> tuple[Callable[..., Response], list] | None:
         repo_type = "model"
@@ -147,6 +160,8 @@ class HubApi:
         if len(s) >= 4 and s[2] == "resolve" and method in ("GET", "HEAD"):
             repo = (repo_type, unquote(s[0]), unquote(s[1]))
             return self.resolve, [repo, unquote(s[3]), unquote("/".join(s[4:]))]
+        if len(s) >= 3 and s[1] == "resolve" and method in ("GET", "HEAD"):  # a legacy id without namespace
+            return self.no_endpoint, [(repo_type, "", unquote(s[0]))]
         if len(s) >= 5 and s[1].endswith(".git") and s[2:5] == ["info", "lfs", "objects"]:
             repo = (repo_type, unquote(s[0]), unquote(s[1][: -len(".git")]))
             lfs = s[5:]
@@ -158,29 +173,37 @@ class HubApi:
                 return self.lfs_verify, [repo, lfs[0]]
         return None
 
+    def no_endpoint(self, request: Request, repo: tuple[str, str, str]) -> Response:
+        """A path under a repo that no endpoint answers: RepoNotFound for a repo the caller cannot
+        see (what huggingface_hub's existence checks expect), else a plain 404."""
+        self._open(request, repo)
+        raise HubError(404, f"No endpoint for {request.method} {request.path[:200]}.", "NotFound")
+
     # ---- access ----------------------------------------------------------------------------
 
-    def _open(self, request: Request, repo: tuple[str, str, str], write: bool = False) -> GitRepo:
-        """Open a repo the caller may see; a private repo is indistinguishable from a missing one."""
-        if write:
-            require_user(request.user)
+    def _open(self, request: Request, repo: tuple[str, str, str], role: str | None = None, action: str = "") -> GitRepo:
+        """Open a repo the caller may see (a private repo is indistinguishable from a missing one),
+        once the caller's token allows `action`, which needs `role` (None: a read)."""
         try:
             repo_id = make_repo_id(*repo)
         except HubError:
-            raise repo_not_found(f"{repo[1]}/{repo[2]}") from None
+            raise repo_not_found() from None
+        if role is not None:
+            access.require(request.grant, role, repo_id.id, action)
         git_repo = self.storage.open(repo_id)
-        if git_repo.private and request.user is None:
-            raise repo_not_found(repo_id.id)
+        if git_repo.private and not (request.grant is not None and request.grant.covers(git_repo.repo_id.id)):
+            raise repo_not_found()
         return git_repo
 
     # ---- account and repos -----------------------------------------------------------------
 
     def whoami(self, request: Request) -> Response:
-        user = require_user(request.user)
+        grant = access.authenticated(request.grant)
+        user = grant.user
         return json_response({
             "type": "user", "id": user, "name": user, "fullname": user, "email": None,
             "emailVerified": False, "canPay": False, "isPro": False, "periodEnd": None, "avatarUrl": "", "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "coopt-hub", "role": "write"}},
+            "auth": {"type": "access_token", "accessToken": {"displayName": "coopt-hub", **grant.describe()}},
         })
 
     def validate_yaml(self, request: Request) -> Response:
@@ -189,33 +212,56 @@ class HubApi:
         if not isinstance(content, str):
             raise bad_request("validate-yaml expects {'content': <README text>, 'repoType': ...}.")
         try:
-            card_metadata(content)
+            metadata = card_metadata(content)
         except CardMetadataError as err:
             return json_response({"errors": [{"message": str(err)}]}, 400)
+        if metadata is None:  # accepted, with the Hub's warning (the client shows it)
+            return json_response({"warnings": [{"message": "empty or missing yaml metadata in repo card"}]})
         return json_response({})
 
     def create_repo(self, request: Request) -> Response:
-        user = require_user(request.user)
+        user = access.authenticated(request.grant).user
         body = request.json()
         repo_id = make_repo_id(check_repo_type(body.get("type")), body.get("organization") or user, body.get("name"))
+        access.require(request.grant, "write", repo_id.id, "create repos")
         visibility = body.get("visibility")
         if visibility not in (None, "public", "private", "protected"):
             raise bad_request(f"Unknown visibility {visibility!r}.")
         private = visibility in ("private", "protected") or body.get("private") is True
         url = f"{request.endpoint}/{repo_id.web_path}"
+        files = {"README.md": _space_readme(repo_id.name, body.get("sdk"))} if repo_id.type == "space" else {}
         try:
-            self.storage.create(repo_id, private=private, author=user)
+            self.storage.create(repo_id, private=private, author=user, files=files)
         except HubError as err:
             err.extra["url"] = url  # create_repo(exist_ok=True) reads it from the 409
             raise
         return json_response({"url": url, "name": repo_id.id, "id": repo_id.id})
 
     def delete_repo(self, request: Request) -> Response:
-        require_user(request.user)
+        user = access.authenticated(request.grant).user
         body = request.json()
-        repo_id = make_repo_id(check_repo_type(body.get("type")), body.get("organization") or request.user,
-                               body.get("name"))
+        repo_id = make_repo_id(check_repo_type(body.get("type")), body.get("organization") or user, body.get("name"))
+        access.require(request.grant, "admin", repo_id.id, "delete repos")
         self.storage.delete(repo_id)
+        return json_response({})
+
+    def move_repo(self, request: Request) -> Response:
+        """Rename a repo: the old name stops existing, so moving takes an admin token for it."""
+        body = request.json()
+        repo_type = check_repo_type(body.get("type"))
+        source, target = (_split_repo_id(repo_type, body.get(key), key) for key in ("fromRepo", "toRepo"))
+        access.require(request.grant, "admin", source.id, "move repos")
+        access.require(request.grant, "write", target.id, "create repos")
+        self.storage.move(source, target)
+        return json_response({})
+
+    def auth_check(self, request: Request, repo: tuple[str, str, str], write: str = "") -> Response:
+        """200 when the caller may read the repo (with /write: push to its branches), as the Hub answers."""
+        git_repo = self._open(request, repo)
+        if write:
+            if write != "write":
+                raise HubError(404, f"No endpoint for {request.method} {request.path[:200]}.", "NotFound")
+            access.require(request.grant, "write", git_repo.repo_id.id, "push to branches")
         return json_response({})
 
     def list_repos(self, request: Request, repo_type: str) -> Response:
@@ -231,7 +277,7 @@ class HubApi:
                 settings = self.storage.open(repo_id).settings
             except (HubError, OSError):
                 continue  # deleted meanwhile
-            if settings.get("private") and request.user is None:
+            if settings.get("private") and not (request.grant is not None and request.grant.covers(repo_id.id)):
                 continue
             found.append({"_id": f"{repo_id.type}:{repo_id.id}", "id": repo_id.id, "author": repo_id.namespace,
                           "private": bool(settings.get("private")), "gated": False, "disabled": False,
@@ -242,8 +288,10 @@ class HubApi:
         return json_response(page, headers=headers)
 
     def update_settings(self, request: Request, repo: tuple[str, str, str]) -> Response:
-        git_repo = self._open(request, repo, write=True)
         body = request.json()
+        changes_visibility = body.get("visibility") is not None or body.get("private") is not None
+        git_repo = (self._open(request, repo, "admin", "change the visibility of repos") if changes_visibility
+                    else self._open(request, repo, "write", "change repo settings"))
         if body.get("gated") not in (None, False):
             raise bad_request("Gated repos are not supported by this server.")
         visibility = body.get("visibility", "private" if body.get("private") is True else None)
@@ -294,14 +342,18 @@ class HubApi:
     def list_commits(self, request: Request, repo: tuple[str, str, str], revision: str = DEFAULT_BRANCH) -> Response:
         git_repo = self._open(request, repo)
         sha = git_repo.resolve(revision)
-        return json_response([
-            {"id": c.id, "title": c.title, "message": c.message, "date": iso_date(c.timestamp),
-             "authors": [{"user": c.author}]}
-            for c in git_repo.history(sha)
-        ])
+        formatted = "formatted" in request.query.get("expand[]", [])
+        commits = []
+        for c in git_repo.history(sha):
+            commit = {"id": c.id, "title": c.title, "message": c.message, "date": iso_date(c.timestamp),
+                      "authors": [{"user": c.author}]}
+            if formatted:  # the Hub renders markdown; escaped text is the safe subset of that
+                commit["formatted"] = {"title": html.escape(c.title), "message": html.escape(c.message)}
+            commits.append(commit)
+        return json_response(commits)
 
     def create_branch(self, request: Request, repo: tuple[str, str, str], branch: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "write", "create branches")
         check_ref_name(branch)
         body = request.json()
         start = body.get("startingPoint") or DEFAULT_BRANCH
@@ -313,21 +365,24 @@ class HubApi:
         return json_response({})
 
     def delete_branch(self, request: Request, repo: tuple[str, str, str], branch: str) -> Response:
-        self._open(request, repo, write=True).delete_branch(check_ref_name(branch))
+        self._open(request, repo, "write", "delete branches").delete_branch(check_ref_name(branch))
         return json_response({})
 
     def create_tag(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "write", "create tags")
+        target = git_repo.resolve(revision)  # a missing revision first, as the Hub answers
         body = request.json()
         tag = check_ref_name(body.get("tag"), "tag")
         message = body.get("message")
         if message is not None and not isinstance(message, str):
             raise bad_request("The tag message must be a string.")
-        git_repo.create_tag(tag, git_repo.resolve(revision), message, request.user)
+        git_repo.create_tag(tag, target, message, request.user)
         return json_response({})
 
     def delete_tag(self, request: Request, repo: tuple[str, str, str], tag: str) -> Response:
-        self._open(request, repo, write=True).delete_tag(check_ref_name(tag, "tag"))
+        git_repo = self._open(request, repo)
+        access.require_tag_change(request.grant, git_repo.repo_id.id, tag)
+        git_repo.delete_tag(check_ref_name(tag, "tag"))
         return json_response({})
 
     # ---- trees and files -------------------------------------------------------------------
@@ -397,7 +452,7 @@ class HubApi:
     # ---- commits ---------------------------------------------------------------------------
 
     def preupload(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "contribute", "upload files")
         head = git_repo.branch_head(revision)
         body = request.json()
         files = body.get("files")
@@ -423,7 +478,8 @@ class HubApi:
         return json_response({"files": answers})
 
     def commit(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo)
+        self._check_commit(request, git_repo, revision)
         with request.body.open() as body:
             header, operations = _parse_commit(body, git_repo)
         commit_args = (operations, header["summary"], header["description"], header["parentCommit"], request.user)
@@ -441,6 +497,32 @@ class HubApi:
             **answer,
         })
 
+    def _check_commit(self, request: Request, git_repo: GitRepo, revision: str) -> None:
+        """Before anything is stored: a new pull request needs contribute; a push to a pull request,
+        write or being its author; a push to a branch, write (and the `main` grant for main)."""
+        repo_id = git_repo.repo_id.id
+        if request.flag("create_pr"):
+            access.require(request.grant, "contribute", repo_id, "open pull requests")
+        elif revision.startswith("refs/pr/"):
+            grant = access.require(request.grant, "contribute", repo_id, "push to pull requests")
+            if not grant.allows("write"):
+                number = _discussion_number(revision[len("refs/pr/"):])
+                author = git_repo.discussions.get(git_repo.discussions.load(), number)["author"]
+                if author != grant.user:
+                    raise access.forbidden(f"Pull request #{number} of {repo_id} was opened by {author}: a "
+                                           "contribute token may push only to the pull requests it opened")
+        else:
+            access.require_branch(request.grant, repo_id, revision, "push to")
+
+    def super_squash(self, request: Request, repo: tuple[str, str, str], revision: str) -> Response:
+        git_repo = self._open(request, repo)
+        if revision.startswith("refs/pr/"):
+            access.require(request.grant, "write", git_repo.repo_id.id, "squash pull requests")
+        else:
+            access.require_branch(request.grant, git_repo.repo_id.id, revision, "squash")
+        message = _optional_text(request.json().get("message")) or f"Super-squash branch '{revision}'"
+        return json_response({"commitId": git_repo.squash(revision, message, request.user)})
+
     # ---- discussions and pull requests ------------------------------------------------------
 
     def list_discussions(self, request: Request, repo: tuple[str, str, str]) -> Response:
@@ -456,7 +538,7 @@ class HubApi:
         ]})
 
     def create_discussion(self, request: Request, repo: tuple[str, str, str]) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "contribute", "open discussions and pull requests")
         body = request.json()
         title, description = body.get("title"), body.get("description") or ""
         if not isinstance(title, str) or not title.strip() or not isinstance(description, str):
@@ -473,9 +555,18 @@ class HubApi:
         return json_response(discussions.details(record, repo_id.id, repo_id.type, conflicts))
 
     def change_discussion(self, request: Request, repo: tuple[str, str, str], num: str, resource: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo)
+        repo_id = git_repo.repo_id.id
+        if resource == "comment":
+            access.require(request.grant, "contribute", repo_id, "comment")
+        else:  # renaming, closing and merging are the repo's writers' calls, not a contributor's
+            access.require(request.grant, "write", repo_id, _DISCUSSION_CHANGES.get(resource, "change discussions"),
+                           instead="")
         number, user, body = _discussion_number(num), request.user, request.json()
         if resource == "merge":
+            base = git_repo.discussions.get(git_repo.discussions.load(), number)["base"]
+            if base is not None:  # a plain discussion: merging it is refused below
+                access.require_branch(request.grant, repo_id, base, "merge pull requests into")
             comment = body.get("comment")
             return json_response({"newStatus": git_repo.merge_pull_request(number, user, _optional_text(comment))})
         if resource == "comment":
@@ -495,10 +586,30 @@ class HubApi:
             return json_response({"newStatus": git_repo.change_discussion(number, _status_change(body, user))})
         raise HubError(404, f"No discussion action {resource[:50]!r}.", "NotFound")
 
+    def change_comment(self, request: Request, repo: tuple[str, str, str], num: str, kind: str, comment_id: str,
+                       action: str) -> Response:
+        """Edit or hide a comment: its author's right, and its repo's writers'."""
+        if kind != "comment" or action not in ("edit", "hide"):
+            raise HubError(404, f"No discussion action {action[:50]!r}.", "NotFound")
+        git_repo = self._open(request, repo)
+        repo_id = git_repo.repo_id.id
+        grant = access.require(request.grant, "contribute", repo_id, f"{action} comments")
+        text = _required_text(request.json().get("content"), "content") if action == "edit" else ""
+
+        def change(store: discussions.DiscussionStore, record: dict) -> dict:
+            event = store.comment_event(record, comment_id.lower())
+            author = event["author"]["name"]
+            if author != grant.user and not grant.allows("write"):
+                raise access.forbidden(f"This comment is {author}'s: only its author or a writer of {repo_id} can "
+                                       f"{action} it")
+            return store.edit(event, text, grant.user) if action == "edit" else store.hide(event)
+
+        return json_response({"updatedComment": git_repo.change_discussion(_discussion_number(num), change)})
+
     # ---- git-LFS basic transfer ------------------------------------------------------------
 
     def lfs_batch(self, request: Request, repo: tuple[str, str, str]) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "contribute", "upload files")
         body = request.json()
         if body.get("operation") != "upload":
             raise bad_request("Only the LFS 'upload' operation is supported; download files through /resolve/.")
@@ -534,7 +645,7 @@ class HubApi:
         try:
             repo_id = make_repo_id(*repo)
         except HubError:
-            raise repo_not_found(f"{repo[1]}/{repo[2]}") from None
+            raise repo_not_found() from None
         size_text = request.param("size") or ""
         if not is_sha256(oid) or not (size_text.isascii() and size_text.isdigit() and len(size_text) < 19):
             raise bad_request("An LFS upload URL names a sha256 oid and a size; ask the batch endpoint for one.")
@@ -551,7 +662,7 @@ class HubApi:
         return Response(200)
 
     def lfs_verify(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:
-        git_repo = self._open(request, repo, write=True)
+        git_repo = self._open(request, repo, "contribute", "upload files")
         size = request.json().get("size")
         if not is_sha256(oid) or not git_repo.has_lfs(oid, size if isinstance(size, int) else None):
             raise HubError(404, f"LFS object {oid} was not uploaded (or has another size).", "EntryNotFound")
@@ -589,6 +700,19 @@ def _card_data(git_repo: GitRepo, sha: str) -> dict | None:
         if len(_CARDS) > _MAX_CACHED_CARDS:
             _CARDS.popitem(last=False)
     return card
+
+
+def _space_readme(name: str, sdk: object) -> bytes:
+    """The README the Hub gives a new Space: its metadata names the SDK, which Space tools read there."""
+    if sdk is not None and not (isinstance(sdk, str) and re.fullmatch(r"[a-z0-9-]{1,32}", sdk)):
+        raise bad_request("A Space's sdk must be a name such as 'gradio', 'docker' or 'static'.")
+    return f"---\ntitle: {name}\nsdk: {sdk or 'static'}\n---\n".encode()
+
+
+def _split_repo_id(repo_type: str, repo_id: object, what: str) -> RepoId:
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise bad_request(f"{what} must be a repo id: namespace/name.")
+    return make_repo_id(repo_type, *repo_id.split("/"))
 
 
 def _is_valid_path(path: str) -> bool:

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import uvicorn
 
+from coopt_hub.server.access import Grant, bare_grant
 from coopt_hub.server.api import HubApi
 from coopt_hub.server.asgi import HEADER_TIMEOUT_S, MAX_CONNECTIONS, HubApp, HubProtocol
 from coopt_hub.server.auth import Auth, load_url_key
 from coopt_hub.server.storage import HubStorage
+from coopt_hub.server.tokens import DEFAULT_USER, TokenFile, check_grant, default_user, digest, generate_token
 
 DEFAULT_MAX_BODY_BYTES = 1024**3
 URL_KEY_FILE = "upload-url.key"
@@ -29,7 +30,11 @@ class HubServer:
         with HubServer(root, tokens=["t"]) as hub:
             os.environ.update(hub.env())
 
-    Without tokens, one random token is made up (see `token`). Port 0 picks a free port.
+    `tokens`: plain tokens (each may write everywhere, main included, as user "coopt"), a mapping
+    token -> user name (the same rights), or token -> Grant (a role and the repos it covers; see
+    coopt_hub.server.access). `token_file`: more tokens in the format of coopt_hub.server.tokens,
+    re-read whenever it changes. With neither, one random admin token is made up (see `token`).
+    Port 0 picks a free port.
     `public_url` is the base of every link in answers (commit and upload URLs): set it to the
     address clients use when the server sits behind a reverse proxy. By default it is the bound
     address; the request's Host header is never used.
@@ -38,19 +43,21 @@ class HubServer:
     def __init__(
         self,
         root: str | Path,
-        tokens: Iterable[str] | Mapping[str, str] | None = None,
+        tokens: Iterable[str] | Mapping[str, str | Grant] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         public_url: str | None = None,
+        token_file: str | Path | None = None,
     ):
-        if tokens is None:
-            tokens = [f"hub_{secrets.token_urlsafe(24)}"]
-        tokens = dict(tokens) if isinstance(tokens, Mapping) else list(tokens)
+        token_source = TokenFile(token_file) if token_file is not None else None
+        grants = _grants(tokens, generate=token_source is None)
         self.root = Path(root)
-        self.token = next(iter(tokens), None)
+        # The token printed for clients: the first one given, else the first in clear in the file.
+        self.token = next(iter(grants), None) or (token_source.first_token if token_source else None)
         storage = HubStorage(self.root)
-        self.api = HubApi(storage, Auth(tokens, load_url_key(self.root / URL_KEY_FILE)), max_body_bytes)
+        auth = Auth(grants, token_source, load_url_key(self.root / URL_KEY_FILE))
+        self.api = HubApi(storage, auth, max_body_bytes)
         self.host = host
         self.port = port
         self.max_body_bytes = max_body_bytes
@@ -68,14 +75,26 @@ class HubServer:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
+    def new_token(self, role: str, repos: Sequence[str] = (), main: bool = False, user: str | None = None) -> str:
+        """A new token for `role` on `repos` (all when empty), valid until this server object is
+        gone: for programs that run their own hub (demos, tests). Tokens that must outlive the
+        process belong in a token file (coopt_hub.server.tokens.add_token)."""
+        token = generate_token()
+        grant = Grant(user or default_user(digest(token)), role, tuple(repos), main)
+        check_grant(grant)
+        self.api.auth.add(token, grant)
+        return token
+
     @property
     def bytes_sent(self) -> int:
         """Response body bytes served since start: what clients downloaded (file and API answers)."""
         return self._app.bytes_sent
 
     def env(self) -> dict[str, str]:
-        """What a client process needs: this endpoint, a token, and LFS uploads kept off Xet."""
-        return {"HF_ENDPOINT": self.endpoint, "HF_TOKEN": self.token or "", "HF_HUB_DISABLE_XET": "1"}
+        """What a client process needs: this endpoint, a token when one is known in clear, and LFS
+        uploads kept off Xet."""
+        return {"HF_ENDPOINT": self.endpoint, **({"HF_TOKEN": self.token} if self.token else {}),
+                "HF_HUB_DISABLE_XET": "1"}
 
     def bind(self) -> HubServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -135,3 +154,12 @@ class HubServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _grants(tokens: Iterable[str] | Mapping[str, str | Grant] | None, generate: bool) -> dict[str, Grant]:
+    if tokens is None:
+        # The made-up token is the one the server's owner gets: it may do everything.
+        return {generate_token(): Grant(DEFAULT_USER, "admin")} if generate else {}
+    if not isinstance(tokens, Mapping):
+        return {token: bare_grant(DEFAULT_USER) for token in tokens}
+    return {token: grant if isinstance(grant, Grant) else bare_grant(grant) for token, grant in tokens.items()}

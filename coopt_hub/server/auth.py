@@ -1,4 +1,4 @@
-"""Who is calling: bearer tokens the server was started with, and signed LFS upload URLs.
+"""Who is calling: bearer tokens (given at start or in a token file), and signed LFS upload URLs.
 
 Tokens are kept only as sha256 digests, so neither memory dumps of the lookup table nor any log
 or error message can reveal one.
@@ -11,38 +11,46 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
+from coopt_hub.server.access import Grant
 from coopt_hub.server.errors import HubError
+from coopt_hub.server.tokens import TokenFile, digest
 
-DEFAULT_USER = "coopt"
 INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"  # the Hub's wording; the client keys on it
 
 
 class Auth:
-    def __init__(self, tokens: Iterable[str] | Mapping[str, str], url_key: bytes | None = None):
-        """`tokens`: token strings (all acting as DEFAULT_USER) or a mapping token -> user name.
+    def __init__(self, tokens: Mapping[str, Grant], token_file: TokenFile | None = None,
+                 url_key: bytes | None = None):
+        """`tokens`: token -> what it may do; `token_file`: more of them, re-read as it changes.
         `url_key`: the key that signs upload URLs (default: a new random one)."""
-        pairs = tokens.items() if isinstance(tokens, Mapping) else ((token, DEFAULT_USER) for token in tokens)
-        self._users = {_digest(token): user for token, user in pairs if token}
-        if not self._users:
-            raise ValueError("The server needs at least one non-empty token.")
+        self._grants = {digest(token): grant for token, grant in tokens.items() if token}
+        self._token_file = token_file
+        if not self._grants and token_file is None:
+            raise ValueError("The server needs at least one non-empty token, or a token file.")
         # LFS PUTs carry no Authorization header (the client strips it), so the upload URL itself
         # is the credential: an HMAC over what it allows, valid for a limited time.
         self._url_key = url_key or secrets.token_bytes(32)
 
-    def user_for(self, authorization: str | None) -> str | None:
-        """The user behind an Authorization header; None without one; 401 for a token we do not know."""
+    def add(self, token: str, grant: Grant) -> None:
+        self._grants[digest(token)] = grant
+
+    def grant_for(self, authorization: str | None) -> Grant | None:
+        """What the caller's token allows; None without a token; 401 for a token we do not know."""
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HubError(401, INVALID_TOKEN_MESSAGE, "Unauthorized")
-        user = self._users.get(_digest(token.strip()))
-        if user is None:
+        token_digest = digest(token.strip())
+        grant = self._grants.get(token_digest)
+        if grant is None and self._token_file is not None:
+            grant = self._token_file.grant(token_digest)
+        if grant is None:
             raise HubError(401, INVALID_TOKEN_MESSAGE, "Unauthorized")
-        return user
+        return grant
 
     def sign(self, *parts: str, lifetime_s: int = 24 * 3600) -> tuple[int, str]:
         expires = int(time.time()) + lifetime_s
@@ -79,18 +87,3 @@ def load_url_key(path: Path) -> bytes:
     finally:
         partial.unlink()
     return path.read_bytes()
-
-
-def require_user(user: str | None) -> str:
-    if user is None:
-        raise HubError(
-            401,
-            "Authentication required: this request writes, so send a token the server knows "
-            "(set HF_TOKEN to one of the tokens `coopt-hub hub serve` prints).",
-            "Unauthorized",
-        )
-    return user
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()

@@ -7,6 +7,7 @@ deserialize_event read. Callers hold the repo's write lock around load and save.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import secrets
@@ -66,9 +67,38 @@ class DiscussionStore:
     def comment(self, record: dict, text: str, author: str) -> dict:
         return self.event(record, "comment", author, _comment_data(text, author, self._now(time.time())))
 
+    def comment_event(self, record: dict, comment_id: str) -> dict:
+        for event in record["events"]:
+            if event["type"] == "comment" and event["id"] == comment_id:
+                return event
+        raise HubError(404, f"Comment {comment_id[:40]!r} not found in #{record['num']}.", "NotFound")
+
+    def edit(self, event: dict, text: str, editor: str) -> dict:
+        """A comment's new text; the earlier versions stay in its history, newest first."""
+        data = event["data"]
+        data["latest"] = _version(text, editor, self._now(time.time()))
+        data["history"].insert(0, data["latest"])
+        data["numEdits"] += 1
+        data["edited"] = True
+        data["editors"] = list(dict.fromkeys([*data["editors"], editor]))
+        return event
+
+    def hide(self, event: dict) -> dict:
+        """Hide a comment for good, as the Hub does: its text, and every earlier version, are gone."""
+        data = event["data"]
+        data["latest"] = {**data["latest"], "raw": "", "html": ""}
+        data["history"] = [data["latest"]]
+        data["hidden"] = True
+        return event
+
+
+def _version(text: str, author: str, date: str) -> dict:
+    # Participants write these: the html a page would show is their text escaped, never their markup.
+    return {"raw": text, "html": html.escape(text), "updatedAt": date, "author": {"name": author}}
+
 
 def _comment_data(text: str, author: str, date: str) -> dict:
-    latest = {"raw": text, "html": text, "updatedAt": date, "author": {"name": author}}
+    latest = _version(text, author, date)
     return {"edited": False, "hidden": False, "latest": latest, "numEdits": 0, "editors": [author],
             "history": [latest]}
 
@@ -93,6 +123,8 @@ def details(record: dict, repo_id: str, repo_type: str, conflicts: list[str]) ->
 def matches(record: dict, kind: str | None, status: str | None, author: str | None) -> bool:
     if kind == "pull_request" and not record["isPullRequest"] or kind == "discussion" and record["isPullRequest"]:
         return False
-    if status not in (None, "all") and record["status"] != status:
+    # As on the Hub, "open" includes drafts: a pull request made by create_pull_request starts as one.
+    wanted = {"open": ("open", "draft")}.get(status, (status,))
+    if status not in (None, "all") and record["status"] not in wanted:
         return False
     return author is None or record["author"] == author

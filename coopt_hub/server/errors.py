@@ -26,8 +26,10 @@ def bad_request(message: str) -> HubError:
     return HubError(400, message, "BadRequest")
 
 
-def repo_not_found(repo_id: str) -> HubError:
-    return HubError(404, f"Repository {repo_id!r} not found.", "RepoNotFound")
+def repo_not_found() -> HubError:
+    # The Hub's own words, the same for a missing and a private repo: huggingface_hub's message
+    # names the URL already, and appends ours only when it does not contain it.
+    return HubError(404, "Repository not found", "RepoNotFound")
 
 
 def revision_not_found(revision: str) -> HubError:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import parse_qs
 
+from coopt_hub.server.access import Grant
 from coopt_hub.server.errors import HubError, bad_request
 
 # JSON bodies are parsed in memory, so they get a cap of their own below the body limit: only
@@ -163,7 +164,8 @@ class Request:
         self.headers = headers
         self.endpoint = endpoint  # the public base URL for links in answers: never the Host header
         self.body = body
-        self.user: str | None = None
+        self.grant: Grant | None = None  # what the caller's token allows; None without a token
+        self.user: str | None = None  # the token's user name
 
     @property
     def path(self) -> str:

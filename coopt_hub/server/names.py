@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from dulwich.refs import check_ref_format
 
-from coopt_hub.server.errors import bad_request
+from coopt_hub.server.errors import HubError, bad_request
+
+DEFAULT_BRANCH = "main"
 
 # The URL segment of each repo type (`/api/datasets/...`) and the prefix of its web URLs
 # (`/datasets/org/ds/resolve/...`); models have none, as on the Hub.
@@ -19,7 +21,8 @@ TYPES_BY_PLURAL = {plural: singular for singular, plural in PLURALS.items()}
 # URL prefixes or routes would become ambiguous.
 RESERVED_NAMESPACES = {"api", "datasets", "spaces", "models", "lfs-upload"}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# As on the Hub: '.' and '-' may not start a name (hidden files, options), '_' may (`__user__`).
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,95}$")
 _FULL_COMMIT_ID = re.compile(r"^[0-9a-fA-F]{40}$")
 _MAX_PATH_LENGTH = 4096
 _MAX_PATH_DEPTH = 128  # folders nested deeper than this are refused before any recursive walk
@@ -52,8 +55,8 @@ def check_repo_type(repo_type: object) -> str:
 def check_name(name: object, what: str = "repo name") -> str:
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name or "--" in name:
         raise bad_request(
-            f"Invalid {what} {name!r}: use 1-96 letters, digits, '.', '_' or '-', starting with a letter or "
-            "digit, without '..' or '--'."
+            f"Invalid {what} {name!r}: use 1-96 letters, digits, '.', '_' or '-', starting with a letter, digit "
+            "or '_', without '..' or '--'."
         )
     if name.endswith((".", "-", ".git")):
         raise bad_request(f"Invalid {what} {name!r}: it must not end with '.', '-' or '.git'.")
@@ -77,14 +80,21 @@ def check_path(path: object) -> str:
         raise bad_request(f"Path in repo nested deeper than {_MAX_PATH_DEPTH} folders.")
     if any(0xD800 <= ord(ch) <= 0xDFFF for ch in path):
         raise bad_request("Invalid path: it holds a lone surrogate, which is not valid UTF-8.")
+    # Well-formed but not allowed in a repo: the Hub answers those 422. Backslashes are refused
+    # although the Hub keeps them: a Windows client would read `..\\x` as a way out of its folder.
     if path.startswith("/") or "\\" in path or any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
-        raise bad_request(f"Invalid path {path!r}: it must be relative, with '/' separators and no control characters.")
+        raise _invalid_path(f"Invalid path {path!r}: it must be relative, with '/' separators and no control "
+                            "characters.")
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            raise bad_request(f"Invalid path {path!r}: empty, '.' and '..' components are not allowed.")
+            raise _invalid_path(f"Invalid path {path!r}: empty, '.' and '..' components are not allowed.")
         if part.lower() == ".git":
-            raise bad_request(f"Invalid path {path!r}: '.git' is reserved.")
+            raise _invalid_path(f"Invalid path {path!r}: '.git' is reserved.")
     return path
+
+
+def _invalid_path(message: str) -> HubError:
+    return HubError(422, message, "UnprocessableEntity")
 
 
 def is_valid_ref_name(name: str) -> bool:

@@ -43,9 +43,7 @@ from dulwich.repo import Repo
 
 from coopt_hub.server.discussions import DiscussionStore
 from coopt_hub.server.errors import HubError, bad_request, entry_not_found, repo_not_found, revision_not_found
-from coopt_hub.server.names import PLURALS, RepoId, is_valid_ref_name, make_repo_id
-
-DEFAULT_BRANCH = "main"
+from coopt_hub.server.names import DEFAULT_BRANCH, PLURALS, RepoId, is_valid_ref_name, make_repo_id
 
 # Which files go through LFS. Preupload answers "lfs" for files above the threshold, files
 # whose name ends with one of these suffixes (data, weights, archives, media), and files whose
@@ -241,7 +239,7 @@ class GitRepo:
         """A repo deleted after it was opened has no refs at all: that is RepoNotFound, not a
         missing revision, so a client racing a delete gets the answer that is true."""
         if not (self.path / "coopt-hub.json").is_file():
-            return repo_not_found(self.repo_id.id)
+            return repo_not_found()
         return revision_not_found(revision)
 
     def refs(self) -> dict[str, list[Ref]]:
@@ -451,7 +449,7 @@ class GitRepo:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # the repo directory itself is gone
-            raise repo_not_found(self.repo_id.id) from None
+            raise repo_not_found() from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Deleted while we waited (the directory moved to trash), perhaps even re-created under
@@ -461,7 +459,7 @@ class GitRepo:
             except FileNotFoundError:
                 same_repo = False
             if not same_repo:
-                raise repo_not_found(self.repo_id.id)
+                raise repo_not_found()
             yield
         finally:
             os.close(fd)
@@ -471,7 +469,9 @@ class GitRepo:
         with self.locked():
             head = self.branch_head(revision)
             if parent_commit is not None and not head.startswith(parent_commit):  # 7+ hex digits will do
-                raise HubError(412, "A commit has happened since. Please refresh and try again.", "PreconditionFailed")
+                # The second sentence is the Hub's, which clients look for.
+                raise HubError(412, "A commit has happened since parentCommit. The branch was updated since you opened "
+                               "this page. Please refresh and try again.", "PreconditionFailed")
             oid = self._build(head, operations, summary, description, author, revision)
             self._move_ref(_branch_ref(revision), head, oid)
             if revision.startswith("refs/pr/"):
@@ -602,8 +602,18 @@ class GitRepo:
 
     def delete_branch(self, branch: str) -> None:
         if branch == DEFAULT_BRANCH:
-            raise HubError(403, f"The default branch {DEFAULT_BRANCH!r} cannot be deleted.", "Forbidden")
-        self._delete_ref(f"refs/heads/{branch}", branch)
+            raise HubError(403, f"Cannot delete refs/heads/{DEFAULT_BRANCH}: it is the default branch.", "Forbidden")
+        self._delete_ref(f"refs/heads/{branch}", branch, "branch")
+
+    def squash(self, revision: str, message: str, author: str) -> str:
+        """The Hub's super-squash: the branch (or pull request) becomes one commit holding its
+        current files. The old commits stay in the store, so ids and tags that pin them still work."""
+        with self.locked():
+            head = self.branch_head(revision)
+            commit = _new_commit(self.git.object_store[head.encode()].tree, [], message, author)
+            self._add_object(commit)
+            self._move_ref(_branch_ref(revision), head, commit.id.decode())
+            return commit.id.decode()
 
     def create_tag(self, tag: str, target: str, message: str | None, author: str) -> None:
         ref = f"refs/tags/{tag}"
@@ -623,13 +633,13 @@ class GitRepo:
             self._move_ref(ref, None, sha)
 
     def delete_tag(self, tag: str) -> None:
-        self._delete_ref(f"refs/tags/{tag}", tag)
+        self._delete_ref(f"refs/tags/{tag}", tag, "tag")
 
-    def _delete_ref(self, ref: str, name: str) -> None:
+    def _delete_ref(self, ref: str, name: str, kind: str) -> None:
         with self.locked():
             current = self._read_ref(ref)
-            if current is None:
-                raise revision_not_found(name)
+            if current is None:  # "Invalid rev id" is the Hub's wording
+                raise HubError(404, f"Invalid rev id: {name!r} is not a {kind} of this repo.", "RevisionNotFound")
             if not self.git.refs.remove_if_equals(ref.encode(), current.encode()):
                 raise HubError(409, f"{name!r} moved while being deleted; retry.", "Conflict")
 
@@ -642,9 +652,15 @@ class GitRepo:
             return None
 
     def _check_ref_free(self, ref: str, what: str) -> None:
-        """git cannot hold both `shard` and `shard/3`: one would be a file, the other a folder."""
+        """git cannot hold both `shard` and `shard/3`: one would be a file, the other a folder. And
+        a branch and a tag must not share a name: revisions resolve to the branch first, so a
+        branch named like a published tag would silently move it."""
         if self._read_ref(ref) is not None:
-            raise HubError(409, f"{what} already exists.", "Conflict")
+            raise HubError(409, f"Reference {ref} already exists.", "Conflict")
+        kind, _, name = ref[len("refs/"):].partition("/")
+        twin = {"heads": ("tag", "refs/tags/"), "tags": ("branch", "refs/heads/")}.get(kind)
+        if twin is not None and self._read_ref(twin[1] + name) is not None:
+            raise HubError(409, f"{what} would share its name with the {twin[0]} {name!r}.", "Conflict")
         for existing in self.git.refs.allkeys():
             other = existing.decode()
             if other.startswith(ref + "/") or ref.startswith(other + "/"):
@@ -788,7 +804,7 @@ class HubStorage:
                 return GitRepo(self.repo_path(found), found)
         except NotGitRepository:  # deleted between the check and the open
             pass
-        raise repo_not_found(repo_id.id)
+        raise repo_not_found()
 
     def _find(self, repo_id: RepoId) -> RepoId | None:
         if (self.repo_path(repo_id) / "coopt-hub.json").is_file():
@@ -819,19 +835,22 @@ class HubStorage:
             return False
         return self._find(repo_id) is not None
 
-    def create(self, repo_id: RepoId, private: bool, author: str) -> None:
-        """Build the repo in trash/ and rename it into place: it appears whole or not at all."""
+    def create(self, repo_id: RepoId, private: bool, author: str, files: dict[str, bytes] | None = None) -> None:
+        """Build the repo in trash/ and rename it into place: it appears whole or not at all. Its
+        initial commit holds .gitattributes and `files` (top-level names)."""
         final = self.repo_path(repo_id)
         if final.exists() or self._find(repo_id) is not None:
             raise _repo_exists(repo_id)
         staging = self.trash_dir / f"new-{uuid.uuid4().hex}"
         git = Repo.init_bare(str(staging), mkdir=True, default_branch=DEFAULT_BRANCH.encode())
         attributes = "".join(f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in LFS_SUFFIXES)
-        blob = Blob.from_string(attributes.encode())
         tree = Tree()
-        tree.add(b".gitattributes", _FILE_MODE, blob.id)
+        blobs = []
+        for name, content in {".gitattributes": attributes.encode(), **(files or {})}.items():
+            blobs.append(Blob.from_string(content))
+            tree.add(name.encode(), _FILE_MODE, blobs[-1].id)
         commit = _new_commit(tree.id, [], "initial commit", author)
-        for obj in (blob, tree, commit):
+        for obj in (*blobs, tree, commit):
             git.object_store.add_object(obj)
         git.refs[f"refs/heads/{DEFAULT_BRANCH}".encode()] = commit.id
         git.close()
@@ -842,6 +861,20 @@ class HubStorage:
         except OSError as err:
             shutil.rmtree(staging, ignore_errors=True)
             raise _repo_exists(repo_id) from err
+
+    def move(self, source: RepoId, target: RepoId) -> None:
+        """Rename a repo; its old name is free at once (no redirect is kept, unlike the Hub)."""
+        repo = self.open(source)
+        final = self.repo_path(target)
+        exists = HubError(409, f"A {target.type} repository called {target.id} already exists.", "Conflict")
+        if self._find(target) is not None:
+            raise exists
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with repo.locked():
+            try:
+                os.rename(repo.path, final)  # refused when another repo took the name meanwhile
+            except OSError:
+                raise exists from None
 
     def delete(self, repo_id: RepoId) -> None:
         repo = self.open(repo_id)
