@@ -117,3 +117,29 @@ def test_stop_ends_keep_alive_connections(tmp_path):
         hub.stop()
         with pytest.raises(httpx2.TransportError):
             client.get(f"{hub.endpoint}/api/whoami-v2", headers={"Authorization": "Bearer t"})
+
+
+def test_tokens_added_from_the_command_line_carry_their_role_into_a_running_hub(serve_process, new_repo_id):
+    """`hub token add` appends to the file a running `hub serve` reads: no restart, the role holds."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    start, root = serve_process
+    env = start()
+    token_file = root.parent / "tokens.txt"
+    added = subprocess.run([str(BIN / "coopt-hub"), "hub", "token", "add", "--token-file", str(token_file),
+                            "--role", "contribute", "--repo", "org/*", "--user", "alice"],
+                           capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    alice = added.stdout.strip()
+    assert alice and alice not in token_file.read_text(), "the token file keeps the token in clear"
+    owner = HfApi(endpoint=env["HF_ENDPOINT"], token=env["HF_TOKEN"])
+    repo = new_repo_id("token-add")
+    owner.create_repo(repo, repo_type="dataset")
+    contributor = HfApi(endpoint=env["HF_ENDPOINT"], token=alice)
+    change = [CommitOperationAdd("notes.txt", b"from alice")]
+    with pytest.raises(HfHubHTTPError) as refused:
+        contributor.create_commit(repo, change, commit_message="direct", repo_type="dataset")
+    assert refused.value.response.status_code == 403, "a contribute token pushed to main"
+    opened = contributor.create_commit(repo, change, commit_message="as a PR", repo_type="dataset", create_pr=True)
+    assert opened.pr_num is not None, "the contribute token could not open a pull request"

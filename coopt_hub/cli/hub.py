@@ -1,4 +1,5 @@
 """`coopt-hub hub serve`: run the embedded Hub-compatible server in the foreground;
+`coopt-hub hub token add`: give someone a token for it, with a role;
 `coopt-hub hub import-model`: put a model repo into a hub (the embedded one, typically)."""
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ Examples:
   coopt-hub hub serve --root ./hub-data --host 0.0.0.0 --public-url https://hub.example.org
 """
 
+TOKEN_EXAMPLES = """
+\b
+Examples:
+  coopt-hub hub token add --token-file tokens.txt --role contribute --repo org/cats --user alice
+  coopt-hub hub token add --token-file tokens.txt --role write --repo 'org/*' --main --user ci
+  coopt-hub hub token add --token-file tokens.txt --role admin --user owner
+"""
+
 IMPORT_EXAMPLES = """
 \b
 Examples:
@@ -43,9 +52,11 @@ def hub() -> None:
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port).")
 @click.option("--token", "tokens", multiple=True,
-              help="A token allowed to write (repeatable). Without --token/--token-file one is generated.")
+              help="A token that may write everywhere, main included (repeatable). "
+                   "Without --token/--token-file one admin token is generated.")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File with one token per line (blank lines and '#' comments ignored).")
+              help="Tokens, one per line with a role and repo patterns (see `coopt-hub hub token add`); "
+                   "re-read when it changes.")
 @click.option("--max-body-mb", default=1024, show_default=True, type=click.IntRange(1),
               help="Largest API request body accepted (413 above); LFS uploads are bounded by their declared size.")
 @click.option("--public-url", metavar="URL", default=None,
@@ -59,12 +70,16 @@ def serve(root: Path, host: str, port: int, tokens: tuple[str, ...], token_file:
     Prints the environment a client needs on stdout, then logs requests on stderr until Ctrl+C.
     """
     from coopt_hub.server import HubServer
+    from coopt_hub.server.tokens import TokenFileError
 
     if public_url is not None and not public_url.startswith(("http://", "https://")):
         raise click.BadParameter(f"{public_url!r} is not an http(s) URL.", param_hint="--public-url")
-    all_tokens = list(tokens) + (_read_token_file(token_file) if token_file else [])
-    server = HubServer(root, tokens=all_tokens or None, host=host, port=port,
-                       max_body_bytes=max_body_mb * 1024 * 1024, public_url=public_url)
+    try:
+        server = HubServer(root, tokens=list(tokens) or None, host=host, port=port, public_url=public_url,
+                           max_body_bytes=max_body_mb * 1024 * 1024, token_file=token_file)
+    except TokenFileError as err:
+        raise ConfigError(f"Cannot read the token file: {err}",
+                          hint="Fix the line it names; `coopt-hub hub token add --help` shows the format.") from None
     try:
         server.bind()
     except OSError as err:
@@ -116,9 +131,33 @@ def import_model(repo_id: str, source: Path | None, revision: str, endpoint: str
                folder=str(folder), files=list(result.files), sent=list(result.sent))
 
 
-def _read_token_file(path: Path) -> list[str]:
-    tokens = [line.strip() for line in path.read_text().splitlines()]
-    tokens = [token for token in tokens if token and not token.startswith("#")]
-    if not tokens:
-        raise ConfigError(f"No token in {path}.", hint="Put one token per line in the file.")
-    return tokens
+@hub.group()
+def token() -> None:
+    """Manage the tokens of a token file."""
+
+
+@token.command("add", epilog=TOKEN_EXAMPLES)
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The token file `hub serve --token-file` reads (created 0600 if missing).")
+@click.option("--role", required=True, type=click.Choice(["read", "contribute", "write", "admin"]),
+              help="read: private repos; contribute: pull requests and comments; write: branches, tags, repos; "
+                   "admin: also delete repos and tags, change visibility.")
+@click.option("--repo", "repos", multiple=True, metavar="PATTERN",
+              help="Repos the token covers, namespace/name with * and ? (repeatable); default: every repo.")
+@click.option("--main", is_flag=True, help="With --role write: may also push to and merge into main.")
+@click.option("--user", help="Name on its commits and pull requests; default: token-<8 hex digits of its hash>.")
+def add(token_file: Path, role: str, repos: tuple[str, ...], main: bool, user: str | None) -> None:
+    """Make a new token and add its sha256 to the token file; prints the token once.
+
+    A running `hub serve` on that file accepts it at once. Only the hash is kept: a lost token
+    cannot be shown again; add a new one and delete the old line.
+    """
+    from coopt_hub.server.tokens import TokenFileError, add_token
+
+    try:
+        new = add_token(token_file, role, repos, main=main, user=user)
+    except TokenFileError as err:
+        raise ConfigError(str(err), hint="Fix the token file line it names, or the option it complains about.") from None
+    click.echo(new.token)
+    click.echo(f"# user {new.user}, role {role}, repos {' '.join(repos) or 'all'}; added to {token_file}: "
+               "shown only now", err=True)
