@@ -72,7 +72,7 @@ def validate_prior(spec: PriorSpec) -> None:
     is done here; `hf-hub:` models exist only on a hub and are checked when they are loaded.
     """
     from coopt_hub.priors import check_spec
-    from coopt_hub.priors.base import split_model
+    from coopt_hub.priors.spec import split_model
 
     check_spec(spec)
     backend, name = split_model(spec.model)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 from coopt_hub.errors import ConfigError, PriorError
-from coopt_hub.priors.base import DEFAULT_BACKEND, Prior, PriorSpec, split_model
+from coopt_hub.priors.base import Prior
+from coopt_hub.priors.spec import DEFAULT_BACKEND, PriorSpec, split_model
 
 __all__ = ["DEFAULT_BACKEND", "ENTRY_POINT_GROUP", "Backend", "backend", "backend_names", "check_spec",
            "load_prior", "register_backend", "split_model", "unregister_backend"]

@@ -17,20 +17,16 @@ from typing import Any
 import torch
 
 from coopt_hub.errors import ConfigError, PriorError
-from coopt_hub.priors.base import (
+from coopt_hub.priors.base import Prior, first_lines, module_prior, run_device, seeded
+from coopt_hub.priors.registry import Backend
+from coopt_hub.priors.spec import (
     HF_HUB_PREFIX,
     LOCAL_DIR_PREFIX,
     TIMM_CROP_MODES,
     Preprocessing,
-    Prior,
     PriorSpec,
-    first_lines,
-    module_prior,
-    run_device,
-    seeded,
     split_model,
 )
-from coopt_hub.priors.registry import Backend
 from coopt_hub.priors.weights import REDOWNLOAD, ModelRepo, fetch_model_files, safetensors_first
 
 LIST_MODELS = "python -c 'import timm; print(timm.list_pretrained())'"
