@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers_hub import Collaboration, FakePrior, skipping
 
-from coopt_hub.core.align import apply_alignment, fit_alignment
+from coopt_hub.core.align import select_alignment
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
 from coopt_hub.errors import ConflictError, VerificationError
@@ -224,11 +224,12 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     v2 = load(collab.repo, "v2")["train"].with_format("numpy")[:]
     assert np.array_equal(v2["id"], np.arange(plan.num_rows)), "full merge: rows missing"
     for k, prior in ((0, GOOD), (1, WEAK)):
-        transform, residual = fit_alignment(
-            collab.projected(prior, anchor_ids)[1], collab.projected(BEST, anchor_ids)[1]
-        )
-        assert realigned[k].realigned_residual == pytest.approx(residual, rel=1e-6), f"residual of shard {k}"
-        expected = apply_alignment(collab.projected(prior, plan.shard_ids(k))[1], transform)
+        # Re-aligned by the map chosen on held-out anchors, recorded with both residuals.
+        fit = select_alignment(collab.projected(prior, anchor_ids)[1], collab.projected(BEST, anchor_ids)[1])
+        assert realigned[k].realigned_residual == pytest.approx(fit.residual, rel=1e-6), f"residual of shard {k}"
+        assert realigned[k].alignment["cv_residual"] == pytest.approx(fit.cv_residual, rel=1e-6), \
+            f"held-out residual of shard {k}"
+        expected = fit.apply(collab.projected(prior, plan.shard_ids(k))[1])
         assert np.allclose(v2["target"][plan.shard_ids(k)], expected, atol=2e-2), f"re-aligned targets of shard {k}"
     card = hub.download(collab.repo, "README.md", "v2").read_text()
     assert "Shards 0, 1 had been aligned to another reference by their participants" in card, \

@@ -23,6 +23,7 @@ COMMANDS = {
     "status": ("coopt_hub.cli.status:status", "Show every shard's state at a glance."),
     "merge": ("coopt_hub.cli.merge:merge", "Merge the shard branches into a versioned dataset on main."),
     "verify": ("coopt_hub.cli.verify:verify", "Re-encode a sample of a shard and check its targets."),
+    "evaluate": ("coopt_hub.cli.evaluate:evaluate", "Measure a merged version's target quality without training."),
 }
 
 

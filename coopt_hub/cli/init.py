@@ -5,12 +5,13 @@ from __future__ import annotations
 import click
 
 from coopt_hub.cli.options import json_option, repo_argument, token_option
+from coopt_hub.core.plan import DEFAULT_PROJECTION, PROJECTIONS
 
 EXAMPLES = """
 \b
 Examples:
   coopt-hub init org/tinyimagenet-coopt --source org/tinyimagenet --shards 8 --anchors 0.001
-  coopt-hub init org/digits-coopt --source org/digits --source-revision v1 --shards 3 --anchors 300 --dim 256
+  coopt-hub init org/digits-coopt --source org/digits --source-revision v1 --shards 3 --anchors 1024 --dim 256
 """
 
 
@@ -35,11 +36,14 @@ def _anchors(value: str) -> int | float:
 @click.option("--dim", type=click.IntRange(min=1), default=256, show_default=True, help="Common target dimension N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for shards, anchors and projections.")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Uniformity temperature t (> 0).")
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=DEFAULT_PROJECTION, show_default=True,
+              help="How prior outputs reach --dim: the plan's random W, or each participant's own PCA basis of its "
+                   "shard (measured worse on leave-one-shard-out probes; see the card's Limitations).")
 @click.option("--private", is_flag=True, help="Create the repo as private.")
 @token_option
 @json_option
-def init(repo, source, source_revision, split, image_column, shards, anchors, dim, seed, temperature, private, token,
-         out):
+def init(repo, source, source_revision, split, image_column, shards, anchors, dim, seed, temperature, projection,
+         private, token, out):
     """Publish the plan: pin SOURCE to a commit, split it into shards, draw the anchors.
 
     Re-running with the same arguments does nothing; different arguments are refused.
@@ -59,6 +63,7 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
         dim=dim,
         seed=seed,
         temperature=temperature,
+        projection=projection,
         private=private,
         progress=out,
     )
@@ -74,11 +79,6 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
             f"`coopt-hub prepare-source {plan.source_repo} {plan.source_repo}-sharded --shards {plan.num_shards}`, "
             f"then `coopt-hub init NEW_REPO --source {plan.source_repo}-sharded --shards {plan.num_shards} --anchors A`."
         )
-    if len(plan.anchor_ids) < plan.dim:
-        out.warn(
-            f"|S| = {len(plan.anchor_ids)} < dim = {plan.dim}: the alignment is under-determined and loses part "
-            "of the best prior's information. Prefer more anchors or a smaller --dim."
-        )
     summary = {
         "repo": repo,
         "created": result.created,
@@ -89,6 +89,9 @@ def init(repo, source, source_revision, split, image_column, shards, anchors, di
         "anchors": len(plan.anchor_ids),
         "granularity": plan.granularity,
         "plan_hash": plan.plan_hash,
+        "projection": plan.projection_kind,
+        "warnings": list(result.warnings),
+        "undecodable_anchors": list(result.undecodable_anchors),
     }
     verb = "Published" if result.created else "Unchanged (same plan already published)"
     out.result(

@@ -34,10 +34,14 @@ Examples:
                    "verify` does, and refuse the merge unless every shard passes (recorded in the card).")
 @click.option("--verify-sample", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images of each shard that --verify re-encodes.")
+@click.option("--no-evaluate", is_flag=True,
+              help="Skip measuring target quality (probe, k-NN, leave-one-shard-out on a seeded sample of at most "
+                   "20,000 rows), which merge does when the source has a label column; `coopt-hub evaluate` does it "
+                   "later.")
 @token_option
 @json_option
 @click.pass_context
-def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, out):
+def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, no_evaluate, token, out):
     """Check every shard branch of REPO, align them to the best prior, and publish main as a new version.
 
     Nothing is written unless every check passes; main changes in one commit, which is tagged.
@@ -50,7 +54,7 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, o
         raise click.UsageError("--verify-sample is the sample of --verify; pass --verify too.")
     result = merge_shards(
         Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, verify=verify,
-        verify_sample=verify_sample, progress=out,
+        verify_sample=verify_sample, no_evaluate=no_evaluate, progress=out,
     )
     manifest = result.manifest
     realigned = [shard.shard for shard in manifest.shards if shard.realigned]
@@ -67,6 +71,7 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, token, o
         "realigned": realigned,
         "images": manifest.images,
         "verified": manifest.verification is not None,
+        "quality": manifest.quality,
     }
     if not result.created:
         text = f"Unchanged: main of {repo} already holds this merge as {result.tag} ({result.commit[:8]})."

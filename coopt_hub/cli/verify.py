@@ -45,6 +45,7 @@ COLUMNS = (
     _lowest_cosine("aligned"),
     number("dV", "uniformity_delta", ".1e"),
     number("dresidual", "residual_delta", ".1e"),
+    number("dheld-out", "cv_residual_delta", ".1e"),
 )
 
 

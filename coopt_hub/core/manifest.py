@@ -1,5 +1,10 @@
 """The manifest of a merged version (coopt/manifest.json on main): what was merged, from which
-shard commits, aligned to which reference, and how it was verified.
+shard commits, aligned to which reference, how it was verified, and how good the targets measured.
+
+Version 2 added, per merged shard, the alignment figures and the V and noise flag the merge
+recomputed from the stored anchor outputs; and at the top the prior ranking and the quality
+figures. Every earlier version still reads: the fields it lacks take the values that meant the
+same thing then.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 from coopt_hub.core.layout import MANIFEST_PATH
 from coopt_hub.errors import VerificationError
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 
 
 _TAG = re.compile(r"v(\d+)")
@@ -33,7 +38,7 @@ class Reference:
     commit: str
     prior: dict[str, Any]
     fingerprint: str
-    uniformity: float
+    uniformity: float  # v2: in the common space, recomputed by the merge from the anchor outputs
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,19 @@ class MergedShard:
     prior: dict[str, Any]
     fingerprint: str
     output_dim: int
-    uniformity: float
-    residual: float  # the participant's own alignment fit, as pushed
+    uniformity: float  # v2: V in the common space, recomputed by the merge from the anchor outputs
+    residual: float  # the participant's own alignment fit (in-sample), as pushed
     realigned: bool  # aligned to another reference by the participant, re-aligned here
-    realigned_residual: float | None  # the fit made here, when realigned
+    realigned_residual: float | None  # the in-sample residual of the fit made here, when one was made
     rows: int
     checksums: dict[str, str]
     # Its samples left out as undecodable images: no target, so not in the merged split either.
     skipped_ids: tuple[int, ...] = ()
+    # AlignmentFit.to_dict() of the map its targets went through: the merge's when it re-aligned
+    # them, else the participant's; None for the reference's own targets and before version 2.
+    alignment: dict[str, Any] | None = None
+    uniformity_native: float | None = None  # V of the prior's own outputs (version 1: `uniformity`)
+    noise_like: bool = False  # its anchor outputs agree with no other prior's beyond chance (core.quality)
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class MergeVerification:
 class SplitRecord:
     files: tuple[str, ...]
     num_rows: int
+    num_bytes: int | None = None  # of its rows in memory (Arrow), as `datasets` counts a split; None before v2
+    file_bytes: int | None = None  # of its parquet files; None before v2
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,8 @@ class Manifest:
     splits: dict[str, SplitRecord]
     tool_version: str
     verification: MergeVerification | None = None  # None: the shards were not verified at merge
+    ranking: dict[str, Any] | None = None  # core.quality.rank_priors(...).to_dict(); None before version 2
+    quality: dict[str, Any] | None = None  # platform.evaluate's figures; None: not measured
 
     @property
     def content_key(self) -> tuple:
@@ -111,10 +125,9 @@ class Manifest:
                     **data,
                     "source": SourcePin(**data["source"]),
                     "reference": Reference(**data["reference"]),
-                    "shards": tuple(MergedShard(**{**shard, "skipped_ids": tuple(shard.get("skipped_ids", ()))})
-                                    for shard in data["shards"]),
+                    "shards": tuple(_merged_shard(shard) for shard in data["shards"]),
                     "missing": tuple(data["missing"]),
-                    "splits": {name: SplitRecord(tuple(s["files"]), s["num_rows"])
+                    "splits": {name: SplitRecord(**{**s, "files": tuple(s["files"])})
                                for name, s in data["splits"].items()},
                     "verification": MergeVerification(**data["verification"]) if data.get("verification") else None,
                 }
@@ -124,6 +137,12 @@ class Manifest:
                 f"{MANIFEST_PATH} is not a manifest written by coopt-hub merge ({type(err).__name__}: {err}).",
                 hint=f"It was edited by hand: commit back the {MANIFEST_PATH} of the last vN tag, then rerun.",
             ) from err
+
+
+def _merged_shard(data: dict[str, Any]) -> MergedShard:
+    # Before version 2 V was measured on the prior's own outputs only: its native V.
+    return MergedShard(**{"uniformity_native": data["uniformity"], **data,
+                          "skipped_ids": tuple(data.get("skipped_ids", ()))})
 
 
 def next_tag(tags: dict[str, str] | list[str]) -> str:

@@ -1,4 +1,5 @@
-"""The plan: which rows each participant labels, the shared anchor rows, and the projection W.
+"""The plan: which rows each participant labels, the shared anchor rows, and the projection to the
+common size (the random W, or each participant's own PCA basis).
 
 Everything a participant derives from the plan must come out the same on every machine, so the
 random choices are stored where they are small (the shard of each unit, the anchor ids) and are
@@ -14,6 +15,7 @@ import heapq
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,6 +25,10 @@ from coopt_hub.errors import ConfigError, PlanError
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("row_group", "file", "row")
+# How prior outputs reach the common size: the plan's random W, or a PCA basis each participant fits
+# on its own shard's outputs (stored with its anchors), which keeps the reference prior's geometry.
+PROJECTIONS = ("random", "pca")
+DEFAULT_PROJECTION = "random"
 
 # Independent random streams drawn from one seed, one per decision.
 _UNIT_STREAM = 0
@@ -65,10 +71,15 @@ class Plan:
     unit_shards: tuple[int, ...]
     anchor_ids: tuple[int, ...]
     schema_version: int = 1
+    # Stored as "projection", and only when it is not the default: the plans of earlier releases
+    # (and so their hashes, which shard headers and manifests pin) stay byte for byte the same.
+    # The attribute has another name because `projection(in_dim)` is the random W itself.
+    projection_kind: str = DEFAULT_PROJECTION
 
     def __post_init__(self) -> None:
         # Plans also arrive as JSON from the Hub, so a plan checks itself, not only make_plan.
         _check_settings(self.num_shards, self.dim, self.temperature, self.seed)
+        _check_projection(self.projection_kind)
         if self.schema_version != SCHEMA_VERSION:
             raise PlanError(
                 f"Plan schema version {self.schema_version} is not supported "
@@ -156,16 +167,25 @@ class Plan:
     @property
     def plan_hash(self) -> str:
         """sha256 of the canonical JSON, so reformatting plan.json does not change it."""
-        text = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+    def to_dict(self) -> dict:
+        """The plan as plan.json holds it."""
+        data = asdict(self)
+        kind = data.pop("projection_kind")
+        if kind != DEFAULT_PROJECTION:
+            data["projection"] = kind
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=1) + "\n"
+        return json.dumps(self.to_dict(), sort_keys=True, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
+            data["projection_kind"] = data.pop("projection", DEFAULT_PROJECTION)
             units = tuple(Unit(file=u["file"], row_group=u["row_group"], start=int(u["start"]),
                                num_rows=int(u["num_rows"])) for u in data.pop("units"))
             unit_shards = tuple(int(k) for k in data.pop("unit_shards"))
@@ -183,14 +203,18 @@ class Plan:
 
 def make_plan(*, source_repo: str, source_revision: str, split: str, image_column: str,
               units: list[Unit] | tuple[Unit, ...], num_shards: int, anchors: int | float,
-              dim: int, seed: int, temperature: float) -> Plan:
+              dim: int, seed: int, temperature: float, projection: str = DEFAULT_PROJECTION,
+              excluded_anchors: Collection[int] = ()) -> Plan:
     """Assign storage units (or, when they are too few, rows) to shards and draw the anchor ids.
 
     Units go to shards at random but balanced by rows, so each participant downloads only its units.
     With fewer than two non-empty units per shard that balance is too coarse, and rows are assigned
     instead by a seeded permutation; every participant then reads all units and keeps its rows.
+    Anchors are the first rows of a seeded permutation; ids in `excluded_anchors` (rows whose image
+    does not decode) are passed over for the next ones, so the same exclusions give the same plan.
     """
     _check_settings(num_shards, dim, temperature, seed)
+    _check_projection(projection)
     ordered = tuple(sorted(units, key=lambda u: u.start))
     num_rows = _check_units(ordered, None)
     if num_shards > num_rows:
@@ -203,11 +227,17 @@ def make_plan(*, source_repo: str, source_revision: str, split: str, image_colum
         granularity = "row_group" if any(u.row_group is not None for u in ordered) else "file"
         unit_shards = _balance_units(ordered, num_shards, seed)
     count = anchor_count(anchors, num_rows)
-    anchor_ids = np.sort(_random_order(seed, _ANCHOR_STREAM, num_rows)[:count])
+    order = _random_order(seed, _ANCHOR_STREAM, num_rows)
+    eligible = order[~np.isin(order, np.fromiter(excluded_anchors, dtype=np.int64))]
+    if eligible.size < count:
+        raise PlanError(f"Only {eligible.size} of {num_rows} rows can be anchors once the {num_rows - eligible.size} "
+                        f"undecodable ones are left out; {count} are asked for.",
+                        hint="Pass fewer --anchors, or fix the source's images.")
+    anchor_ids = np.sort(eligible[:count])
     return Plan(source_repo=source_repo, source_revision=source_revision, split=split,
                 image_column=image_column, num_rows=num_rows, num_shards=num_shards, seed=seed, dim=dim,
                 temperature=float(temperature), granularity=granularity, units=ordered,
-                unit_shards=unit_shards, anchor_ids=tuple(int(i) for i in anchor_ids))
+                unit_shards=unit_shards, anchor_ids=tuple(int(i) for i in anchor_ids), projection_kind=projection)
 
 
 def anchor_count(anchors: int | float, num_rows: int) -> int:
@@ -237,6 +267,12 @@ def _check_settings(num_shards: int, dim: int, temperature: float, seed: int) ->
                           hint="The usual value is 2 (Wang & Isola 2020).")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"The seed must be a non-negative integer, got {seed!r}.", hint="Pass --seed 0 or above.")
+
+
+def _check_projection(projection: str) -> None:
+    if projection not in PROJECTIONS:
+        raise PlanError(f"Unknown projection {projection!r}.",
+                        hint=f"Use one of {', '.join(PROJECTIONS)} (--projection).")
 
 
 def _check_units(units: tuple[Unit, ...], num_rows: int | None) -> int:

@@ -7,6 +7,13 @@ come from different runs, from a good pair.
 The files are read with plain reads at the byte ranges the safetensors header gives (8-byte
 little-endian header length, the JSON header, then the tensors' bytes), so the targets can be read
 in row ranges with every check still made: a merge holds one range of a shard, not the shard.
+
+Versions: a header records its `schema_version` (SCHEMA_VERSION for new files); a header without
+one is version 1 (coopt-hub 0.1.0) and still reads, with the meaning it had then. Version 2 adds
+the alignment fit chosen by cross-validation, V both in the common space (`uniformity`, the figure
+priors are ranked by) and native (`uniformity_native`), and the projection; a shard with the "pca"
+projection stores its PCA basis in its anchors file, as tensors basis.{mean,scale,components,explained}
+with checksums like the others.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,16 +31,25 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from coopt_hub.core.align import PcaBasis
 from coopt_hub.core.files import atomic_path
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE
-from coopt_hub.core.plan import Plan
+from coopt_hub.core.plan import PROJECTIONS, Plan
 from coopt_hub.errors import ShardFileError
 
 HEADER_KEY = "coopt"
+SCHEMA_VERSION = 2
+# What a header without a schema version lacks, as version 1 meant it: native V as `uniformity`
+# (uniformity_native None: the same value), the plan's random W, the one-shot ridge of
+# core/align.fit_alignment (no record of the fit); and headers older still, no skipped images.
+_V1_DEFAULTS = {"schema_version": 1, "alignment": None, "uniformity_native": None, "projection": "random",
+                "skipped_ids": []}
 
 # Tensor name -> stored dtype, per file.
 _TARGET_TENSORS = {"ids": np.int64, "raw": np.float16, "aligned": np.float16}
 _ANCHOR_TENSORS = {"ids": np.int64, "features": np.float32, "projected": np.float32}
+# A "pca" shard's basis (PcaBasis.arrays()) in its anchors file, each as basis.{name}.
+_BASIS_TENSORS = {f"basis.{name}": np.float32 for name in ("mean", "scale", "components", "explained")}
 # safetensors' dtype names, for the stored tensors and for naming what a wrong file holds instead.
 _SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                        "BOOL": np.bool_, "F64": np.float64, "F32": np.float32, "F16": np.float16}
@@ -45,16 +61,11 @@ _REFRESH_HINT = ("Run `coopt-hub optimize` for this shard again (finished chunks
                  "or download the branch again.")
 
 
-
-
-
-
-
-
-
-
 @dataclass
 class ShardHeader:
+    """What a shard's files hold and how they were made. Built without the version 2 fields (the
+    defaults), a header describes a version 1 shard."""
+
     shard: int
     plan_hash: str
     source_revision: str
@@ -63,22 +74,40 @@ class ShardHeader:
     fingerprint: str
     output_dim: int
     dim: int
-    uniformity: float
+    uniformity: float  # V on the anchors in the common space (version 1: of the native outputs)
     reference: dict | None  # {"shard", "branch", "commit", "fingerprint"} of the best prior; None: itself
-    residual: float
+    residual: float  # relative residual of the alignment on the anchors it was fitted on (in-sample)
     num_rows: int  # rows stored: the plan's shard rows less the skipped ones
     tool_version: str
     checksums: dict[str, str]  # "targets/raw" -> sha256 of the stored bytes; filled by write_shard
     # Shard ids whose image could not be decoded (optimize --on-bad-image skip), sorted; they have no row.
     skipped_ids: list[int] = field(default_factory=list)
+    schema_version: int = 1
+    # AlignmentFit.to_dict() of the fit to the reference (method, params, residual, cv_residual,
+    # cv_cosine, folds, seed, ...); None when the shard is its own reference, or in version 1.
+    alignment: dict | None = None
+    uniformity_native: float | None = None  # V of the native outputs; None when built: the same as uniformity
+    projection: str = "random"  # one of PROJECTIONS
+
+    def __post_init__(self) -> None:
+        if self.uniformity_native is None:
+            self.uniformity_native = self.uniformity
+        problem = _version_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def cv_residual(self) -> float | None:
+        """The held-out residual of the alignment (None: its own reference, or a version 1 shard)."""
+        return None if self.alignment is None else self.alignment.get("cv_residual")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ShardHeader:
-        # Headers written before skipped images were recorded have no such field: nothing was skipped.
-        data = {"skipped_ids": [], **data}
+        if data.get("schema_version", 1) == 1:
+            data = {**_V1_DEFAULTS, **data}
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             raise ValueError(f"header fields differ: missing {sorted(names - set(data))}, "
@@ -102,6 +131,19 @@ class AnchorOutputs:
     ids: np.ndarray  # int64 [A], sorted
     features: np.ndarray  # float32 [A, output_dim], L2-normalised prior outputs
     projected: np.ndarray  # float32 [A, dim]
+    basis: PcaBasis | None = None  # the shard's own projection, when the plan's is "pca"
+
+
+def project(plan: Plan, basis: PcaBasis | None, features: np.ndarray) -> np.ndarray:
+    """Prior outputs through a shard's projection to the common size, float32: with the plan's "pca"
+    projection the shard's own basis (stored with its anchors), else the plan's random W. What raw
+    targets and projected anchors are."""
+    if plan.projection_kind == "pca":
+        if basis is None:
+            raise ShardFileError("The plan's projection is pca, but the shard has no PCA basis.", hint=_REFRESH_HINT)
+        return basis.project(features)
+    features = np.asarray(features, dtype=np.float32)
+    return features @ plan.projection(features.shape[1])
 
 
 def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) -> list[Path]:
@@ -112,7 +154,7 @@ def write_shard(directory: Path, result: ShardResult, anchors: AnchorOutputs) ->
     """
     directory = Path(directory)
     targets = _cast(result, _TARGET_TENSORS)
-    anchor_tensors = _cast(anchors, _ANCHOR_TENSORS)
+    anchor_tensors = {**_cast(anchors, _ANCHOR_TENSORS), **_basis_arrays(anchors.basis)}
     header = result.header
     targets_path, anchors_path = directory / TARGETS_FILE, directory / ANCHORS_FILE
     # The checksums are about to be computed from these very arrays; shapes and values need checking.
@@ -201,15 +243,14 @@ class ShardReader:
                     hint=_REFRESH_HINT,
                 )
             _check_target_shapes(str(self.targets_path), self.header, self._targets.shapes(_TARGET_TENSORS))
-            _check_anchor_shapes(str(self.anchors_path), self.header, stored.shapes(_ANCHOR_TENSORS))
-            tensors = {name: stored.read(name) for name in _ANCHOR_TENSORS}
+            tensors = _read_anchor_tensors(stored, self.header)
         if self.verify:
             _check_checksums(str(self.anchors_path), self.header, "anchors",
                              {name: tensor_sha256(array) for name, array in tensors.items()})
             _check_values(str(self.anchors_path), tensors)
             # Before the targets are read, not after: a file that cannot pass is refused at no cost.
             _check_checksums(str(self.targets_path), self.header, "targets", dict.fromkeys(_TARGET_TENSORS))
-        return AnchorOutputs(**tensors)
+        return _anchor_outputs(tensors)
 
     def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[ShardRows]:
         """The targets in consecutive ranges of `rows` rows (an empty shard gives one empty range).
@@ -370,11 +411,35 @@ def read_anchor_file(path: Path) -> tuple[ShardHeader, AnchorOutputs]:
     path = Path(path)
     stored, header = _open(path, _ANCHOR_TENSORS)
     with stored:
-        _check_anchor_shapes(str(path), header, stored.shapes(_ANCHOR_TENSORS))
-        tensors = {name: stored.read(name) for name in _ANCHOR_TENSORS}
+        tensors = _read_anchor_tensors(stored, header)
     _check_checksums(str(path), header, "anchors", {name: tensor_sha256(array) for name, array in tensors.items()})
     _check_values(str(path), tensors)
-    return header, AnchorOutputs(**tensors)
+    return header, _anchor_outputs(tensors)
+
+
+def _anchor_dtypes(header: ShardHeader) -> dict[str, type]:
+    return {**_ANCHOR_TENSORS, **(_BASIS_TENSORS if header.projection == "pca" else {})}
+
+
+def _read_anchor_tensors(stored: _SafetensorsFile, header: ShardHeader) -> dict[str, np.ndarray]:
+    """Every tensor of an open anchors file that its header calls for, once names, dtypes and shapes fit."""
+    dtypes = _anchor_dtypes(header)
+    _check_tensors(stored, dtypes)
+    _check_anchor_shapes(str(stored.path), header, stored.shapes(dtypes))
+    return {name: stored.read(name) for name in dtypes}
+
+
+def _basis_arrays(basis: PcaBasis | None) -> dict[str, np.ndarray]:
+    if basis is None:
+        return {}
+    return {f"basis.{name}": np.ascontiguousarray(array, dtype=np.float32) for name, array in basis.arrays().items()}
+
+
+def _anchor_outputs(tensors: Mapping[str, np.ndarray]) -> AnchorOutputs:
+    basis = None
+    if "basis.mean" in tensors:
+        basis = PcaBasis.from_arrays({name.removeprefix("basis."): tensors[name] for name in _BASIS_TENSORS})
+    return AnchorOutputs(**{name: tensors[name] for name in _ANCHOR_TENSORS}, basis=basis)
 
 
 def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardHeader]:
@@ -383,25 +448,35 @@ def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardH
         raise ShardFileError(f"{path} is missing.", hint=_REFRESH_HINT)
     stored = _SafetensorsFile(path)
     try:
-        missing = [name for name in dtypes if name not in stored.tensors]
-        if missing:
-            raise ShardFileError(f"{path} lacks the tensor(s) {missing}.", hint=_REFRESH_HINT)
+        _check_present(stored, dtypes)
         if HEADER_KEY not in stored.metadata:
             raise ShardFileError(f"{path} has no coopt header; it was not written by coopt-hub.", hint=_REFRESH_HINT)
         try:
             header = header_from_metadata(stored.metadata)
         except ValueError as err:
             raise ShardFileError(f"{path} has an unreadable coopt header: {err}", hint=_REFRESH_HINT) from err
-        for name, dtype in dtypes.items():
-            found = stored.tensors[name].dtype
-            if _SAFETENSORS_DTYPES.get(found) is not dtype:
-                shown = np.dtype(_SAFETENSORS_DTYPES[found]) if found in _SAFETENSORS_DTYPES else found
-                raise ShardFileError(f"{path}: tensor '{name}' is {shown}, expected {np.dtype(dtype)}.",
-                                     hint=_REFRESH_HINT)
+        _check_tensors(stored, dtypes)
     except BaseException:
         stored.close()
         raise
     return stored, header
+
+
+def _check_present(stored: _SafetensorsFile, dtypes: dict[str, type]) -> None:
+    missing = [name for name in dtypes if name not in stored.tensors]
+    if missing:
+        raise ShardFileError(f"{stored.path} lacks the tensor(s) {missing}.", hint=_REFRESH_HINT)
+
+
+def _check_tensors(stored: _SafetensorsFile, dtypes: dict[str, type]) -> None:
+    """The tensors of `dtypes` are in the file, each stored with its dtype."""
+    _check_present(stored, dtypes)
+    for name, dtype in dtypes.items():
+        found = stored.tensors[name].dtype
+        if _SAFETENSORS_DTYPES.get(found) is not dtype:
+            shown = np.dtype(_SAFETENSORS_DTYPES[found]) if found in _SAFETENSORS_DTYPES else found
+            raise ShardFileError(f"{stored.path}: tensor '{name}' is {shown}, expected {np.dtype(dtype)}.",
+                                 hint=_REFRESH_HINT)
 
 
 # Checks ------------------------------------------------------------------------------------------
@@ -418,6 +493,19 @@ def _check_anchor_shapes(path: str, header: ShardHeader, shapes: dict[str, tuple
     _check_shape(path, "ids", shapes["ids"], (count,), "a 1-D id list")
     _check_shape(path, "features", shapes["features"], (count, header.output_dim), "[anchors, output_dim]")
     _check_shape(path, "projected", shapes["projected"], (count, header.dim), "[anchors, dim]")
+    basis = {name: shape for name, shape in shapes.items() if name in _BASIS_TENSORS}
+    if header.projection != "pca":
+        if basis:
+            raise ShardFileError(f"{path} holds a PCA basis, but its header says the projection is "
+                                 f"{header.projection!r}.", hint=_REFRESH_HINT)
+        return
+    expected = {"basis.mean": (header.output_dim,), "basis.scale": (header.output_dim,),
+                "basis.components": (header.output_dim, header.dim), "basis.explained": (1,)}
+    if set(basis) != set(expected):
+        raise ShardFileError(f"{path}: a pca shard needs the PCA basis tensors {sorted(expected)}, "
+                             f"it has {sorted(basis)}.", hint=_REFRESH_HINT)
+    for name, shape in expected.items():
+        _check_shape(path, name, basis[name], shape, "the PCA basis of [output_dim, dim] in the header")
 
 
 def _check_shape(path: str, name: str, shape: tuple[int, ...], expected: tuple[int, ...], meaning: str) -> None:
@@ -437,6 +525,23 @@ def _check_checksums(path: str, header: ShardHeader, group: str, digests: dict[s
         if digest is not None and digest != recorded[name]:
             raise ShardFileError(f"{path}: tensor '{name}' does not match its checksum (the file is damaged).",
                                  hint=_REFRESH_HINT)
+
+
+def _version_problem(header: ShardHeader) -> str | None:
+    """What makes a header's version fields unreadable by this release, if anything."""
+    version = header.schema_version
+    if type(version) is not int or version < 1:
+        return f"schema_version {version!r} is not a version number"
+    if version > SCHEMA_VERSION:
+        return (f"schema version {version} was written by a newer coopt-hub (this one reads up to "
+                f"{SCHEMA_VERSION}); upgrade coopt-hub")
+    if header.projection not in PROJECTIONS:
+        return f"unknown projection {header.projection!r}"
+    if version == 1 and (header.projection != "random" or header.alignment is not None):
+        return "a version 1 header records no alignment fit and knows only the random projection"
+    if header.alignment is not None and (not isinstance(header.alignment, dict) or header.reference is None):
+        return "alignment is not the record of a fit to a reference"
+    return None
 
 
 def _skipped_ids_problem(skipped) -> str | None:
@@ -481,6 +586,8 @@ def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
         problems.append(f"holds shard {header.shard}, not shard {k}")
     if header.dim != plan.dim:
         problems.append(f"targets have {header.dim} dimensions, the plan says {plan.dim}")
+    if header.projection != plan.projection_kind:
+        problems.append(f"made with the {header.projection} projection, the plan says {plan.projection_kind}")
     shard_ids = plan.shard_ids(k)
     skipped = np.asarray(header.skipped_ids, dtype=np.int64)
     if not np.isin(skipped, shard_ids).all():

@@ -14,7 +14,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundErr
 from coopt_hub.core.layout import ANCHORS_PATH, MANIFEST_PATH, PLAN_PATH, remote_paths, shard_branch
 from coopt_hub.core.manifest import Manifest
 from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import ShardHeader, header_from_metadata, read_anchor_file
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_from_metadata, header_problems, read_anchor_file
 from coopt_hub.errors import PlanError, ShardFileError, SourceError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.source import pin_revision
@@ -87,11 +87,12 @@ def read_remote_header(hub: Hub, repo: str, commit: str, path: str) -> ShardHead
     return header_from_metadata(metadata)
 
 
-def read_reference_anchors(
-    hub: Hub, repo: str, plan: Plan, shard: int, commit: str, fingerprint: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """A reference shard's anchor ids and W-projected anchor outputs at `commit`, checked: its own
-    checksums, the plan, the shard, and (when given) the prior's fingerprint. ShardFileError otherwise."""
+def read_shard_anchors(hub: Hub, repo: str, plan: Plan, shard: int, commit: str) -> tuple[ShardHeader, AnchorOutputs]:
+    """Shard `shard`'s anchors file as pushed at `commit`, checked: its own checksums, and that it was
+    made for this plan and shard. ShardFileError otherwise.
+
+    These stored outputs, not what a header or report says, are what priors are judged by.
+    """
     where = f"shard {shard} ({shard_branch(shard)}@{commit[:12]})"
     hint = f"Ask the owner of shard {shard} to run `coopt-hub optimize --shard {shard} --push` again."
     try:
@@ -101,12 +102,24 @@ def read_reference_anchors(
     try:
         header, anchors = read_anchor_file(path)
     except ShardFileError as err:
-        raise ShardFileError(f"The anchors of reference {where} are damaged: {err}", hint=hint) from err
-    if header.plan_hash != plan.plan_hash or header.shard != shard or header.dim != plan.dim:
-        raise ShardFileError(f"The anchors of reference {where} were made for another plan or shard.", hint=hint)
+        raise ShardFileError(f"The anchors of {where} are damaged: {err}", hint=hint) from err
+    problems = header_problems(plan, shard, header)
+    if problems:
+        raise ShardFileError(f"The anchors of {where} do not fit the plan: {'; '.join(problems)}.", hint=hint)
+    return header, anchors
+
+
+def read_reference_anchors(
+    hub: Hub, repo: str, plan: Plan, shard: int, commit: str, fingerprint: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A reference shard's anchor ids and projected anchor outputs at `commit`, checked as
+    read_shard_anchors checks them, and (when given) the prior's fingerprint. ShardFileError otherwise."""
+    header, anchors = read_shard_anchors(hub, repo, plan, shard, commit)
     if fingerprint is not None and header.fingerprint != fingerprint:
-        raise ShardFileError(f"The prior of reference {where} has fingerprint {header.fingerprint[:12]}, "
-                             f"not the declared {str(fingerprint)[:12]}.", hint=hint)
+        raise ShardFileError(f"The prior of reference shard {shard} ({shard_branch(shard)}@{commit[:12]}) has "
+                             f"fingerprint {header.fingerprint[:12]}, not the declared {str(fingerprint)[:12]}.",
+                             hint=f"Ask the owner of shard {shard} to run `coopt-hub optimize --shard {shard} "
+                             "--push` again.")
     return anchors.ids, anchors.projected
 
 

@@ -1,8 +1,10 @@
 """A participant's job: label shard k with its prior, judge the prior on the anchors, align, publish.
 
     plan (main) -> chunks of shard k and of S -> labeling on every rank -> chunks gathered on rank 0
-    -> raw targets f @ W -> uniformity V on S -> reference (the lowest V pushed so far, or itself)
-    -> T_k fitted on S -> aligned targets -> targets/anchors/report files -> one commit to shard/{k}
+    -> raw targets (f @ W, or f through this shard's own PCA basis) -> uniformity V on S
+    -> reference (the best prior by common-space V among the pushed shards' stored anchor outputs
+    and this one's, noise-like ones last) -> T_k chosen on S by held-out error -> aligned targets
+    -> targets/anchors/report files -> one commit to shard/{k}
 
 Each step is a function that returns what the next needs. Work lives under
 `{workdir}/{repo}/shard-{k}/{plan hash}-{prior fingerprint}-{settings}/`: a different plan, prior or
@@ -21,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from coopt_hub import __version__, errors
-from coopt_hub.core.align import uniformity
+from coopt_hub.core.align import fit_pca_basis, uniformity
 from coopt_hub.core.layout import REPORT_FILE, shard_prefix
 from coopt_hub.core.plan import Plan
-from coopt_hub.core.progress import LogProgress, Progress, Silent
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
+from coopt_hub.core.progress import Bar, LogProgress, Progress, Silent
+from coopt_hub.core.quality import common_uniformity, sample_rows
+from coopt_hub.core.shardfile import SCHEMA_VERSION, AnchorOutputs, ShardHeader, ShardResult, project, write_shard
 from coopt_hub.errors import BadImageError, ConflictError, PriorError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan
@@ -40,12 +43,21 @@ from coopt_hub.participant.labeling import (
     rank_chunks,
 )
 from coopt_hub.participant.push import check_branch_owner, publish_result
-from coopt_hub.participant.reference import Alignment, align_to_reference
+from coopt_hub.participant.reference import (
+    Alignment,
+    ReferenceChoice,
+    align_to_reference,
+    choose_reference,
+    pushed_shards,
+)
 from coopt_hub.participant.report import RunSummary, build_report, write_report
 from coopt_hub.participant.workdir import OptimizeResult, mark_latest, result_directory, run_directory
 from coopt_hub.priors import Prior
 
 BAD_IMAGE_POLICIES = ("error", "skip")
+# A "pca" participant fits its basis on at most this many of its shard's rows (a seeded sample):
+# float64 copies of 20,000 x 1,024 outputs take ~0.3 GB, and the leading axes of the rest add little.
+PCA_FIT_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,9 @@ class _Notes:
     def warn(self, message: str) -> None:
         self.notes.append(message)
         self.say.warn(message)
+
+    def bar(self, total: int | None, description: str, unit: str = "it") -> Bar:
+        return self.say.bar(total, description, unit)
 
 
 # Every rank: agree on the plan and the prior, then label ---------------------------------------
@@ -211,8 +226,10 @@ def _finish(hub: Hub, job: _Job, labeled: _Labeled, options: OptimizeOptions, no
     """From the gathered chunks to the shard's targets and anchors files, and its report (not written yet)."""
     outputs = _gather(job, notes)
     started = time.perf_counter()
-    judged = _judge(job.plan, job.prior, outputs)
-    alignment = _align(hub, job, outputs, judged, notes)
+    judged = _judge(job.plan, outputs)
+    pushed = pushed_shards(hub, job.repo, job.plan, job.shard, notes)
+    choice = choose_reference(job.plan, job.shard, judged.anchors, pushed, notes)
+    alignment = _align(job, judged, choice, notes)
     alignment_seconds = time.perf_counter() - started
     directory = result_directory(job.store.directory)
     files = directory / shard_prefix(job.shard)
@@ -220,7 +237,7 @@ def _finish(hub: Hub, job: _Job, labeled: _Labeled, options: OptimizeOptions, no
     run = RunSummary(participant=options.participant, batch_size=options.batch_size, workers=options.workers,
                      chunks=len(job.chunks.all), stats=labeled.stats, labeling_seconds=labeled.seconds,
                      alignment_seconds=alignment_seconds)
-    report = build_report(job.repo, job.plan, job.prior, header, alignment.reference, outputs, run, files)
+    report = build_report(job.repo, job.plan, job.prior, header, choice, outputs, run, files)
     return OptimizeResult(repo=job.repo, shard=job.shard, directory=directory, report=report, notes=notes.notes)
 
 
@@ -241,35 +258,45 @@ def _gather(job: _Job, notes: _Notes) -> JobOutputs:
 
 @dataclass(frozen=True)
 class _Judged:
-    """The prior's outputs through the plan's projection W, and its uniformity V on the anchors."""
+    """The prior's outputs through the projection to the common size, and its uniformity V on the anchors."""
 
-    raw: np.ndarray  # the shard's f @ W
-    projected_anchors: np.ndarray  # the anchors' f @ W
-    uniformity: float
-
-
-def _judge(plan: Plan, prior: Prior, outputs: JobOutputs) -> _Judged:
-    projection = plan.projection(prior.output_dim)
-    return _Judged(raw=outputs.shard.features @ projection,
-                   projected_anchors=outputs.anchors.features @ projection,
-                   uniformity=uniformity(outputs.anchors.features, t=plan.temperature))
+    raw: np.ndarray  # the shard's outputs, projected
+    anchors: AnchorOutputs  # the anchors' outputs, native and projected, and the PCA basis (pca plans)
+    uniformity: float  # in the common space
+    uniformity_native: float
 
 
-def _align(hub: Hub, job: _Job, outputs: JobOutputs, judged: _Judged, notes: _Notes) -> Alignment:
-    anchor_ids, value = outputs.anchors.ids, judged.uniformity
-    if anchor_ids.size < job.plan.dim:
-        notes.warn(f"Only {anchor_ids.size} anchors for {job.plan.dim} target dimensions: alignment to the "
-                   "reference is under-determined (ridge-regularised) and loses part of its information. The "
-                   "platform should use at least as many anchors as dimensions, or a smaller --dim.")
-    alignment = align_to_reference(hub, job.repo, job.plan, job.shard, value, judged.raw, anchor_ids,
-                                   judged.projected_anchors)
-    reference = alignment.reference
+def _judge(plan: Plan, outputs: JobOutputs) -> _Judged:
+    shard, anchors = outputs.shard, outputs.anchors
+    basis = None
+    if plan.projection_kind == "pca":
+        # On this shard's own outputs, not the anchors: a basis of |S| rows would keep at most |S| axes.
+        basis = fit_pca_basis(shard.features[sample_rows(shard.ids.size, PCA_FIT_ROWS, seed=plan.seed)], plan.dim)
+    return _Judged(
+        raw=project(plan, basis, shard.features),
+        anchors=AnchorOutputs(ids=anchors.ids, features=anchors.features,
+                              projected=project(plan, basis, anchors.features), basis=basis),
+        uniformity=common_uniformity(anchors.features, plan.dim, t=plan.temperature),
+        uniformity_native=uniformity(anchors.features, t=plan.temperature),
+    )
+
+
+def _align(job: _Job, judged: _Judged, choice: ReferenceChoice, notes: _Notes) -> Alignment:
+    alignment = align_to_reference(choice.reference, judged.raw, judged.anchors)
+    values = f"Uniformity V = {judged.uniformity:.4f} in the common space ({judged.uniformity_native:.4f} native)"
+    reference, fit = alignment.reference, alignment.fit
     if reference is None:
-        notes.say.info(f"Uniformity V = {value:.4f}: the best prior pushed so far; this shard is its own reference.")
+        notes.say.info(f"{values}: the best prior pushed so far; this shard is its own reference.")
     else:
-        notes.say.info(f"Uniformity V = {value:.4f}; aligned to shard {reference.shard} (V = "
-                       f"{reference.uniformity:.4f}, commit {reference.commit[:8]}), relative fit residual "
-                       f"{alignment.residual:.4f}.")
+        notes.say.info(f"{values}; aligned to shard {reference.shard} (V = {choice.chosen.common_uniformity:.4f}, "
+                       f"commit {reference.commit[:8]}) by {fit.method}: held-out residual {fit.cv_residual:.4f} "
+                       f"(cosine {fit.cv_cosine:.4f}), in-sample {fit.residual:.4f}.")
+        dims = min(job.plan.dim, job.prior.output_dim)  # the rank of the projected outputs
+        if alignment.anchors < dims:
+            notes.warn(f"Only {alignment.anchors} anchors shared with the reference for {dims} dimensions: the "
+                       "alignment is under-determined and loses part of the reference's information (held-out "
+                       f"residual {fit.cv_residual:.3f}). The platform should use more anchors per dimension, or a "
+                       "smaller --dim.")
     if not np.isfinite(alignment.targets).all():
         raise PriorError("The aligned targets hold NaN or infinite values.",
                          hint="The reference's anchors or this prior's outputs are degenerate; try another prior.")
@@ -295,12 +322,12 @@ def _write_files(files: Path, job: _Job, outputs: JobOutputs, judged: _Judged, a
         tool_version=__version__,
         checksums={},
         skipped_ids=sorted(int(i) for i in shard.bad_ids),
+        schema_version=SCHEMA_VERSION,
+        alignment=None if alignment.fit is None else alignment.fit.to_dict(),
+        uniformity_native=judged.uniformity_native,
+        projection=plan.projection_kind,
     )
     (files / REPORT_FILE).unlink(missing_ok=True)  # until the new report is written, no result is complete
-    write_shard(
-        files,
-        ShardResult(header=header, ids=shard.ids, raw=judged.raw, aligned=alignment.targets),
-        AnchorOutputs(ids=outputs.anchors.ids, features=outputs.anchors.features,
-                      projected=judged.projected_anchors),
-    )
+    write_shard(files, ShardResult(header=header, ids=shard.ids, raw=judged.raw, aligned=alignment.targets),
+                judged.anchors)
     return header

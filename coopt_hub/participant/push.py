@@ -65,14 +65,17 @@ def publish_result(
     model = report["prior"]["model"]
     reference = report["reference"]
     aligned_to = "itself" if reference is None else f"{reference['branch']}@{reference['commit'][:8]}"
+    # Reports of version 1 results (pushed later with `coopt-hub push`) have no alignment record.
+    fit = report.get("alignment")
+    residual = (f"held-out residual {fit['cv_residual']:.4f}, in-sample {report['residual']:.4f}" if fit
+                else f"residual {report['residual']:.4f}")
     commit = hub.commit(
         repo,
         branch,
         build,
         message=f"coopt-hub: shard {shard} labeled with {model} ({report['counts']['rows']} rows)",
         description=(f"Prior fingerprint {report['fingerprint']}, uniformity {report['uniformity']:.4f}, "
-                     f"aligned to {aligned_to} (residual {report['residual']:.4f}); "
-                     f"coopt-hub {report['tool_version']}."),
+                     f"aligned to {aligned_to} ({residual}); coopt-hub {report['tool_version']}."),
     )
     if outcome["unchanged"]:
         say.info(f"{branch} of {repo} already holds this result ({commit[:8]}); nothing to push.")

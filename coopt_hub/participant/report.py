@@ -18,7 +18,7 @@ from coopt_hub.core.plan import Plan
 from coopt_hub.core.shardfile import ShardHeader
 from coopt_hub.participant.chunks import JobOutputs
 from coopt_hub.participant.labeling import LabelingStats
-from coopt_hub.participant.reference import Reference
+from coopt_hub.participant.reference import ReferenceChoice
 from coopt_hub.priors import Prior
 
 
@@ -36,11 +36,16 @@ class RunSummary:
 
 
 def build_report(
-    repo: str, plan: Plan, prior: Prior, header: ShardHeader, reference: Reference | None,
+    repo: str, plan: Plan, prior: Prior, header: ShardHeader, choice: ReferenceChoice,
     outputs: JobOutputs, run: RunSummary, files: Path,
 ) -> dict[str, Any]:
-    """The report of the shard whose targets and anchors files (described by `header`) lie in `files`."""
+    """The report of the shard whose targets and anchors files (described by `header`) lie in `files`.
+
+    Its figures are the header's, plus how the priors were ranked; nobody chooses a reference by
+    them (the stored anchor outputs are judged instead), they say what the participant saw.
+    """
     shard, anchors = outputs.shard, outputs.anchors
+    reference = choice.reference
     return {
         "tool_version": header.tool_version,
         "repo": repo,
@@ -55,10 +60,17 @@ def build_report(
         "random_init": bool(prior.random_init),
         "output_dim": prior.output_dim,
         "dim": plan.dim,
+        "schema_version": header.schema_version,
+        "projection": header.projection,
         "uniformity": header.uniformity,
+        "uniformity_native": header.uniformity_native,
         "temperature": plan.temperature,
-        "reference": None if reference is None else {**reference.to_header(), "uniformity": reference.uniformity},
+        "noise_like": choice.own.noise_like,
+        "ranking": choice.to_dict(),
+        "reference": None if reference is None else {**reference.to_header(),
+                                                     "uniformity": choice.chosen.common_uniformity},
         "residual": header.residual,
+        "alignment": header.alignment,
         "counts": {
             "shard_rows": int(len(plan.shard_ids(header.shard))),
             "rows": int(shard.ids.size),

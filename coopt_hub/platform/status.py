@@ -1,10 +1,13 @@
 """Where a collaboration stands: every shard of the plan, what its branch holds, and whether it fits.
 
-Only the headers of the shard files are read (two small range reads per shard), so the status of a
-large collaboration costs no downloads. A shard is `done` when its branch holds a readable pair of
-files made for this plan, this source commit and this shard, holding a row for every sample of the
-shard but those it records as skipped (undecodable images); `missing` when nothing was pushed;
-`stale` otherwise, with the reasons. `merge` re-checks done shards in full before using them.
+The headers of the shard files are read with two small range reads per shard; of the done shards,
+the anchors files too (a few hundred KB each, never the targets): priors are judged by their stored
+anchor outputs (common-space V, noise flag: participant/reference.rank_stored_anchors), never by
+what a header says. A shard is `done` when its branch holds a readable pair of files made for this
+plan, this source commit and this shard, holding a row for every sample of the shard but those it
+records as skipped (undecodable images); `missing` when nothing was pushed; `stale` otherwise, with
+the reasons. A done shard can still be doubtful: its `concerns` say so, judged by the alignment's
+held-out residual and the noise flag. `merge` re-checks done shards in full before using them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,19 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from coopt_hub.core.layout import remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import ShardHeader, header_problems
-from coopt_hub.errors import ShardFileError
+from coopt_hub.core.quality import PriorRanking, PriorScore
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_problems
+from coopt_hub.errors import PlanError, ShardFileError
 from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import load_plan, read_manifest, read_remote_header
+from coopt_hub.hub.repo import load_plan, read_manifest, read_remote_header, read_shard_anchors
+from coopt_hub.participant.reference import rank_stored_anchors
 
 DONE, MISSING, STALE = "done", "missing", "stale"
+# A held-out residual above this means the alignment predicts little of the reference on anchors it
+# was not fitted on (1.0: nothing; a map of pure noise scores ~1). Measured on the digits train split
+# with three random-init open_clip priors (256, 384, 512 outputs), 3 shards, 150 anchors, dim 256,
+# 3 plan seeds: honest shards 0.04-0.18 with the random W, 0.16-0.69 with the pca projection.
+POOR_CV_RESIDUAL = 0.9
 
 
 @dataclass(frozen=True)
@@ -35,10 +45,32 @@ class ShardStatus:
     header: ShardHeader | None = None
     problems: tuple[str, ...] = ()
     merged: bool = False  # main's latest merge holds this very commit of the shard
+    score: PriorScore | None = None  # its prior judged by its stored anchor outputs, among the done shards
 
     @property
     def rows(self) -> int | None:
         return self.header.num_rows if self.header else None
+
+    @property
+    def cv_residual(self) -> float | None:
+        """The alignment's held-out residual (None: its own reference, or a version 1 shard)."""
+        return self.header.cv_residual if self.header else None
+
+    @property
+    def noise_like(self) -> bool | None:
+        return self.score.noise_like if self.score else None
+
+    @property
+    def concerns(self) -> tuple[str, ...]:
+        """What makes a done shard's targets doubtful, judged by held-out and recomputed figures."""
+        concerns = []
+        if self.noise_like:
+            concerns.append(f"its anchor outputs look noise-like (at most {self.score.agreement:.2f} of their "
+                            "neighbours shared with another prior)")
+        if self.cv_residual is not None and self.cv_residual > POOR_CV_RESIDUAL:
+            concerns.append(f"its alignment's held-out residual is {self.cv_residual:.2f}: it predicts little of "
+                            "the reference")
+        return tuple(concerns)
 
     @property
     def skipped(self) -> int | None:
@@ -59,11 +91,25 @@ class ShardStatus:
             "fingerprint": header.fingerprint if header else None,
             "output_dim": header.output_dim if header else None,
             "uniformity": header.uniformity if header else None,
+            "uniformity_native": header.uniformity_native if header else None,
+            "projection": header.projection if header else None,
+            "schema_version": header.schema_version if header else None,
             "reference": header.reference if header else None,
             "residual": header.residual if header else None,
+            "alignment": _alignment_summary(header.alignment) if header else None,
+            "cv_residual": self.cv_residual,
+            "noise_like": self.noise_like,
+            "agreement": self.score.agreement if self.score else None,
+            "common_uniformity": self.score.common_uniformity if self.score else None,
+            "concerns": list(self.concerns),
             "problems": list(self.problems),
             "merged": self.merged,
         }
+
+
+def _alignment_summary(alignment: dict | None) -> dict | None:
+    """The header's record of the fit without the other candidates compared."""
+    return None if alignment is None else {k: v for k, v in alignment.items() if k != "candidates"}
 
 
 @dataclass(frozen=True)
@@ -73,15 +119,19 @@ class CollaborationStatus:
     plan: Plan
     shards: tuple[ShardStatus, ...]
     merged_tag: str | None  # the version main holds now, if any
+    ranking: PriorRanking | None = None  # of the done shards' priors, by their stored anchor outputs
 
     def in_state(self, state: str) -> list[ShardStatus]:
         return [shard for shard in self.shards if shard.state == state]
 
     @property
     def best(self) -> ShardStatus | None:
-        """The done shard with the lowest uniformity: the reference a merge would align to now."""
-        done = self.in_state(DONE)
-        return min(done, key=lambda s: (s.header.uniformity, s.shard)) if done else None
+        """The done shard whose prior ranks first (lowest common-space V, noise-like ones last): the
+        reference a merge would align to now."""
+        if self.ranking is None:
+            return None
+        first = self.ranking.reference or self.ranking.scores[0].name
+        return next(s for s in self.shards if s.branch == first)
 
     @property
     def rows_done(self) -> int:
@@ -98,6 +148,7 @@ class CollaborationStatus:
             "rows_done": self.rows_done,
             "counts": {state: len(self.in_state(state)) for state in (DONE, MISSING, STALE)},
             "best_shard": best.shard if best else None,
+            "ranking": self.ranking.to_dict() if self.ranking else None,
             "merged_tag": self.merged_tag,
             "shards": [shard.to_dict() for shard in self.shards],
         }
@@ -110,13 +161,38 @@ def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     branches, _ = hub.refs(repo)
     manifest = read_manifest(hub, repo, main)
     merged = {(s.shard, s.commit) for s in manifest.shards} if manifest else set()
-    shards = []
+    shards, anchors = [], {}
     for k in range(plan.num_shards):
         status = shard_status(hub, repo, plan, k, branches.get(shard_branch(k)))
+        if status.state == DONE:
+            status, anchors[k] = _with_anchors(hub, repo, plan, status)
         shards.append(replace(status, merged=(k, status.commit) in merged))
-    return CollaborationStatus(
-        repo=repo, main=main, plan=plan, shards=tuple(shards), merged_tag=manifest.tag if manifest else None
-    )
+    ranking = _rank(plan, {k: outputs for k, outputs in anchors.items() if outputs is not None})
+    if ranking is not None:
+        scores = {score.name: score for score in ranking.scores}
+        shards = [replace(s, score=scores.get(s.branch)) for s in shards]
+    return CollaborationStatus(repo=repo, main=main, plan=plan, shards=tuple(shards),
+                               merged_tag=manifest.tag if manifest else None, ranking=ranking)
+
+
+def _with_anchors(hub: Hub, repo: str, plan: Plan, status: ShardStatus) -> tuple[ShardStatus, AnchorOutputs | None]:
+    """A done shard and its stored anchor outputs; stale instead when they do not read or fit."""
+    try:
+        _, anchors = read_shard_anchors(hub, repo, plan, status.shard, status.commit)
+    except ShardFileError as err:
+        return replace(status, state=STALE, problems=(*status.problems, str(err))), None
+    return status, anchors
+
+
+def _rank(plan: Plan, anchors: dict[int, AnchorOutputs]) -> PriorRanking | None:
+    """None without done shards, or when they share fewer than two decoded anchors (then no
+    comparison is possible; merge says so)."""
+    if not anchors:
+        return None
+    try:
+        return rank_stored_anchors(plan, {shard_branch(k): outputs for k, outputs in anchors.items()})
+    except PlanError:
+        return None
 
 
 def shard_status(hub: Hub, repo: str, plan: Plan, k: int, commit: str | None) -> ShardStatus:

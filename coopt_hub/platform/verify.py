@@ -4,8 +4,11 @@ A shard's header declares the prior (spec and weight fingerprint) and the prepro
 its targets. Verification loads that prior, re-encodes a seeded sample of the shard's images (read
 from the units holding them only) and all anchors, and compares with what was pushed; it then
 recomputes from the pushed anchor outputs what the header claims about them (uniformity V, the
-alignment fit to the declared reference and its residual) and checks that the aligned targets are
-the raw targets mapped by that fit. Every figure is reported, so a reader sees how close a shard is.
+alignment fit to the declared reference with its declared method and parameters, its in-sample and
+held-out residuals) and checks that the aligned targets are the raw targets mapped by that fit.
+Raw targets are re-made through the shard's projection: the plan's W, or (pca plans) the basis the
+shard stores with its anchors. Every figure is reported, so a reader sees how close a shard is.
+Version 1 shards are checked as version 1 made them (native V, the one-shot ridge).
 
 Honest shards reproduce to cosine ~0.9999999 (fp32) or ~0.9998 (bf16 autocast); noise of 5% of
 the row norm added to the targets gives ~0.9987, so the default threshold sits between them.
@@ -26,19 +29,29 @@ from typing import Any
 import numpy as np
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
-from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
+from coopt_hub.core.align import (
+    AlignmentWarning,
+    apply_alignment,
+    fit_alignment,
+    fit_transform,
+    normalize,
+    select_alignment,
+    uniformity,
+)
 from coopt_hub.core.layout import shard_branch
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import LogProgress, Progress
+from coopt_hub.core.quality import common_uniformity
 from coopt_hub.core.shardfile import (
     AnchorOutputs,
     ShardHeader,
     ShardResult,
     expected_ids,
     header_problems,
+    project,
     read_shard,
 )
-from coopt_hub.errors import BadImageError, ConfigError, PriorError, ShardFileError, VerificationError
+from coopt_hub.errors import BadImageError, ConfigError, PlanError, PriorError, ShardFileError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_anchors, load_plan, read_reference_anchors
 from coopt_hub.platform.init import rows_by_id
@@ -55,7 +68,7 @@ ALIGN_CHUNK_ROWS = 16384
 @dataclass(frozen=True)
 class Thresholds:
     min_cosine: float = 0.999  # every compared row: re-encoded vs pushed targets/anchors, raw @ T vs aligned
-    tolerance: float = 1e-4  # |recomputed - declared| for V and the residual; relative error of projected anchors
+    tolerance: float = 1e-4  # |recomputed - declared| for V and the residuals; relative error of projected anchors
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.min_cosine <= 1.0:
@@ -109,7 +122,9 @@ class ShardVerification:
     anchors: Agreement | None = None  # re-encoded anchors vs pushed anchor features
     aligned: Agreement | None = None  # pushed raw @ refitted T vs pushed aligned targets, every row
     uniformity_delta: float | None = None  # |V recomputed from the pushed anchor features - V in the header|
-    residual_delta: float | None = None  # |residual of the refitted T - residual in the header|
+    residual_delta: float | None = None  # |in-sample residual of the refitted T - residual in the header|
+    cv_residual: float | None = None  # held-out residual of the declared method, recomputed (version 2)
+    cv_residual_delta: float | None = None  # |cv_residual - the header's alignment cv_residual|
 
     @property
     def status(self) -> str:
@@ -254,7 +269,7 @@ def verify_shard(
     result, anchors = files
     declared = _check_prior(result.header, priors or PriorLoader(), report)
     encoder = _Encoder(*declared, batch_size, progress or LogProgress()) if declared else None
-    _check_targets(plan, result, encoder, sample, seed, thresholds, hub.token, report)
+    _check_targets(plan, result, anchors, encoder, sample, seed, thresholds, hub.token, report)
     _check_anchors(hub, repo, plan, anchors, encoder, thresholds, report)
     _check_uniformity(plan, result.header, anchors, thresholds, report)
     _check_alignment(hub, repo, plan, result, anchors, thresholds, report)
@@ -414,8 +429,8 @@ def sample_ids(ids: np.ndarray, count: int, seed: int, shard: int) -> np.ndarray
     return np.sort(ids[np.argsort(keys, kind="stable")[:count]])
 
 
-def _check_targets(plan: Plan, result: ShardResult, encoder: _Encoder | None, sample: int, seed: int,
-                   thresholds: Thresholds, token: str | None, report: ShardVerification) -> None:
+def _check_targets(plan: Plan, result: ShardResult, anchors: AnchorOutputs, encoder: _Encoder | None, sample: int,
+                   seed: int, thresholds: Thresholds, token: str | None, report: ShardVerification) -> None:
     shard = result.header.shard
     ids = sample_ids(result.ids, sample, seed, shard)
     report.sample_ids = [int(i) for i in ids]
@@ -429,7 +444,7 @@ def _check_targets(plan: Plan, result: ShardResult, encoder: _Encoder | None, sa
     except BadImageError as err:
         report.checks.append(Check("targets", FAILED, f"the shard has targets for images that do not decode: {err}"))
         return
-    recomputed = features @ plan.projection(encoder.prior.output_dim)
+    recomputed = project(plan, anchors.basis, features)
     rows = np.searchsorted(result.ids, ids)
     report.targets = Agreement.of(result.raw[rows].astype(np.float32), recomputed, ids)
     figures = f"re-encoded sample vs pushed raw targets: {report.targets.describe()}"
@@ -443,8 +458,9 @@ def _check_targets(plan: Plan, result: ShardResult, encoder: _Encoder | None, sa
 def _check_anchors(hub: Hub, repo: str, plan: Plan, anchors: AnchorOutputs, encoder: _Encoder | None,
                    thresholds: Thresholds, report: ShardVerification) -> None:
     """Re-encode every anchor: V and the alignment fit rest on them, so a sample would not do."""
-    projection_error = _relative_error(anchors.projected, anchors.features @ plan.projection(anchors.features.shape[1]))
-    projection = f"projected anchors vs features @ W: relative error {projection_error:.2e}"
+    projection_error = _relative_error(anchors.projected, project(plan, anchors.basis, anchors.features))
+    through = "the shard's PCA basis" if plan.projection_kind == "pca" else "W"
+    projection = f"projected anchors vs features through {through}: relative error {projection_error:.2e}"
     problems = [] if projection_error <= thresholds.tolerance else [f"{projection}, above {thresholds.tolerance}"]
     if encoder is None:
         if problems:
@@ -474,9 +490,16 @@ def _check_anchors(hub: Hub, repo: str, plan: Plan, anchors: AnchorOutputs, enco
 
 def _check_uniformity(plan: Plan, header: ShardHeader, anchors: AnchorOutputs, thresholds: Thresholds,
                       report: ShardVerification) -> None:
-    value = uniformity(anchors.features, t=plan.temperature)
-    report.uniformity_delta = abs(value - header.uniformity)
-    figures = f"V recomputed {value:.6f}, declared {header.uniformity:.6f} (delta {report.uniformity_delta:.2e})"
+    native = uniformity(anchors.features, t=plan.temperature)
+    if header.schema_version == 1:
+        declared = [("V", native, header.uniformity)]
+    else:
+        declared = [("V in the common space", common_uniformity(anchors.features, plan.dim, t=plan.temperature),
+                     header.uniformity), ("native V", native, header.uniformity_native)]
+    deltas = [abs(value - claimed) for _, value, claimed in declared]
+    report.uniformity_delta = max(deltas)
+    figures = "; ".join(f"{name} recomputed {value:.6f}, declared {claimed:.6f} (delta {delta:.2e})"
+                        for (name, value, claimed), delta in zip(declared, deltas))
     if report.uniformity_delta <= thresholds.tolerance:
         report.checks.append(Check("uniformity", PASSED, figures + "."))
     else:
@@ -484,45 +507,86 @@ def _check_uniformity(plan: Plan, header: ShardHeader, anchors: AnchorOutputs, t
                                                          "anchor outputs give."))
 
 
+@dataclass(frozen=True)
+class _Refit:
+    """The declared alignment made again: its map, its in-sample residual, and (version 2) its held-out one."""
+
+    transform: np.ndarray
+    residual: float
+    cv_residual: float | None
+    target: str  # what it maps to, for the message
+    method: str = "ridge"
+
+
 def _check_alignment(hub: Hub, repo: str, plan: Plan, result: ShardResult, anchors: AnchorOutputs,
                      thresholds: Thresholds, report: ShardVerification) -> None:
-    """Refit T to the declared reference and check the residual and every aligned row against raw @ T."""
+    """Refit T to the declared reference; check the residuals and every aligned row against raw @ T."""
     header = result.header
-    if header.reference is None:
-        transform, residual, target = np.eye(header.dim), 0.0, "itself"
-    else:
-        try:
-            reference = header.reference
-            if reference.get("branch") != shard_branch(int(reference["shard"])):
-                raise ValueError(f"it names branch {reference.get('branch')!r} for shard {reference['shard']}")
-            reference_ids, reference_projected = read_reference_anchors(
-                hub, repo, plan, int(reference["shard"]), str(reference["commit"]), reference.get("fingerprint")
-            )
-        except (ShardFileError, KeyError, TypeError, ValueError) as err:
-            report.checks.append(Check("alignment", FAILED, f"the declared reference cannot be used: {err}"))
-            return
-        common, own_rows, reference_rows = np.intersect1d(anchors.ids, reference_ids, return_indices=True)
-        if common.size < 2:
-            report.checks.append(Check("alignment", FAILED, f"the reference shares {common.size} anchors with it."))
-            return
-        with warnings.catch_warnings():
-            # The participant was warned when it fitted; the same fit is only repeated here.
-            warnings.simplefilter("ignore", AlignmentWarning)
-            transform, residual = fit_alignment(anchors.projected[own_rows], reference_projected[reference_rows])
-        target = f"shard {header.reference['shard']}@{str(header.reference['commit'])[:8]}"
-    report.residual_delta = abs(residual - header.residual)
-    report.aligned = _aligned_agreement(result, transform)
-    figures = (f"to {target}: residual recomputed {residual:.6f}, declared {header.residual:.6f} "
-               f"(delta {report.residual_delta:.2e}); raw @ T vs aligned: {report.aligned.describe()}")
+    refit = _Refit(np.eye(header.dim), 0.0, None, "itself") if header.reference is None else \
+        _refit(hub, repo, plan, header, anchors, report)
+    if refit is None:
+        return
+    report.residual_delta = abs(refit.residual - header.residual)
+    report.aligned = _aligned_agreement(result, refit.transform)
+    figures = [f"to {refit.target}"]
     problems = []
+    if refit.cv_residual is not None:
+        report.cv_residual = refit.cv_residual
+        report.cv_residual_delta = abs(refit.cv_residual - header.cv_residual)
+        figures.append(f"{refit.method} held-out residual recomputed {refit.cv_residual:.6f}, declared "
+                       f"{header.cv_residual:.6f} (delta {report.cv_residual_delta:.2e})")
+        if report.cv_residual_delta > thresholds.tolerance:
+            problems.append("the declared held-out residual is not the fit's")
+    figures.append(f"in-sample residual recomputed {refit.residual:.6f}, declared {header.residual:.6f} "
+                   f"(delta {report.residual_delta:.2e}); raw @ T vs aligned: {report.aligned.describe()}")
     if report.residual_delta > thresholds.tolerance:
         problems.append("the declared residual is not the fit's")
     if report.aligned.min_cosine < thresholds.min_cosine:
         problems.append(f"aligned targets are not raw @ T (threshold {thresholds.min_cosine})")
     if problems:
-        report.checks.append(Check("alignment", FAILED, f"{'; '.join(problems)}: {figures}."))
+        report.checks.append(Check("alignment", FAILED, f"{'; '.join(problems)}: {', '.join(figures)}."))
     else:
-        report.checks.append(Check("alignment", PASSED, figures + "."))
+        report.checks.append(Check("alignment", PASSED, ", ".join(figures) + "."))
+
+
+def _refit(hub: Hub, repo: str, plan: Plan, header: ShardHeader, anchors: AnchorOutputs,
+           report: ShardVerification) -> _Refit | None:
+    """The declared fit to the declared reference, from both shards' projected anchors; None (and the
+    'alignment' check failed) when the reference or the fit cannot be used."""
+    reference = header.reference
+    try:
+        if reference.get("branch") != shard_branch(int(reference["shard"])):
+            raise ValueError(f"it names branch {reference.get('branch')!r} for shard {reference['shard']}")
+        reference_ids, reference_projected = read_reference_anchors(
+            hub, repo, plan, int(reference["shard"]), str(reference["commit"]), reference.get("fingerprint")
+        )
+    except (ShardFileError, KeyError, TypeError, ValueError) as err:
+        report.checks.append(Check("alignment", FAILED, f"the declared reference cannot be used: {err}"))
+        return None
+    common, own_rows, reference_rows = np.intersect1d(anchors.ids, reference_ids, return_indices=True)
+    if common.size < 2:
+        report.checks.append(Check("alignment", FAILED, f"the reference shares {common.size} anchors with it."))
+        return None
+    source, target = anchors.projected[own_rows], reference_projected[reference_rows]
+    name = f"shard {reference['shard']}@{str(reference['commit'])[:8]}"
+    if header.schema_version == 1:
+        with warnings.catch_warnings():
+            # The participant was warned when it fitted; the same fit is only repeated here.
+            warnings.simplefilter("ignore", AlignmentWarning)
+            transform, residual = fit_alignment(source, target)
+        return _Refit(transform, residual, None, name)
+    fit = header.alignment
+    if fit is None:
+        report.checks.append(Check("alignment", FAILED, f"it declares {name} as its reference but no alignment fit."))
+        return None
+    try:
+        transform = fit_transform(source, target, fit["method"], fit["params"])
+        held_out = select_alignment(source, target, methods=(fit["method"],), folds=int(fit["folds"]),
+                                    seed=int(fit["seed"]))
+    except (ConfigError, PlanError, KeyError, TypeError, ValueError) as err:
+        report.checks.append(Check("alignment", FAILED, f"the declared alignment fit cannot be made again: {err}"))
+        return None
+    return _Refit(transform, _relative_error(source @ transform, target), held_out.cv_residual, name, fit["method"])
 
 
 def _aligned_agreement(result: ShardResult, transform: np.ndarray) -> Agreement:

@@ -122,6 +122,7 @@ class _SplitWriter:
         self.split, self.schema, self.workdir = split, schema, workdir
         self.files: list[Path] = []
         self.num_rows = 0
+        self.num_bytes = 0  # in memory (Arrow), as `datasets` counts a split's size
         self._writer: pq.ParquetWriter | None = None
         self._bytes = 0
 
@@ -131,6 +132,7 @@ class _SplitWriter:
             self._writer = pq.ParquetWriter(self.files[-1], self.schema)
         self._writer.write_table(table, row_group_size=table.num_rows)
         self.num_rows += table.num_rows
+        self.num_bytes += table.nbytes
         self._bytes += table.nbytes
         if self._bytes >= FILE_BYTES:
             self._close_file()
@@ -159,7 +161,8 @@ def write_splits(
         written = writer.finish()
         if written:
             uploads.extend(written)
-            splits[split] = SplitRecord(tuple(path for _, path in written), writer.num_rows)
+            splits[split] = SplitRecord(tuple(path for _, path in written), writer.num_rows, writer.num_bytes,
+                                        sum(local.stat().st_size for local, _ in written))
     return uploads, splits
 
 

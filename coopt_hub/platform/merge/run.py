@@ -1,12 +1,15 @@
 """`coopt-hub merge`: check every shard branch, align all targets to the best prior, publish vN on main.
 
-Nothing reaches main until every check has passed. The work streams so that memory follows a range
-of rows, not a shard or the dataset: each shard is downloaded, then read range by range, checked
-and (re-)aligned, and its targets go straight into a safetensors file laid out up front in id order;
-the parquet files are then written row group by row group from that file and the source's row
-groups. With `verify`, each shard is also re-encoded in part with its declared prior
-(platform.verify) and the merge is refused unless every shard passes. Main changes in one commit
-pinned to the head the merge was computed against, and that commit is tagged.
+Nothing reaches main until every check has passed. The reference prior is chosen from every
+shard's stored anchor outputs (merge.reference), never from what a header says of itself. The work
+streams so that memory follows a range of rows, not a shard or the dataset: each shard is
+downloaded, then read range by range, checked and (re-)aligned, and its targets go straight into a
+safetensors file laid out up front in id order; the parquet files are then written row group by
+row group from that file and the source's row groups. With `verify`, each shard is also
+re-encoded in part with its declared prior (platform.verify) and the merge is refused unless
+every shard passes. When the source has a label column the targets' quality is measured on a
+seeded sample of that file (platform.evaluate) for the manifest and the card. Main changes in one
+commit pinned to the head the merge was computed against, and that commit is tagged.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from coopt_hub.errors import ConfigError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import read_manifest
 from coopt_hub.platform.card import render_card
+from coopt_hub.platform.evaluate import measure_quality, read_target_sample
 from coopt_hub.platform.merge.commit import MergeResult, Publication, check_tag_free, claim_tag, publish_merge
 from coopt_hub.platform.merge.parquet import MergeSource, read_merge_source, write_splits
+from coopt_hub.platform.merge.reference import ReferenceChoice, choose_reference
 from coopt_hub.platform.merge.targets import MergedTargets, merge_targets
 from coopt_hub.platform.merge.verification import MergeVerifier
 from coopt_hub.platform.status import DONE, MISSING, CollaborationStatus, ShardStatus, collaboration_status
@@ -51,12 +56,16 @@ def merge(
     allow_partial: bool = False,
     verify: bool = False,
     verify_sample: int = 64,
+    no_evaluate: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
-    """Check every shard, align them to the lowest-V prior, and publish the dataset on main as a tag.
+    """Check every shard, align them to the lowest-V prior that is not noise-like, and publish the
+    dataset on main as a tag.
 
     `verify` also re-encodes `verify_sample` images of each shard and all anchors with the shard's
     declared prior (platform.verify.verify_shard) and refuses the merge unless every shard passes.
+    Unless `no_evaluate`, a source with a label column has the targets' quality measured
+    (platform.evaluate) into the manifest and the card.
     """
     if images not in IMAGE_MODES:
         raise ConfigError(f"--images must be one of {IMAGE_MODES}, got {images!r}.")
@@ -70,15 +79,16 @@ def merge(
     if unchanged is not None:
         return unchanged
 
-    reference = selection.reference
-    progress.info(f"Reference prior: shard {reference.shard} (V = {reference.header.uniformity:.4f}).")
     source = read_merge_source(hub, selection.plan, images)
     with tempfile.TemporaryDirectory(prefix="coopt-merge-") as scratch:
-        files = _write_files(hub, repo, selection, source, Path(scratch), verification, progress)
+        choice = choose_reference(hub, repo, selection.plan, selection.done, Path(scratch), progress)
+        files = _write_files(hub, repo, selection, choice, source, Path(scratch), verification, progress)
+        quality = None if no_evaluate or source.label_column is None else _measure(files, choice, source, progress)
+        reference = choice.reference
         publication = Publication(
             plan=selection.plan,
             uploads=files.uploads,
-            draft=_draft_manifest(selection, source, files, images, record),
+            draft=_draft_manifest(selection, choice, source, files, images, record, quality),
             card_for=functools.partial(render_card, plan=selection.plan, features=source.features,
                                        source_card=source.card, repo=repo, endpoint=hub.endpoint),
             message=(f"coopt-hub merge: {len(files.shards)} shards aligned to {reference.branch} "
@@ -89,12 +99,11 @@ def merge(
 
 @dataclass(frozen=True)
 class _Selection:
-    """The shards a merge takes (`done`), those it leaves out (`missing`), and the prior it aligns to."""
+    """The shards a merge takes (`done`) and those it leaves out (`missing`)."""
 
     status: CollaborationStatus
     done: list[ShardStatus]
     missing: tuple[int, ...]
-    reference: ShardStatus  # the done shard with the lowest uniformity
 
     @property
     def plan(self) -> Plan:
@@ -105,9 +114,21 @@ class _Selection:
 class _MergedFiles:
     """The merge's files in the scratch folder, and what the manifest records of them."""
 
-    uploads: list[tuple[Path, str]]  # (local file, path in the repo): the parquet files, then the targets
+    data_files: list[tuple[Path, str]]  # (local file, path in the repo) of the parquet files
+    targets: Path  # the merged targets file
     shards: tuple[MergedShard, ...]
     splits: dict[str, SplitRecord]
+    split: str  # the merged one
+
+    @property
+    def uploads(self) -> list[tuple[Path, str]]:
+        return [*self.data_files, (self.targets, TARGETS_PATH)]
+
+    @property
+    def merged_parquet(self) -> list[Path]:
+        """The merged split's parquet files, in row order."""
+        paths = set(self.splits[self.split].files)
+        return [local for local, path in self.data_files if path in paths]
 
 
 def _select(hub: Hub, repo: str, tag: str | None, allow_partial: bool) -> _Selection:
@@ -118,7 +139,7 @@ def _select(hub: Hub, repo: str, tag: str | None, allow_partial: bool) -> _Selec
         check_tag_free(repo, tag, tags)
     done = _shards_to_merge(status, allow_partial)
     missing = tuple(s.shard for s in status.shards if s.state != DONE)
-    return _Selection(status, done, missing, status.best)
+    return _Selection(status, done, missing)
 
 
 def _unchanged(
@@ -137,6 +158,7 @@ def _write_files(
     hub: Hub,
     repo: str,
     selection: _Selection,
+    choice: ReferenceChoice,
     source: MergeSource,
     workdir: Path,
     verification: MergeVerifier | None,
@@ -144,18 +166,38 @@ def _write_files(
 ) -> _MergedFiles:
     """The merged targets file in `workdir`, then the parquet files joined with it."""
     path = workdir / "targets.safetensors"
-    with MergedTargets(path, selection.plan, selection.done, selection.reference) as targets:
-        shards = merge_targets(hub, repo, targets, workdir, verification, progress)
+    with MergedTargets(path, selection.plan, selection.done, choice.reference) as targets:
+        shards = merge_targets(hub, repo, targets, choice, workdir, verification, progress)
         progress.info("Writing parquet files.")
         data_files, splits = write_splits(source, targets, workdir, hub.token, progress)
-    return _MergedFiles([*data_files, (path, TARGETS_PATH)], shards, splits)
+    return _MergedFiles(data_files, path, shards, splits, selection.plan.split)
+
+
+def _measure(files: _MergedFiles, choice: ReferenceChoice, source: MergeSource, progress: Progress) -> dict:
+    """platform.evaluate's figures of the files just written, on a seeded sample of their rows."""
+    label = source.label_column
+    sample = read_target_sample(files.targets, [functools.partial(open, path, "rb") for path in files.merged_parquet],
+                                label)
+    anchors = {k: choice.projected(k) for k in choice.anchors}
+    quality = measure_quality(sample, anchors, choice.reference.shard, label, progress)
+    if quality.aligned is not None and quality.aligned.leave_one_shard_out is not None:
+        aligned, raw = quality.aligned.leave_one_shard_out, quality.raw.leave_one_shard_out
+        progress.info(f"Leave-one-shard-out probe accuracy: aligned {aligned.accuracy:.3f}, "
+                      f"unaligned {raw.accuracy:.3f}.")
+    return quality.to_dict()
 
 
 def _draft_manifest(
-    selection: _Selection, source: MergeSource, files: _MergedFiles, images: str, record: MergeVerification | None
+    selection: _Selection,
+    choice: ReferenceChoice,
+    source: MergeSource,
+    files: _MergedFiles,
+    images: str,
+    record: MergeVerification | None,
+    quality: dict | None,
 ) -> Manifest:
     """The manifest of this merge, but for its tag (chosen when committing)."""
-    plan, reference, layout = selection.plan, selection.reference, source.layout
+    plan, reference, layout = selection.plan, choice.reference, source.layout
     return Manifest(
         version=MANIFEST_VERSION,
         tag="",
@@ -170,7 +212,7 @@ def _draft_manifest(
             reference.commit,
             reference.header.prior,
             reference.header.fingerprint,
-            reference.header.uniformity,
+            choice.score(reference.shard).common_uniformity,
         ),
         shards=files.shards,
         partial=bool(selection.missing),
@@ -178,6 +220,8 @@ def _draft_manifest(
         splits=files.splits,
         tool_version=__version__,
         verification=record,
+        ranking=choice.ranking.to_dict(),
+        quality=quality,
     )
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import pyarrow as pa
 
 from coopt_hub.core import faults
-from coopt_hub.core.align import apply_alignment, fit_alignment
+from coopt_hub.core.align import AlignmentFit, select_alignment
 from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardReader, ShardRows, TensorFile, expected_ids
+from coopt_hub.core.shardfile import ShardHeader, ShardReader, ShardRows, TensorFile, expected_ids
 from coopt_hub.errors import ShardFileError, SourceError, VerificationError
 from coopt_hub.hub.client import Hub
+from coopt_hub.platform.merge.reference import ReferenceChoice
 from coopt_hub.platform.merge.verification import MergeVerifier
 from coopt_hub.platform.status import ShardStatus, download_shard
 from coopt_hub.platform.verify import ALIGN_CHUNK_ROWS
@@ -31,13 +32,11 @@ def _where(status: ShardStatus) -> str:
     return f"Shard {status.shard} ({status.branch}@{status.commit[:12]})"
 
 
-def _check_shard(status: ShardStatus, header: ShardHeader, anchors: AnchorOutputs, plan: Plan) -> None:
-    """The checks beyond ShardReader's own that need no target rows; `_check_rows` does the ids."""
+def _check_shard(status: ShardStatus, header: ShardHeader) -> None:
+    """The check beyond ShardReader's own that needs no target rows; `_check_rows` does the ids. With
+    the header status read, the checksums pin the anchors the reference was chosen from, too."""
     if header.to_dict() != status.header.to_dict():
         raise VerificationError(f"{_where(status)}: the downloaded files differ from the header read before.",
-                                hint=_RERUN_HINT)
-    if not np.array_equal(anchors.ids, np.asarray(plan.anchor_ids, dtype=np.int64)):
-        raise VerificationError(f"{_where(status)}: its anchor outputs are not for the plan's anchor ids.",
                                 hint=_RERUN_HINT)
 
 
@@ -127,87 +126,85 @@ class MergedTargets:
 
 @dataclass(frozen=True)
 class _Realignment:
-    """How a shard's aligned targets are made at merge: kept as pushed (`transform` None), or
-    `raw @ transform` when its participant aligned them to another reference."""
+    """How a shard's aligned targets are made at merge: kept as pushed (`realigned` False) when its
+    participant aligned them to the reference's prior; else `fit.apply(raw)`, or the raw outputs
+    themselves (`fit` None) for the reference, whose raw outputs are the reference space."""
 
-    transform: np.ndarray | None
-    residual: float | None  # of the fit made here
-
-    @property
-    def realigned(self) -> bool:
-        return self.transform is not None
+    realigned: bool
+    fit: AlignmentFit | None = None
 
 
 def merge_targets(
     hub: Hub,
     repo: str,
     targets: MergedTargets,
+    choice: ReferenceChoice,
     workdir: Path,
     verification: MergeVerifier | None,
     progress: Progress,
 ) -> tuple[MergedShard, ...]:
-    """Download, check and align one shard at a time into `targets`; the reference goes first,
-    so its anchors are at hand for the others. With `verification`, every shard is verified before
-    the refusal that names each one that did not pass."""
-    reference = targets.reference
-    reference_space: np.ndarray | None = None
+    """Download, check and align one shard at a time into `targets`, aligned to `choice.reference`.
+    With `verification`, every shard is verified before the refusal that names each one that did not pass."""
     merged = []
-    for status in sorted(targets.done, key=lambda s: (s.shard != reference.shard, s.shard)):
+    for status in sorted(targets.done, key=lambda s: s.shard):
         progress.info(f"Shard {status.shard}: downloading and checking {status.branch}@{status.commit[:12]}.")
         local = workdir / f"shard-{status.shard}"
         directory = download_shard(hub, repo, status.shard, status.commit, local)
-        entry, projected = _merge_shard(status, directory, targets, reference_space, verification, progress)
-        reference_space = projected if reference_space is None else reference_space
-        merged.append(entry)
+        merged.append(_merge_shard(status, directory, targets, choice, verification, progress))
         shutil.rmtree(local)
         faults.reach("merge-shard")
     if verification is not None:
         verification.refuse_failures()
-    return tuple(sorted(merged, key=lambda s: s.shard))
+    return tuple(merged)
 
 
 def _merge_shard(
     status: ShardStatus,
     directory: Path,
     targets: MergedTargets,
-    reference_space: np.ndarray | None,
+    choice: ReferenceChoice,
     verification: MergeVerifier | None,
     progress: Progress,
-) -> tuple[MergedShard, np.ndarray]:
-    """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its
-    manifest entry and projected anchors (`reference_space` is None for the reference itself)."""
+) -> MergedShard:
+    """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its manifest entry."""
     try:
         with ShardReader(directory, verify=True) as shard:
-            _check_shard(status, shard.header, shard.anchors, targets.plan)
-            realignment = _realignment(status, shard, targets.reference, reference_space, progress)
+            _check_shard(status, shard.header)
+            realignment = _realignment(status, shard.header, choice, progress)
             _stream_rows(status, shard, realignment, targets, progress)
             if verification is not None:
                 verification.check(status, shard.mapped(), shard.anchors)
     except ShardFileError as err:
         raise VerificationError(f"{_where(status)}: {err} Nothing was written.", hint=err.hint) from err
-    return _manifest_entry(status, shard.header, realignment), shard.anchors.projected
+    return _manifest_entry(status, shard.header, realignment, choice)
 
 
-def _realignment(
-    status: ShardStatus,
-    shard: ShardReader,
-    reference: ShardStatus,
-    reference_space: np.ndarray | None,
-    progress: Progress,
-) -> _Realignment:
-    """Kept as pushed when the participant aligned to the reference's prior; otherwise a fit from its
-    projected anchors to the reference's (`reference_space`, or its own for the reference itself)."""
-    header = shard.header
+def _realignment(status: ShardStatus, header: ShardHeader, choice: ReferenceChoice, progress: Progress) -> _Realignment:
+    """Kept as pushed when the participant aligned to the reference's prior; the raw outputs for the
+    reference itself; otherwise the map select_alignment chooses on held-out anchors, from the
+    shard's projected anchors to the reference's."""
+    reference = choice.reference
     aligned_to = header.reference["fingerprint"] if header.reference else header.fingerprint
     if aligned_to == reference.header.fingerprint:
-        return _Realignment(None, None)
-    projected = shard.anchors.projected
-    transform, residual = fit_alignment(projected, projected if reference_space is None else reference_space)
-    progress.info(f"Shard {status.shard}: re-aligning to shard {reference.shard} (residual {residual:.4f}).")
-    return _Realignment(transform, residual)
+        return _Realignment(realigned=False)
+    if status.shard == reference.shard:
+        progress.info(f"Shard {status.shard}: the reference, aligned by its participant to another prior; "
+                      "its own raw outputs are its targets.")
+        return _Realignment(realigned=True)
+    fit = select_alignment(*choice.paired_anchors(status.shard))
+    progress.info(f"Shard {status.shard}: re-aligning to shard {reference.shard} ({fit.method}; residual "
+                  f"{fit.cv_residual:.4f} held out, {fit.residual:.4f} in-sample).")
+    return _Realignment(realigned=True, fit=fit)
 
 
-def _manifest_entry(status: ShardStatus, header: ShardHeader, realignment: _Realignment) -> MergedShard:
+def _manifest_entry(
+    status: ShardStatus, header: ShardHeader, realignment: _Realignment, choice: ReferenceChoice
+) -> MergedShard:
+    score = choice.score(status.shard)
+    if realignment.realigned:
+        alignment = realignment.fit.to_dict() if realignment.fit is not None else None
+    else:
+        alignment = header.alignment  # None in headers before schema version 2
     return MergedShard(
         shard=status.shard,
         branch=status.branch,
@@ -215,13 +212,16 @@ def _manifest_entry(status: ShardStatus, header: ShardHeader, realignment: _Real
         prior=header.prior,
         fingerprint=header.fingerprint,
         output_dim=header.output_dim,
-        uniformity=header.uniformity,
+        uniformity=score.common_uniformity,
         residual=header.residual,
         realigned=realignment.realigned,
-        realigned_residual=realignment.residual,
+        realigned_residual=realignment.fit.residual if realignment.fit is not None else None,
         rows=header.num_rows,
         checksums=header.checksums,
         skipped_ids=tuple(header.skipped_ids),
+        alignment=alignment,
+        uniformity_native=score.native_uniformity,
+        noise_like=score.noise_like,
     )
 
 
@@ -248,10 +248,12 @@ def _stream_rows(
 
 
 def _aligned(status: ShardStatus, rows: ShardRows, realignment: _Realignment) -> np.ndarray:
-    """The range's aligned targets: as pushed (finite: the reader checked them), or re-aligned here."""
-    if realignment.transform is None:
+    """The range's aligned targets: as pushed or raw (finite: the reader checked them), or re-aligned here."""
+    if not realignment.realigned:
         return rows.aligned
-    aligned = apply_alignment(rows.raw, realignment.transform).astype(np.float16)
+    if realignment.fit is None:
+        return rows.raw
+    aligned = realignment.fit.apply(rows.raw).astype(np.float16)
     if not np.isfinite(aligned).all():
         raise VerificationError(
             f"Shard {status.shard}: re-aligned targets overflow float16 (NaN/inf). Nothing was written.",

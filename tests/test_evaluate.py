@@ -1,0 +1,217 @@
+"""`platform.evaluate`: target quality figures on fixtures whose answers are known, from arrays, from
+local files, and from a merged version on the embedded hub (as `coopt-hub evaluate` reads it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fakes import LATENT_DIM, FakePrior, RecordingProgress
+from safetensors.numpy import save_file
+
+from coopt_hub.core.layout import MANIFEST_PATH
+from coopt_hub.core.quality import knn_chance, sample_rows
+from coopt_hub.errors import ConfigError, VerificationError
+from coopt_hub.platform import evaluate as evaluate_module
+from coopt_hub.platform.evaluate import (
+    ProjectedAnchors,
+    TargetSample,
+    evaluate,
+    measure_quality,
+    read_target_sample,
+)
+from coopt_hub.platform.merge.run import merge
+
+CLASSES = 10
+
+
+def clustered(rows: int, dims: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn around one of CLASSES well-separated centres, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, rows)
+    centres = 4.0 * rng.standard_normal((CLASSES, dims))
+    return centres[labels] + rng.standard_normal((rows, dims)), labels
+
+
+def rotation(dims: int, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dims, dims)))
+    return q
+
+
+# Known answers from arrays ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    """Three shards of one clustered latent, each shard's raw targets through its own rotation and
+    its aligned targets the latent itself; anchors: 80 more rows of the latent, rotated per shard."""
+    dims, shards = 16, 3
+    latent, labels = clustered(900, dims, seed=1)
+    anchor_latent, _ = clustered(80, dims, seed=1)
+    shard_of = np.arange(latent.shape[0]) % shards
+    rotations = [rotation(dims, seed=10 + k) for k in range(shards)]
+    raw = np.concatenate([latent[shard_of == k] @ rotations[k] for k in range(shards)])
+    order = np.concatenate([np.flatnonzero(shard_of == k) for k in range(shards)])
+    sample = TargetSample(rows=latent.shape[0], ids=order, aligned=latent[order].astype(np.float32),
+                          raw=raw.astype(np.float32), shards=shard_of[order], labels=labels[order])
+    anchor_ids = np.arange(anchor_latent.shape[0])
+    anchors = {k: ProjectedAnchors(anchor_ids, anchor_latent @ rotations[k]) for k in range(shards)}
+    return measure_quality(sample, anchors, reference=0, label_column="label", progress=RecordingProgress())
+
+
+def test_aligned_targets_of_one_space_probe_high_across_shards(rotated):
+    aligned = rotated.aligned
+    assert aligned.overall.probe > 0.95, "cross-validated probe of the aligned targets"
+    assert aligned.overall.knn > 0.95, "k-NN accuracy of the aligned targets"
+    assert aligned.leave_one_shard_out.accuracy > 0.95, "leave-one-shard-out probe of the aligned targets"
+    assert set(aligned.shards) == {0, 1, 2}, "per-shard figures"
+    assert all(scores.probe > 0.9 for scores in aligned.shards.values()), "per-shard probes"
+
+
+def test_raw_targets_of_different_spaces_do_not_transfer_between_shards(rotated):
+    raw = rotated.raw
+    # Within a shard a rotation changes nothing a probe sees...
+    assert all(scores.probe > 0.9 for scores in raw.shards.values()), "per-shard probes of the raw targets"
+    # ...across shards the probe meets another space: near chance (0.1 with ten balanced classes).
+    assert raw.leave_one_shard_out.accuracy < 0.4, "leave-one-shard-out probe of the raw targets"
+    assert rotated.majority < 0.15, "the majority baseline of ten balanced classes"
+
+
+def test_agreement_on_anchors_recovers_a_rotation(rotated):
+    assert [a.shard for a in rotated.agreement] == [1, 2], "every shard but the reference"
+    for agreement in rotated.agreement:
+        assert agreement.anchors == 80
+        assert agreement.cosine > 0.99, f"shard {agreement.shard}: held-out cosine"
+        assert agreement.knn_overlap > 0.95, f"shard {agreement.shard}: held-out k-NN overlap"
+        assert agreement.chance == pytest.approx(knn_chance(80, 10))
+
+
+def test_unrelated_anchors_agree_at_chance():
+    rng = np.random.default_rng(0)
+    ids = np.arange(120)
+    anchors = {0: ProjectedAnchors(ids, rng.standard_normal((120, 16))),
+               1: ProjectedAnchors(ids, rng.standard_normal((120, 16)))}
+    sample = TargetSample(rows=0, ids=np.zeros(0, np.int64), aligned=np.zeros((0, 16), np.float32),
+                          raw=np.zeros((0, 16), np.float32), shards=np.zeros(0, np.int64), labels=None)
+    quality = measure_quality(sample, anchors, reference=0, label_column=None, progress=RecordingProgress())
+    assert quality.aligned is None and quality.raw is None, "label figures without labels"
+    (agreement,) = quality.agreement
+    assert agreement.cosine < 0.3, "held-out cosine of unrelated anchors"
+    assert agreement.knn_overlap < 3 * agreement.chance, "held-out k-NN overlap of unrelated anchors"
+
+
+def test_the_figures_are_json_ready(rotated):
+    document = json.loads(json.dumps(rotated.to_dict()))
+    assert document["aligned"]["leave_one_shard_out"]["groups"].keys() == {"0", "1", "2"}
+    assert document["reference"] == 0
+    assert [a["shard"] for a in document["agreement"]] == [1, 2]
+
+
+def test_the_figures_tabulate_per_kind_and_shard(rotated):
+    rows = rotated.probe_rows()
+    assert [(row["targets"], row["scope"]) for row in rows] == [
+        (kind, scope) for kind in ("aligned", "raw") for scope in ("all", "shard 0", "shard 1", "shard 2")]
+    assert rows[0]["held_out"] == rotated.aligned.leave_one_shard_out.accuracy
+    assert rows[5]["held_out"] == rotated.raw.leave_one_shard_out.groups["0"]
+    assert rows[5]["probe"] == rotated.raw.shards[0].probe
+
+
+# A sample read from files ------------------------------------------------------------------------
+
+
+def _merged_files(directory, rows: int, dim: int = 4):
+    """A merged targets file and its split as two parquet files, in id order; every 7th label null."""
+    ids = np.arange(0, 2 * rows, 2, dtype=np.int64)  # ids need not be row numbers
+    targets = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
+    save_file({"ids": ids, "targets": targets, "raw": -targets}, str(directory / "targets.safetensors"))
+    labels = pa.array([None if i % 7 == 0 else int(i % 3) for i in range(rows)], pa.int64())
+    table = pa.table({"id": ids, "target": pa.array(list(targets.astype(np.float32))), "shard": ids % 2,
+                      "label": labels})
+    half = rows // 2
+    paths = [directory / "a.parquet", directory / "b.parquet"]
+    pq.write_table(table.slice(0, half), paths[0])
+    pq.write_table(table.slice(half), paths[1])
+    return directory / "targets.safetensors", [functools.partial(open, path, "rb") for path in paths], targets
+
+
+def test_a_sample_is_bounded_and_read_by_row(tmp_path, monkeypatch):
+    targets_path, parquet, targets = _merged_files(tmp_path, rows=500)
+    monkeypatch.setattr(evaluate_module, "MAX_PROBE_ROWS", 120)
+    sample = read_target_sample(targets_path, parquet, "label")
+    assert sample.rows == 500
+    positions = sample.ids // 2
+    drawn = sample_rows(500, 120, seed=0)
+    assert np.array_equal(positions, drawn[drawn % 7 != 0]), "120 rows drawn, those without a label left out"
+    assert np.array_equal(sample.aligned, targets[positions].astype(np.float32)), "aligned targets of the rows"
+    assert np.array_equal(sample.raw, -targets[positions].astype(np.float32)), "raw targets of the rows"
+    assert np.array_equal(sample.labels, positions % 3), "labels of the rows"
+    assert np.array_equal(sample.shards, sample.ids % 2), "shards of the rows"
+
+
+def test_a_missing_label_column_is_named(tmp_path):
+    targets_path, parquet, _ = _merged_files(tmp_path, rows=20)
+    with pytest.raises(ConfigError, match="no column 'class'.*id, target, shard, label"):
+        read_target_sample(targets_path, parquet, "class")
+
+
+# A merged version on the hub -----------------------------------------------------------------------
+
+PRIORS = (FakePrior("alpha-net", output_dim=20, seed=1), FakePrior("beta-net", output_dim=28, seed=2),
+          FakePrior("gamma-net", output_dim=36, seed=3))
+
+
+@pytest.fixture(scope="module")
+def published(hub, new_collaboration, digits_source):
+    """Three priors of one latent clustered by the digit labels, each shard aligned to shard 0 by its
+    participant; merged with the default evaluation."""
+    import datasets
+
+    collab = new_collaboration(digits_source, "digits-quality", shards=3, anchors=96, dim=16)
+    labels = np.asarray(datasets.load_dataset(digits_source, split="train")["label"])
+    centres = 3.0 * np.random.default_rng(5).standard_normal((CLASSES, LATENT_DIM))
+    latent = centres[labels] + np.random.default_rng(6).standard_normal((labels.size, LATENT_DIM))
+    collab = dataclasses.replace(collab, latent=latent)
+    first = collab.push(0, PRIORS[0])
+    for k in (1, 2):
+        collab.push(k, PRIORS[k], reference=(0, PRIORS[0], first))
+    return collab, merge(hub, collab.repo)
+
+
+def test_evaluate_measures_a_published_version(hub, published):
+    collab, result = published
+    evaluation = evaluate(hub, collab.repo, "v1", progress=RecordingProgress())
+    quality = evaluation.quality
+    assert (evaluation.tag, evaluation.commit) == ("v1", result.commit)
+    assert quality.label_column == "label" and quality.rows == collab.plan.num_rows
+    assert quality.sampled == collab.plan.num_rows, "every row of a split below MAX_PROBE_ROWS"
+    assert quality.aligned.overall.probe > 0.9, "aligned targets, all shards"
+    assert quality.aligned.leave_one_shard_out.accuracy > 0.85, "aligned targets, leave one shard out"
+    assert quality.raw.leave_one_shard_out.accuracy < 0.5, "raw targets of three priors, leave one shard out"
+    assert quality.aligned.leave_one_shard_out.accuracy > quality.raw.leave_one_shard_out.accuracy + 0.3
+    reference = result.manifest.reference.shard
+    assert quality.reference == reference
+    assert [a.shard for a in quality.agreement] == [k for k in range(3) if k != reference], \
+        "agreement of every shard but the reference"
+    assert all(a.knn_overlap > 3 * a.chance for a in quality.agreement), "held-out k-NN overlap above chance"
+
+
+def test_merge_records_the_figures_evaluate_measures(hub, published):
+    collab, _ = published
+    recorded = json.loads(hub.download(collab.repo, MANIFEST_PATH, "v1").read_text())["quality"]
+    measured = json.loads(json.dumps(evaluate(hub, collab.repo, "v1", progress=RecordingProgress()).quality.to_dict()))
+    # The same rows of the same files through the same seeded figures: the same numbers.
+    assert recorded == measured
+
+
+def test_evaluate_refuses_an_unknown_column_or_version(hub, published):
+    collab, _ = published
+    with pytest.raises(ConfigError, match="no column 'digit'"):
+        evaluate(hub, collab.repo, "v1", label_column="digit", progress=RecordingProgress())
+    with pytest.raises(VerificationError, match="holds no merged version"):
+        evaluate(hub, collab.repo, "v9", progress=RecordingProgress())
+
