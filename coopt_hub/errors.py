@@ -8,6 +8,7 @@ that reach a user are mapped by ERROR_TABLE. The command line and the recipes bo
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -147,3 +148,9 @@ def _failed_request(err: BaseException) -> httpx2.Request | None:
             return request
         current = current.__cause__ or current.__context__
     return None
+
+
+def id_list(ids: Sequence[int], limit: int = 20) -> str:
+    """Ids for a message: the first `limit`, then how many more."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")

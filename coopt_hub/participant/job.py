@@ -29,7 +29,7 @@ from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Bar, LogProgress, Progress, Silent
 from coopt_hub.core.quality import common_uniformity, sample_rows
 from coopt_hub.core.shardfile import SCHEMA_VERSION, AnchorOutputs, ShardHeader, ShardResult, project, write_shard
-from coopt_hub.errors import BadImageError, ConflictError, PriorError
+from coopt_hub.errors import BadImageError, ConflictError, PriorError, id_list
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan
 from coopt_hub.participant.chunks import JobChunks, JobOutputs, job_chunks, read_outputs
@@ -38,7 +38,6 @@ from coopt_hub.participant.labeling import (
     ChunkStore,
     LabelingStats,
     collect_chunks,
-    id_list,
     label_chunks,
     rank_chunks,
 )

@@ -34,7 +34,7 @@ from coopt_hub.core import faults
 from coopt_hub.core.align import normalize
 from coopt_hub.core.files import write_bytes_atomically
 from coopt_hub.core.progress import Bar, Progress, Silent
-from coopt_hub.errors import BadImageError, PriorError, ShardFileError
+from coopt_hub.errors import BadImageError, PriorError, ShardFileError, id_list
 from coopt_hub.participant.collective import Collective
 from coopt_hub.priors import Prior, decode_image
 
@@ -222,10 +222,6 @@ def _encode(prior: Prior, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
     return normalize(features)
 
 
-def id_list(ids: Sequence[int], limit: int = 20) -> str:
-    """Ids for a message: the first `limit`, then how many more."""
-    shown = ", ".join(str(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def label_chunks(

@@ -26,10 +26,9 @@ from coopt_hub import __version__
 from coopt_hub.core.layout import ANCHORS_PATH, PLAN_PATH
 from coopt_hub.core.plan import DEFAULT_PROJECTION, Plan, Unit, make_plan
 from coopt_hub.core.progress import LogProgress, Progress
-from coopt_hub.errors import BadImageError, PlanError
+from coopt_hub.errors import BadImageError, PlanError, id_list
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.source import SourceLayout, read_unit, resolve_source
-from coopt_hub.participant.labeling import id_list
 from coopt_hub.priors import decode_image
 
 # Below this many anchors per target dimension the alignment errs on rows outside the anchors more

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from coopt_hub.priors.spec import Preprocessing, PriorSpec
+from coopt_hub.priors.spec import Preprocessing, PriorSpec, decode_image
 
 _LAZY = {
     "Prior": "coopt_hub.priors.base",
-    "decode_image": "coopt_hub.priors.base",
     "Backend": "coopt_hub.priors.registry",
     "check_spec": "coopt_hub.priors.registry",
     "load_prior": "coopt_hub.priors.registry",

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from functools import cached_property
-from typing import Any
 
 import PIL.Image
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from coopt_hub.errors import BadImageError, ConfigError, PriorError
+from coopt_hub.errors import ConfigError, PriorError
 from coopt_hub.priors.spec import PRECISIONS, Preprocessing, PriorSpec
 
 
@@ -138,22 +135,3 @@ def first_lines(err: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
-    """A PIL image (RGB) from a datasets Image cell ({"bytes", "path"}) or raw bytes."""
-    data = value.get("bytes") if isinstance(value, dict) else value
-    if not data:
-        raise BadImageError(
-            f"Sample {sample_id} has no embedded image bytes.",
-            ids=[sample_id] if sample_id is not None else [],
-            hint="Publish the source with embedded images (datasets' Image feature does by default).",
-        )
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise BadImageError(
-            f"Sample {sample_id} is not a decodable image ({err}).",
-            ids=[sample_id] if sample_id is not None else [],
-            hint="Fix or drop that row in the source, or pass --on-bad-image skip to record and leave it out.",
-        ) from err
-    return image.convert("RGB")

@@ -7,13 +7,15 @@ when they are built.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
+from PIL import Image, UnidentifiedImageError
 
-from coopt_hub.errors import ConfigError
+from coopt_hub.errors import BadImageError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -143,4 +145,25 @@ class Preprocessing:
 
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image.convert("RGB")
+
+
+def decode_image(value: Any, sample_id: int | None = None) -> Image.Image:
+    """A PIL image (RGB) from a datasets Image cell ({"bytes", "path"}) or raw bytes."""
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not data:
+        raise BadImageError(
+            f"Sample {sample_id} has no embedded image bytes.",
+            ids=[sample_id] if sample_id is not None else [],
+            hint="Publish the source with embedded images (datasets' Image feature does by default).",
+        )
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadImageError(
+            f"Sample {sample_id} is not a decodable image ({err}).",
+            ids=[sample_id] if sample_id is not None else [],
+            hint="Fix or drop that row in the source, or pass --on-bad-image skip to record and leave it out.",
+        ) from err
     return image.convert("RGB")
