@@ -59,6 +59,11 @@ def bare_grant(user: str) -> Grant:
     return Grant(user, "write", (), main=True)
 
 
+def may_see(grant: Grant | None, repo_id: str, private: bool) -> bool:
+    """Public repos are everyone's to read; a private one only for tokens that cover it (any role)."""
+    return not private or grant is not None and grant.covers(repo_id)
+
+
 def require(grant: Grant | None, role: str, repo_id: str, action: str, instead: str | None = None) -> Grant:
     """The caller's grant when it allows `action` on `repo_id` (which needs `role`): 401 without a
     token, 403 naming what is missing with one. `action` completes "cannot ...": "push to branch 'x'";

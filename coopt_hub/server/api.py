@@ -48,6 +48,7 @@ from coopt_hub.server.storage import (
     iso_date,
     wants_lfs,
 )
+from coopt_hub.server.web import WebView
 
 _LFS_JSON = "application/vnd.git-lfs+json"
 _COMMIT_ID = re.compile(r"^[0-9a-f]{7,40}$")
@@ -76,6 +77,7 @@ class HubApi:
         self.storage = storage
         self.auth = auth
         self.max_body_bytes = max_body_bytes
+        self.web = WebView(storage, self._open)
         self._fixed_routes = {
             ("GET", "whoami-v2"): self.whoami,
             ("POST", "validate-yaml"): self.validate_yaml,
@@ -171,7 +173,7 @@ class HubApi:
                 return self.lfs_upload, [repo, lfs[0]]
             if method == "POST" and len(lfs) == 2 and lfs[1] == "verify":
                 return self.lfs_verify, [repo, lfs[0]]
-        return None
+        return self.web.route(method, repo_type, s)
 
     def no_endpoint(self, request: Request, repo: tuple[str, str, str]) -> Response:
         """A path under a repo that no endpoint answers: RepoNotFound for a repo the caller cannot
@@ -191,7 +193,7 @@ class HubApi:
         if role is not None:
             access.require(request.grant, role, repo_id.id, action)
         git_repo = self.storage.open(repo_id)
-        if git_repo.private and not (request.grant is not None and request.grant.covers(git_repo.repo_id.id)):
+        if not access.may_see(request.grant, git_repo.repo_id.id, git_repo.private):
             raise repo_not_found()
         return git_repo
 
@@ -277,7 +279,7 @@ class HubApi:
                 settings = self.storage.open(repo_id).settings
             except (HubError, OSError):
                 continue  # deleted meanwhile
-            if settings.get("private") and not (request.grant is not None and request.grant.covers(repo_id.id)):
+            if not access.may_see(request.grant, repo_id.id, bool(settings.get("private"))):
                 continue
             found.append({"_id": f"{repo_id.type}:{repo_id.id}", "id": repo_id.id, "author": repo_id.namespace,
                           "private": bool(settings.get("private")), "gated": False, "disabled": False,

@@ -1,4 +1,5 @@
-"""The YAML metadata block at the top of a README.md, which the Hub serves as `cardData`.
+"""A README.md as a card: its YAML metadata block, which the Hub serves as `cardData`, and the rest
+rendered from markdown to HTML for the web view.
 
 YAML aliases let a few hundred bytes stand for gigabytes once expanded (or for a cycle, which no
 JSON can hold), so the parsed metadata is copied into plain JSON values under a budget: too
@@ -10,12 +11,24 @@ from __future__ import annotations
 import datetime
 import re
 
+import nh3
 import yaml
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 _FRONT_MATTER = re.compile(r"\A\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 MAX_METADATA_BYTES = 256 * 1024
 MAX_METADATA_NODES = 20_000  # values after alias expansion
 MAX_METADATA_DEPTH = 32
+# Past this, a card is shown as the start of its text: markdown-it needs about a second per megabyte.
+MAX_RENDERED_CARD_BYTES = 512 * 1024
+
+# Raw HTML is parsed by markdown-it and then stripped by nh3 (the maintained sanitiser), which keeps
+# only these tags and attributes; heading ids stay so that links such as `#target-quality` land.
+_CARD_TAGS = nh3.ALLOWED_TAGS - {"area", "map"}
+_CARD_ATTRIBUTES = {**nh3.ALLOWED_ATTRIBUTES, **{f"h{level}": {"id"} for level in range(1, 7)}}
+_CARD_URL_SCHEMES = {"http", "https", "mailto"}
+_SLUG_DROPPED = re.compile(r"[^\w\- ]")
 
 
 class CardMetadataError(ValueError):
@@ -82,3 +95,37 @@ class _Budget:
         if isinstance(value, (datetime.date, datetime.datetime)):
             return value.isoformat()
         return str(value)
+
+
+def card_body(readme: str) -> str:
+    """The README without its metadata block: what a card page shows."""
+    match = _FRONT_MATTER.match(readme)
+    return readme[match.end():] if match else readme
+
+
+def card_html(readme: str) -> str:
+    """The card's markdown as sanitised HTML: tables, links and images, headings with ids; no raw
+    HTML survives but what nh3 allows (no script, style, event handler or javascript: URL)."""
+    text = card_body(readme)
+    if len(text.encode("utf-8", "replace")) > MAX_RENDERED_CARD_BYTES:
+        text = text.encode("utf-8", "replace")[:MAX_RENDERED_CARD_BYTES].decode("utf-8", "ignore")
+    markdown = MarkdownIt("commonmark", {"html": True}).enable("table").enable("strikethrough")
+    tokens = markdown.parse(text)
+    _add_heading_ids(tokens)
+    rendered = markdown.renderer.render(tokens, markdown.options, {})
+    return nh3.clean(rendered, tags=_CARD_TAGS, attributes=_CARD_ATTRIBUTES, url_schemes=_CARD_URL_SCHEMES,
+                     link_rel="noopener noreferrer nofollow")
+
+
+def _add_heading_ids(tokens: list[Token]) -> None:
+    """GitHub's and the Hub's anchors: the heading's text in lower case, punctuation dropped, spaces as
+    '-', and `-1`, `-2`... on repeats."""
+    seen: dict[str, int] = {}
+    for opening, inline in zip(tokens, tokens[1:]):
+        if opening.type != "heading_open":
+            continue
+        text = "".join(child.content for child in inline.children or () if child.type in ("text", "code_inline"))
+        slug = _SLUG_DROPPED.sub("", text.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        opening.attrSet("id", f"{slug}-{count}" if count else slug)

@@ -114,6 +114,15 @@ class CommitInfo:
     message: str
     author: str
     timestamp: int
+    parents: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Change:
+    """A file a commit changed, against its first parent."""
+
+    kind: str  # "add" | "modify" | "delete"
+    path: str
 
 
 @dataclass(frozen=True)
@@ -278,7 +287,23 @@ class GitRepo:
         text = commit.message.decode("utf-8", "replace")
         title, _, body = text.partition("\n")
         author = commit.author.decode("utf-8", "replace").split(" <", 1)[0]
-        return CommitInfo(sha, title.strip(), body.strip("\n"), author, commit.commit_time)
+        parents = tuple(parent.decode() for parent in commit.parents)
+        return CommitInfo(sha, title.strip(), body.strip("\n"), author, commit.commit_time, parents)
+
+    def changes(self, sha: str) -> list[Change]:
+        """The files commit `sha` changed against its first parent (all of them for a root commit)."""
+        store = self.git.object_store
+        commit = store[sha.encode()]
+        parent_tree = store[commit.parents[0]].tree if commit.parents else None
+        found = []
+        for change in tree_changes(store, parent_tree, commit.tree):
+            if change.type == "delete":
+                found.append(Change("delete", change.old.path.decode()))
+            elif change.type in ("add", "modify"):
+                found.append(Change(change.type, change.new.path.decode()))
+            else:  # a rename or a copy (not detected by default): the file at its new path
+                found.append(Change("modify", change.new.path.decode()))
+        return sorted(found, key=lambda item: item.path)
 
     def history(self, sha: str) -> Iterator[CommitInfo]:
         """Newest first."""
@@ -378,6 +403,19 @@ class GitRepo:
 
     def read_blob(self, oid: str) -> bytes:
         return self.git.object_store[oid.encode()].as_raw_string()
+
+    def read_file(self, commit: str, path: str, limit: int) -> bytes | None:
+        """The content of file `path` at `commit`, regular or LFS; None when it is absent, a folder,
+        larger than `limit` bytes, or an LFS file whose object is missing."""
+        entry = self.entry(commit, path)
+        if entry is None or entry.type != "file" or entry.size > limit:
+            return None
+        if entry.lfs_oid is None:
+            return self.read_blob(entry.oid)
+        try:
+            return self.lfs_path(entry.lfs_oid).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def add_blob(self, path: str, content: bytes) -> str:
         """Store a regular file's content; unreferenced until a commit names it."""
@@ -826,6 +864,10 @@ class HubStorage:
                 if (repo_dir / "coopt-hub.json").is_file():
                     found.append(RepoId(repo_type, namespace_dir.name, repo_dir.name[: -len(".git")]))
         return found
+
+    def is_private(self, repo_id: RepoId) -> bool:
+        """Read from the settings alone, without opening the git repository: for listings."""
+        return bool(json.loads((self.repo_path(repo_id) / "coopt-hub.json").read_text()).get("private"))
 
     def exists(self, repo: tuple[str, str, str]) -> bool:
         """Whether (type, namespace, name) names a repo on disk right now."""
