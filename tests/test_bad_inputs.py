@@ -204,8 +204,8 @@ def truncated_checkpoint(world: World, tmp: Path) -> None:
     (tmp / "weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
 
 
-def empty_token_file(world: World, tmp: Path) -> None:
-    (tmp / "tokens.txt").write_text("# nobody may write\n\n")
+def token_file_with_an_unknown_role(world: World, tmp: Path) -> None:
+    (tmp / "tokens.txt").write_text("# the owner\nsecret-token owner\n")
 
 
 # The tables -----------------------------------------------------------------------------------------
@@ -338,8 +338,11 @@ CLI_CASES = [
          ("verify", "{repo}", "--threshold", "2"), code=2),
     Case("hub serve --port 70000", r"Invalid value for '--port'", USAGE_HINT,
          ("hub", "serve", "--root", "{tmp}/root", "--port", "70000"), code=2),
-    Case("hub serve with an empty token file", r"No token in .*tokens\.txt", "one token per line",
-         ("hub", "serve", "--root", "{tmp}/root", "--token-file", "{tmp}/tokens.txt"), setup=empty_token_file),
+    # An empty token file is valid now (tokens are added to it while the hub runs); a line with an
+    # unknown role is not.
+    Case("hub serve with a token of an unknown role", r"Cannot read the token file: .*unknown role 'owner'",
+         "hub token add --help", ("hub", "serve", "--root", "{tmp}/root", "--token-file", "{tmp}/tokens.txt"),
+         setup=token_file_with_an_unknown_role),
 ]
 
 

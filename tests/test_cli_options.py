@@ -201,8 +201,9 @@ def test_a_wide_status_fits_100_columns_and_names_each_prior_in_full(collab):
     outcome = run(["status", collab.repo])
     assert outcome.code == 0, outcome.stderr
     table = _table_lines(outcome.stdout, rows=3)
-    assert table[0].split() == ["shard", "state", "commit", "prior", "out", "V", "reference", "residual", "rows",
-                                "skipped", "merged"]
+    # Output sizes and noise flags are in --json; a noise-like prior is also named in a note.
+    assert table[0].split() == ["shard", "state", "commit", "prior", "V", "reference", "residual", "held-out",
+                                "rows", "skipped", "merged"]
     too_wide = [line for line in table if len(line) > TABLE_WIDTH]
     assert not too_wide, f"lines over {TABLE_WIDTH} columns: {too_wide}"
     assert LONG.name not in "\n".join(table), "the long prior should have been shortened in the table"
