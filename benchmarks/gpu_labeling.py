@@ -2,11 +2,20 @@
 
     python benchmarks/gpu_labeling.py [--images 8192] [--batch-size 256] [--workers N] [--device cuda]
 
+on a CUDA machine where coopt-hub is installed (not merely on the path: its prior backends are entry
+points). On one that has PyTorch, torchvision, timm, pyarrow and safetensors but no package index
+(Python 3.12), bring the rest as wheels made where pip works,
+    pip wheel --no-deps -w WHEELS . && pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        -d WHEELS open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+and run it there with one command from the repository's root:
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site WHEELS/*.whl && \
+        PYTHONPATH=/tmp/site python3 benchmarks/gpu_labeling.py
+
 Measured, each in images/s:
 - forward ceiling: the bare forward pass on pre-made pixels already on the GPU;
 - CPU decode ceiling: PIL decoding + the prior's own preprocessing in N worker processes, nothing else;
 - GPU decode ceiling: torchvision.io.decode_jpeg on the GPU, then resize/crop/normalise there;
-- the labeling pipeline (coopt_hub.labeling: CPU decoding on N threads, forward, chunk writes, gather);
+- the labeling pipeline (coopt_hub.participant.labeling: CPU decoding on N threads, forward, chunk writes, gather);
 - a GPU-decoding pipeline: decoding on a second CUDA stream, overlapped with the forward pass.
 Goal: each pipeline reaches >= 80% of min(its decode ceiling, forward ceiling).
 
