@@ -25,6 +25,7 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import click
 
@@ -148,7 +149,15 @@ def with_values(args: list[str], scratch: Path) -> list[str]:
 
 
 def check_click(group: click.Group, prog: str, args: list[str]) -> None:
-    """Raise click's UsageError unless `args` names a command of `group` and, if more follows, parses whole."""
+    """Raise click's UsageError unless `args` names a command of `group` and, if more follows, parses whole.
+
+    Parsing runs option callbacks, and --weights-endpoint's sets an environment variable for the
+    process: the environment is put back afterwards so a parsed line never reaches other tests."""
+    with mock.patch.dict(os.environ):
+        _parse_click(group, prog, args)
+
+
+def _parse_click(group: click.Group, prog: str, args: list[str]) -> None:
     command, name, parent = group, prog, None
     while True:
         ctx = command.make_context(name, list(args), parent=parent)

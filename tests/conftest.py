@@ -129,3 +129,10 @@ def fake_backends():
     fakes.register_backends()
     yield
     fakes.unregister_backends()
+
+
+@pytest.fixture(autouse=True)
+def no_weights_endpoint(monkeypatch):
+    """Every test starts with the priors' weights coming from the default endpoint: `--weights-endpoint`
+    sets COOPT_HUB_WEIGHTS_ENDPOINT for its process, and an in-process command line must not leak it."""
+    monkeypatch.delenv("COOPT_HUB_WEIGHTS_ENDPOINT", raising=False)
