@@ -160,7 +160,7 @@ def test_a_pca_header_without_its_basis_is_not_written(tmp_path):
     ("change", "words"),
     [
         ({"schema_version": SCHEMA_VERSION + 1}, "newer coopt-hub"),
-        ({"projection": "umap"}, "unknown projection"),
+        ({"projection": "umap"}, "projection is 'umap', not one of random, pca"),
         ({"schema_version": 1}, "version 1 header records no alignment"),
     ],
 )
@@ -174,5 +174,29 @@ def test_a_v2_header_needs_every_v2_field():
     result, _ = _v2_pair()
     data = result.header.to_dict()
     del data["uniformity_native"]
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="lacks uniformity_native"):
         ShardHeader.from_dict(data)
+
+
+def test_a_v2_header_reads_as_an_fp32_shard():
+    result, _ = _v2_pair()
+    data = result.header.to_dict()
+    del data["precision"], data["precision_deviation"]
+    header = ShardHeader.from_dict({**data, "schema_version": 2})
+    assert header.precision == "fp32", "before version 3 every prior ran in fp32"
+    assert header.precision_deviation is None, "an fp32 shard has no deviation"
+    with pytest.raises(ValueError, match="lacks precision, precision_deviation"):
+        ShardHeader.from_dict(data)  # version 3 needs them
+
+
+def test_a_v3_header_records_its_precision_and_deviation(tmp_path):
+    result, anchors = _v2_pair()
+    deviation = {"max_cosine_distance": 0.004, "mean_cosine_distance": 0.001, "anchors": 12}
+    result.header = ShardHeader.from_dict({**result.header.to_dict(), "precision": "bf16",
+                                           "precision_deviation": deviation})
+    write_shard(tmp_path, result, anchors)
+    back, _ = read_shard(tmp_path, verify=True)
+    assert back.header.schema_version == SCHEMA_VERSION == 3, "schema version"
+    assert (back.header.precision, back.header.precision_deviation) == ("bf16", deviation), "precision record"
+    with pytest.raises(ValueError, match="precision_deviation is recorded for an fp32 shard"):
+        ShardHeader.from_dict({**back.header.to_dict(), "precision": "fp32"})

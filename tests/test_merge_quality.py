@@ -215,7 +215,7 @@ def test_no_evaluate_publishes_without_figures(hub, digits_source, new_collabora
 @pytest.mark.parametrize(("prior", "label"), [
     ({"model": "ViT-S-32", "seed": 3}, "ViT-S-32 (random init, seed 3)"),
     ({"model": "ViT-B-32", "pretrained": "openai"}, "ViT-B-32/openai"),
-    ({"model": "ViT-B-32", "checkpoint": "/w/b32.safetensors"}, "ViT-B-32 (/w/b32.safetensors)"),
+    ({"model": "ViT-B-32", "checkpoint": "/w/b32.safetensors"}, "ViT-B-32 (b32.safetensors)"),
     ({"model": "hf-hub:timm/ViT-B-16-SigLIP"}, "hf-hub:timm/ViT-B-16-SigLIP"),
     ({"model": "timm:hf-hub:timm/vit_small_patch14_dinov2"}, "timm:hf-hub:timm/vit_small_patch14_dinov2"),
 ])

@@ -103,8 +103,9 @@ class Manifest:
 
     @property
     def content_key(self) -> tuple:
-        """What makes two merges the same dataset: the plan, the image mode and each shard's commit."""
-        return self.plan_hash, self.images, tuple((s.shard, s.commit) for s in self.shards)
+        """What makes two merges the same dataset and card: the plan, the image mode and each shard's
+        content (content_key of a merge about to be made: merge_key)."""
+        return merge_key(self.plan_hash, self.images, self.shards)
 
     def satisfies(self, content_key: tuple, verification: MergeVerification | None) -> bool:
         """Whether this merge is the one asked for: the same dataset, verified the same way when that is asked.
@@ -137,6 +138,20 @@ class Manifest:
                 f"{MANIFEST_PATH} is not a manifest written by coopt-hub merge ({type(err).__name__}: {err}).",
                 hint=f"It was edited by hand: commit back the {MANIFEST_PATH} of the last vN tag, then rerun.",
             ) from err
+
+
+def merge_key(plan_hash: str, images: str, shards) -> tuple:
+    """What a merge of `shards` (MergedShards, or anything with `shard` and `header`) publishes, as a
+    key: the plan, the image mode and each shard's content (shard_content), not the commits that
+    hold it, so that a commit that leaves a shard's files as they were makes no new version."""
+    return plan_hash, images, tuple(shard_content(s.shard, getattr(s, "header", s)) for s in shards)
+
+
+def shard_content(shard: int, record) -> str:
+    """A shard's part of the merged content and card, from its header or its MergedShard: the
+    checksums of its tensors and what is said of its prior and its skipped samples."""
+    return json.dumps({"shard": shard, "checksums": record.checksums, "prior": record.prior,
+                       "fingerprint": record.fingerprint, "skipped_ids": list(record.skipped_ids)}, sort_keys=True)
 
 
 def _merged_shard(data: dict[str, Any]) -> MergedShard:

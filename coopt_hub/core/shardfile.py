@@ -13,7 +13,11 @@ one is version 1 (coopt-hub 0.1.0) and still reads, with the meaning it had then
 the alignment fit chosen by cross-validation, V both in the common space (`uniformity`, the figure
 priors are ranked by) and native (`uniformity_native`), and the projection; a shard with the "pca"
 projection stores its PCA basis in its anchors file, as tensors basis.{mean,scale,components,explained}
-with checksums like the others.
+with checksums like the others. Version 3 adds the precision the prior ran in and, below fp32, how far
+its outputs were from an fp32 forward on the anchors.
+
+A header is untrusted input: every reader gets it through header_from_metadata, which checks it
+against the schema below before anything uses it.
 """
 
 from __future__ import annotations
@@ -22,28 +26,31 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 
-from coopt_hub.core.align import PcaBasis
+from coopt_hub.core.align import METHODS, PcaBasis
 from coopt_hub.core.files import atomic_path
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE
 from coopt_hub.core.plan import PROJECTIONS, Plan
 from coopt_hub.errors import ShardFileError
 
 HEADER_KEY = "coopt"
-SCHEMA_VERSION = 2
-# What a header without a schema version lacks, as version 1 meant it: native V as `uniformity`
-# (uniformity_native None: the same value), the plan's random W, the one-shot ridge of
-# core/align.fit_alignment (no record of the fit); and headers older still, no skipped images.
-_V1_DEFAULTS = {"schema_version": 1, "alignment": None, "uniformity_native": None, "projection": "random",
-                "skipped_ids": []}
+SCHEMA_VERSION = 3
+# What a header of an earlier version lacks, as that version meant it. Before version 3: the prior ran
+# in fp32. Version 1 (no schema version recorded): native V as `uniformity` (uniformity_native None:
+# the same value), the plan's random W, the one-shot ridge of core/align.fit_alignment (no record of
+# the fit); and headers older still, no skipped images.
+_V2_DEFAULTS = {"precision": "fp32", "precision_deviation": None}
+_V1_DEFAULTS = {**_V2_DEFAULTS, "schema_version": 1, "alignment": None, "uniformity_native": None,
+                "projection": "random", "skipped_ids": []}
 
 # Tensor name -> stored dtype, per file.
 _TARGET_TENSORS = {"ids": np.int64, "raw": np.float16, "aligned": np.float16}
@@ -53,18 +60,261 @@ _BASIS_TENSORS = {f"basis.{name}": np.float32 for name in ("mean", "scale", "com
 # safetensors' dtype names, for the stored tensors and for naming what a wrong file holds instead.
 _SAFETENSORS_DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                        "BOOL": np.bool_, "F64": np.float64, "F32": np.float32, "F16": np.float16}
-# safetensors' own bound on the JSON header: a corrupt length must not make a reader allocate gigabytes.
-MAX_HEADER_BYTES = 100_000_000
 # Rows per range when a caller does not say: 64 MiB per fp16 tensor at 512 dimensions.
 CHUNK_ROWS = 65536
 _REFRESH_HINT = ("Run `coopt-hub optimize` for this shard again (finished chunks are kept), "
                  "or download the branch again.")
 
 
+# Header schema -----------------------------------------------------------------------------------
+# A header is written by a participant the platform does not control: every field is checked for
+# type, range and size before anything uses it, so that no header can crash a reader (TypeError,
+# OverflowError, RecursionError), take its memory, or carry markdown or HTML into a card.
+
+# The coopt header's JSON; a skipped id takes at most 20 bytes, so this leaves room for ~200k of them.
+MAX_COOPT_HEADER_BYTES = 1 << 22
+# A shard file's whole safetensors header: the coopt header as an escaped JSON string, and the tensors.
+MAX_FILE_HEADER_BYTES = 2 * MAX_COOPT_HEADER_BYTES + (1 << 16)
+# Deepest nesting of lists and objects: alignment -> candidates -> [i] -> params is 5 levels.
+MAX_JSON_DEPTH = 8
+MAX_SHARDS = 1 << 20
+MAX_ROWS = 1 << 48
+MAX_DIM = 1 << 20
+# A prior's input side in pixels: 4x today's largest (~518); verify builds the declared model at this
+# size, and a ViT's memory grows with its square.
+MAX_IMAGE_SIZE = 2048
+MAX_SKIPPED_IDS = 200_000
+MAX_FIGURE = 1e6  # |V|, residuals, cosines: far beyond any real value, and far below float overflow
+# Names the tool writes (fingerprint, tool version, branch, checkpoint file name): these characters only,
+# so that such a name shows as itself in a markdown table, in HTML and in a commit title.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,199}")
+MAX_CHOSEN_NAME = 200  # characters of a name a person chooses (a prior's model, its pretrained tag)
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,199}")
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._@+=-]")
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+_CHECKSUM_KEY = re.compile(r"(targets|anchors)/[a-z]+(\.[a-z]+)?")
+# What plain_text keeps; everything else becomes "?". No markdown or HTML syntax can be made of these.
+_UNSAFE_TEXT = re.compile(r"[^A-Za-z0-9 ._:/@+=,()-]")
+_LOCAL_DIR = "local-dir:"  # priors.spec.LOCAL_DIR_PREFIX: a model named by a folder on the participant's machine
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# The most a reduced-precision prior's anchor outputs may differ from an fp32 forward (cosine distance,
+# max over the anchors): bf16 keeps 8 bits of mantissa (relative error ~0.4% per value), fp16 10.
+PRECISION_TOLERANCE = {"bf16": 0.02, "fp16": 0.02}
+
+
+class HeaderError(ValueError):
+    """A header field that breaks the schema; the message names the field."""
+
+
+def plain_text(value: object, limit: int = 120) -> str:
+    """`value` as text that means the same in markdown, HTML and a commit title: characters beyond
+    letters, digits, space and ._:/@+=,()- become "?", and text beyond `limit` is cut at "...".
+    The one way participant-controlled text reaches a card, a commit title or a PR text."""
+    text = _UNSAFE_TEXT.sub("?", str(value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def file_name(path: str) -> str:
+    """The last part of a path, of either separator: all of a local path that may leave its machine."""
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1]
+
+
+def public_prior(prior: dict) -> dict:
+    """A prior record without the participant's local paths: a checkpoint and a `local-dir:` model by
+    file name (the weights are identified by the header's fingerprint)."""
+    public = dict(prior)
+    if isinstance(public.get("checkpoint"), str):
+        public["checkpoint"] = _UNSAFE_NAME.sub("_", file_name(public["checkpoint"]))
+    model = public.get("model")
+    if isinstance(model, str) and _LOCAL_DIR in model:
+        head, _, folder = model.partition(_LOCAL_DIR)
+        public["model"] = f"{head}{_LOCAL_DIR}{file_name(folder)}"
+    return public
+
+
+def parse_json(raw: bytes | str, what: str, limit: int) -> Any:
+    """JSON of at most `limit` bytes and MAX_JSON_DEPTH levels, checked before json.loads, whose
+    recursion a deeply nested document would exhaust. HeaderError names `what` otherwise."""
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if len(data) > limit:
+        raise HeaderError(f"{what} takes {len(data)} bytes, more than the {limit} allowed")
+    depth = _json_depth(data)
+    if depth > MAX_JSON_DEPTH:
+        raise HeaderError(f"{what} nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise HeaderError(f"{what} is not valid JSON ({err})") from err
+
+
+def _json_depth(data: bytes) -> int:
+    """The deepest nesting of [ and { outside strings (an upper bound on invalid JSON, which fails later)."""
+    outside = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', data)
+    steps = np.frombuffer(outside, dtype=np.uint8)
+    change = np.isin(steps, (ord("["), ord("{"))).astype(np.int64) - np.isin(steps, (ord("]"), ord("}")))
+    return int(np.cumsum(change).max(initial=0))
+
+
+# Field checkers: each takes (value, field name) and raises HeaderError naming the field.
+def _int(low: int, high: int):
+    def check(value, name):
+        if type(value) is not int:
+            raise HeaderError(f"{name} is {_kind(value)}, not an integer")
+        if not low <= value <= high:
+            raise HeaderError(f"{name} is {_short(value)}, outside {low}..{high}")
+    return check
+
+
+def _float(low: float = -MAX_FIGURE, high: float = MAX_FIGURE):
+    def check(value, name):
+        if type(value) not in (int, float):
+            raise HeaderError(f"{name} is {_kind(value)}, not a number")
+        # A huge int is compared as an int: float() of it would overflow.
+        if (type(value) is float and not math.isfinite(value)) or not low <= value <= high:
+            raise HeaderError(f"{name} is {_short(value)}, not a finite number in {low:g}..{high:g}")
+    return check
+
+
+def _text(pattern: re.Pattern, meaning: str):
+    def check(value, name):
+        if type(value) is not str:
+            raise HeaderError(f"{name} is {_kind(value)}, not a string")
+        if not pattern.fullmatch(value):
+            raise HeaderError(f"{name} {_short(value)!r} is not {meaning}")
+    return check
+
+
+def _choice(options: tuple[str, ...]):
+    def check(value, name):
+        if type(value) is not str or value not in options:
+            raise HeaderError(f"{name} is {_short(value)!r}, not one of {', '.join(options)}")
+    return check
+
+
+def _optional(inner):
+    def check(value, name):
+        if value is not None:
+            inner(value, name)
+    return check
+
+
+def _list(item, low: int, high: int, meaning: str = "a list"):
+    def check(value, name):
+        if type(value) is not list:
+            raise HeaderError(f"{name} is {_kind(value)}, not {meaning}")
+        if not low <= len(value) <= high:
+            raise HeaderError(f"{name} holds {len(value)} items, not {low}..{high}")
+        for i, element in enumerate(value):
+            try:
+                item(element, f"{name}[{i}]")
+            except HeaderError as err:
+                raise HeaderError(f"{name} is not {meaning}: {err}") from None
+    return check
+
+
+def _record(required: dict, optional: dict | None = None):
+    """A JSON object with exactly the `required` keys and any of the `optional` ones, each checked."""
+    optional = optional or {}
+
+    def check(value, name):
+        if type(value) is not dict:
+            raise HeaderError(f"{name} is {_kind(value)}, not an object")
+        missing = sorted(set(required) - set(value))
+        unknown = sorted(map(str, set(value) - set(required) - set(optional)))
+        if missing or unknown:
+            raise HeaderError(f"{name or 'the header'} " + "; ".join(
+                [*([f"lacks {', '.join(missing)}"] if missing else []),
+                 *([f"has unknown keys {_short(', '.join(unknown))}"] if unknown else [])]))
+        for key, item in {**required, **optional}.items():
+            if key in value:
+                item(value[key], f"{name}.{key}" if name else key)
+    return check
+
+
+def _map(key: re.Pattern, item, high: int):
+    def check(value, name):
+        if type(value) is not dict:
+            raise HeaderError(f"{name} is {_kind(value)}, not an object")
+        if len(value) > high:
+            raise HeaderError(f"{name} holds {len(value)} entries, more than {high}")
+        for k, v in value.items():
+            if not key.fullmatch(k):
+                raise HeaderError(f"{name} has the unexpected key {_short(k)!r}")
+            item(v, f"{name}.{k}")
+    return check
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value, limit: int = 40) -> str:
+    """A value as an error message shows it: cut, and with only safe characters."""
+    if type(value) is int and abs(value) >= 10**limit:
+        return f"an integer of {value.bit_length()} bits"
+    return plain_text(value, limit)
+
+
+_WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_HEX_TEXT = _text(_HEX, "a 40- or 64-digit lowercase hex digest")
+_NAME_TEXT = _text(_NAME, "a name of at most 200 letters, digits and ._:/@+=-")
+
+
+def _chosen_text(value, name):
+    """A name a person chooses (a prior's model and pretrained tag): any printable text (no line
+    breaks, control or bidirectional-override characters), shown through plain_text in cards and
+    titles and escaped in the web view."""
+    if type(value) is not str:
+        raise HeaderError(f"{name} is {_kind(value)}, not a string")
+    if not (1 <= len(value) <= MAX_CHOSEN_NAME and value.isprintable()):
+        raise HeaderError(f"{name} {_short(value)!r} is not 1 to {MAX_CHOSEN_NAME} printable characters")
+
+
+_FIGURE = _float()
+_PARAMS = _map(_WORD, _float(0, 1e12), 8)
+_CANDIDATE = _record({"method": _choice(METHODS), "params": _PARAMS, "cv_residual": _FIGURE, "cv_cosine": _FIGURE})
+_HEADER_FIELDS = {
+    "shard": _int(0, MAX_SHARDS),
+    "plan_hash": _HEX_TEXT,
+    "source_revision": _HEX_TEXT,
+    "prior": _record({"model": _chosen_text}, {
+        "pretrained": _optional(_chosen_text), "checkpoint": _optional(_text(_FILE_NAME, "a file name")),
+        "seed": _int(0, 2**63 - 1), "image_size": _optional(_int(1, MAX_IMAGE_SIZE))}),
+    "preprocessing": _record({}, {
+        "image_size": _list(_int(1, MAX_IMAGE_SIZE), 2, 2), "mean": _list(_FIGURE, 1, 4), "std": _list(_FIGURE, 1, 4),
+        "interpolation": _text(_WORD, "a method name"), "resize_mode": _text(_WORD, "a mode name"),
+        "fill_color": _int(0, 255), "crop_pct": _float(1e-6, 1.0)}),
+    "fingerprint": _NAME_TEXT,
+    "output_dim": _int(1, MAX_DIM),
+    "dim": _int(1, MAX_DIM),
+    "uniformity": _FIGURE,
+    "reference": _optional(_record({"shard": _int(0, MAX_SHARDS), "branch": _NAME_TEXT, "commit": _HEX_TEXT,
+                                    "fingerprint": _NAME_TEXT})),
+    "residual": _float(0, MAX_FIGURE),
+    "num_rows": _int(0, MAX_ROWS),
+    "tool_version": _NAME_TEXT,
+    "checksums": _map(_CHECKSUM_KEY, _HEX_TEXT, 16),
+    "skipped_ids": _list(_int(0, MAX_ROWS), 0, MAX_SKIPPED_IDS, "a list of integers (sample ids)"),
+    "schema_version": _int(1, SCHEMA_VERSION),
+    "alignment": _optional(_record(
+        {"method": _choice(METHODS), "params": _PARAMS, "residual": _FIGURE, "cv_residual": _FIGURE,
+         "cv_cosine": _FIGURE, "anchors": _int(0, MAX_ROWS), "folds": _int(1, 1000), "seed": _int(0, 2**63 - 1),
+         "candidates": _list(_CANDIDATE, 0, 16)})),
+    "uniformity_native": _optional(_FIGURE),  # None: the same as uniformity
+    "projection": _choice(PROJECTIONS),
+    "precision": _choice(PRECISIONS),
+    "precision_deviation": _optional(_record({
+        "max_cosine_distance": _float(0, 2), "mean_cosine_distance": _float(0, 2), "anchors": _int(1, MAX_ROWS)})),
+}
+_CHECK_HEADER = _record(_HEADER_FIELDS)
+
+
 @dataclass
 class ShardHeader:
-    """What a shard's files hold and how they were made. Built without the version 2 fields (the
-    defaults), a header describes a version 1 shard."""
+    """What a shard's files hold and how they were made. Built without the fields of versions 2 and
+    3 (the defaults), a header describes a version 1 shard."""
 
     shard: int
     plan_hash: str
@@ -88,13 +338,23 @@ class ShardHeader:
     alignment: dict | None = None
     uniformity_native: float | None = None  # V of the native outputs; None when built: the same as uniformity
     projection: str = "random"  # one of PROJECTIONS
+    precision: str = "fp32"  # what the prior's forward pass computed in, one of PRECISIONS
+    # Below fp32: {"max_cosine_distance", "mean_cosine_distance", "anchors"} of its outputs against an
+    # fp32 forward on the anchors; None for fp32.
+    precision_deviation: dict | None = None
 
     def __post_init__(self) -> None:
+        """Local paths leave the prior record (file names stay), then the whole header is checked:
+        a header that would not read back is never built."""
         if self.uniformity_native is None:
             self.uniformity_native = self.uniformity
-        problem = _version_problem(self)
-        if problem:
-            raise ValueError(problem)
+        if type(self.prior) is dict:
+            self.prior = public_prior(self.prior)
+        try:
+            written = json.loads(json.dumps(self.to_dict()))  # checked as it will be read: tuples are lists
+        except (TypeError, ValueError) as err:
+            raise HeaderError(f"the header cannot be written as JSON ({err})") from err
+        check_header(written)
 
     @property
     def cv_residual(self) -> float | None:
@@ -105,17 +365,38 @@ class ShardHeader:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ShardHeader:
-        if data.get("schema_version", 1) == 1:
-            data = {**_V1_DEFAULTS, **data}
-        names = {f.name for f in fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"header fields differ: missing {sorted(names - set(data))}, "
-                             f"unexpected {sorted(set(data) - names)}")
-        problem = _skipped_ids_problem(data["skipped_ids"])
-        if problem:
-            raise ValueError(problem)
+    def from_dict(cls, data: Any) -> ShardHeader:
+        """The header of a JSON object of any version; HeaderError names the first field that breaks the schema."""
+        data = _with_defaults(data)
+        if type(data.get("prior")) is dict:
+            data["prior"] = public_prior(data["prior"])  # headers of earlier releases kept the local path
+        check_header(data)
         return cls(**data)
+
+
+def check_header(data: dict) -> None:
+    """Every field of a header (as a dict, of this version) checked for type, range and size, and
+    the fields against each other; HeaderError names the first that fails."""
+    _CHECK_HEADER(data, "")
+    problem = _version_problem(data) or _prior_problem(data["prior"]) or _skipped_ids_problem(data["skipped_ids"])
+    if data["precision"] == "fp32" and data["precision_deviation"] is not None:
+        problem = "precision_deviation is recorded for an fp32 shard, which has none"
+    if problem:
+        raise HeaderError(problem)
+
+
+def _with_defaults(data: Any) -> dict:
+    """A header of an earlier version with the fields it lacks, as that version meant them."""
+    if type(data) is not dict:
+        raise HeaderError(f"the header is {_kind(data)}, not an object")
+    version = data.get("schema_version", 1)
+    if type(version) is not int or version < 1:
+        raise HeaderError(f"schema_version {_short(version)} is not a version number")
+    if version > SCHEMA_VERSION:
+        raise HeaderError(f"schema_version {version}: written by a newer coopt-hub (this one reads up to "
+                          f"{SCHEMA_VERSION}); upgrade coopt-hub")
+    defaults = _V1_DEFAULTS if version == 1 else _V2_DEFAULTS if version == 2 else {}
+    return {**defaults, **data}
 
 
 @dataclass
@@ -350,14 +631,10 @@ class _SafetensorsFile:
         if len(prefix) < 8:
             raise ValueError(f"{size} bytes cannot hold the 8-byte header length")
         (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, MAX_HEADER_BYTES):
+        if length > min(size - 8, MAX_FILE_HEADER_BYTES):
             raise ValueError(f"a header of {length} bytes does not fit in the file's {size}")
-        header = json.loads(self._file.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
-            raise ValueError("__metadata__ is not a map of strings")
+        header = parse_json(self._file.read(length), "the safetensors header", MAX_FILE_HEADER_BYTES)
+        metadata = _file_metadata(header)
         self._data_start = 8 + length
         data_bytes = size - self._data_start
         return metadata, {name: _stored_tensor(name, entry, data_bytes) for name, entry in header.items()}
@@ -399,11 +676,29 @@ def _stored_tensor(name: str, entry, data_bytes: int) -> _StoredTensor:
 
 
 def header_from_metadata(metadata: dict) -> ShardHeader:
-    """The ShardHeader in a safetensors file's `__metadata__`; ValueError names what is wrong."""
-    try:
-        return ShardHeader.from_dict(json.loads(metadata[HEADER_KEY]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"unreadable coopt header ({type(err).__name__}: {err})") from err
+    """The ShardHeader in a safetensors file's `__metadata__`, checked against the schema before any
+    use; HeaderError (a ValueError) names the field that breaks it."""
+    text = metadata.get(HEADER_KEY)
+    if type(text) is not str:
+        raise HeaderError(f"no coopt header under the metadata key {HEADER_KEY!r}")
+    return ShardHeader.from_dict(parse_json(text, "the coopt header", MAX_COOPT_HEADER_BYTES))
+
+
+def header_from_file_header(raw: bytes) -> ShardHeader:
+    """The ShardHeader of a safetensors file from the JSON header at its start (the bytes after the
+    8-byte length), read as header_from_metadata reads it; HeaderError otherwise."""
+    metadata = _file_metadata(parse_json(raw, "the safetensors header", MAX_FILE_HEADER_BYTES))
+    return header_from_metadata(metadata)
+
+
+def _file_metadata(header: Any) -> dict[str, str]:
+    """The `__metadata__` of a parsed safetensors header (removed from it); HeaderError when malformed."""
+    if type(header) is not dict:
+        raise HeaderError("the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if type(metadata) is not dict or not all(type(value) is str for value in metadata.values()):
+        raise HeaderError("the safetensors __metadata__ is not a map of strings")
+    return metadata
 
 
 def read_anchor_file(path: Path) -> tuple[ShardHeader, AnchorOutputs]:
@@ -527,20 +822,22 @@ def _check_checksums(path: str, header: ShardHeader, group: str, digests: dict[s
                                  hint=_REFRESH_HINT)
 
 
-def _version_problem(header: ShardHeader) -> str | None:
-    """What makes a header's version fields unreadable by this release, if anything."""
-    version = header.schema_version
-    if type(version) is not int or version < 1:
-        return f"schema_version {version!r} is not a version number"
-    if version > SCHEMA_VERSION:
-        return (f"schema version {version} was written by a newer coopt-hub (this one reads up to "
-                f"{SCHEMA_VERSION}); upgrade coopt-hub")
-    if header.projection not in PROJECTIONS:
-        return f"unknown projection {header.projection!r}"
-    if version == 1 and (header.projection != "random" or header.alignment is not None):
+def _version_problem(header: dict) -> str | None:
+    """What makes a schema-checked header's fields contradict its version, if anything."""
+    if header["schema_version"] == 1 and (header["projection"] != "random" or header["alignment"] is not None):
         return "a version 1 header records no alignment fit and knows only the random projection"
-    if header.alignment is not None and (not isinstance(header.alignment, dict) or header.reference is None):
+    if header["alignment"] is not None and header["reference"] is None:
         return "alignment is not the record of a fit to a reference"
+    return None
+
+
+def _prior_problem(prior: dict) -> str | None:
+    """What makes a schema-checked prior record one that priors.spec.PriorSpec refuses, if anything."""
+    backend, colon, name = prior["model"].partition(":")
+    if colon and backend.isidentifier() and not name:
+        return f"prior.model {_short(prior['model'])!r} names a backend but no model"
+    if prior.get("pretrained") and prior.get("checkpoint"):
+        return "prior names both a pretrained tag and a checkpoint"
     return None
 
 
@@ -588,6 +885,8 @@ def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
         problems.append(f"targets have {header.dim} dimensions, the plan says {plan.dim}")
     if header.projection != plan.projection_kind:
         problems.append(f"made with the {header.projection} projection, the plan says {plan.projection_kind}")
+    if header.reference is not None and header.reference["shard"] >= plan.num_shards:
+        problems.append(f"aligned to shard {header.reference['shard']}, the plan has {plan.num_shards}")
     shard_ids = plan.shard_ids(k)
     skipped = np.asarray(header.skipped_ids, dtype=np.int64)
     if not np.isin(skipped, shard_ids).all():

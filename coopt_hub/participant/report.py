@@ -54,8 +54,10 @@ def build_report(
         "participant": run.participant,
         "plan_hash": plan.plan_hash,
         "source": {"repo": plan.source_repo, "revision": plan.source_revision, "split": plan.split},
-        "prior": header.prior,
+        "prior": header.prior,  # a local checkpoint by file name only (ShardHeader keeps no local path)
         "preprocessing": header.preprocessing,
+        "precision": header.precision,
+        "precision_deviation": header.precision_deviation,
         "fingerprint": prior.fingerprint,
         "random_init": bool(prior.random_init),
         "output_dim": prior.output_dim,

@@ -1,5 +1,10 @@
 """The dataset card of a merged version: YAML that `datasets` loads from, and a body for people.
 
+Everything a participant wrote (prior names, fingerprints, fit methods) reaches the card through
+core.shardfile.plain_text, so it reads as itself in markdown and HTML; a local checkpoint shows as
+its file name and weight fingerprint (priors.spec.prior_label). The source is linked by repo id,
+relative to the hub the card is read on.
+
 The YAML declares the features (the fixed-length `target` included), one config whose data files
 are the merged splits, so `load_dataset(repo, revision=tag)` needs no guessing, the size category
 and the byte sizes of what was written. The body comes from the jinja template shipped in
@@ -16,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from coopt_hub import __version__
 from coopt_hub.core.layout import ANCHORS_PATH, DATA_DIR
 from coopt_hub.core.plan import Plan
+from coopt_hub.core.shardfile import plain_text
 from coopt_hub.platform.init import STABLE_ANCHORS_PER_DIM
-from coopt_hub.priors import PriorSpec
+from coopt_hub.priors.spec import PriorSpec, prior_label
 
 if TYPE_CHECKING:
     from coopt_hub.core.manifest import Manifest, MergedShard
@@ -38,19 +44,6 @@ CITATION = """@misc{shang2025coopt,
   archivePrefix = {arXiv},
   url           = {https://arxiv.org/abs/2505.14117}
 }"""
-
-
-def prior_label(prior: dict[str, Any]) -> str:
-    """`model/pretrained` for a released checkpoint, `model (checkpoint)` for local weights, the name
-    alone for weights that come with it (`hf-hub:` models); random weights say so with their seed."""
-    spec = PriorSpec.from_dict(prior)
-    if spec.random_init:
-        return f"{spec.model} (random init, seed {spec.seed})"
-    if spec.pretrained:
-        return f"{spec.model}/{spec.pretrained}"
-    if spec.checkpoint:
-        return f"{spec.model} ({spec.checkpoint})"
-    return spec.model
 
 
 def size_category(rows: int) -> str:
@@ -103,7 +96,7 @@ def _total(sizes) -> int | None:
     return None if any(size is None for size in sizes) else sum(sizes)
 
 
-def render_card(manifest: Manifest, plan: Plan, features, source_card: dict[str, Any], repo: str, endpoint: str) -> str:
+def render_card(manifest: Manifest, plan: Plan, features, source_card: dict[str, Any], repo: str) -> str:
     """README.md of a merged version, from the shipped template."""
     from huggingface_hub import DatasetCard
 
@@ -115,7 +108,6 @@ def render_card(manifest: Manifest, plan: Plan, features, source_card: dict[str,
         template_str=template,
         pretty_name=f"{manifest.source.repo} with CoOpt targets",
         repo=repo,
-        endpoint=endpoint.rstrip("/"),
         tag=manifest.tag,
         source_repo=manifest.source.repo,
         source_revision=manifest.source.revision,
@@ -126,7 +118,8 @@ def render_card(manifest: Manifest, plan: Plan, features, source_card: dict[str,
         label_column=manifest.label_column,
         splits=[_SplitRow(name, record.num_rows, tuple(features)) for name, record in manifest.splits.items()],
         other_splits=[name for name in manifest.splits if name != manifest.source.split],
-        reference={**vars(manifest.reference), "prior_name": prior_label(manifest.reference.prior)},
+        reference={**vars(manifest.reference),
+                   "prior_name": prior_label(manifest.reference.prior, manifest.reference.fingerprint)},
         shards=shards,
         random_init=[row for row in shards if row["random_init"]],
         noise_like=[row["shard"] for row in shards if row["noise_like"]],
@@ -165,10 +158,10 @@ def _shard_row(shard: MergedShard, reference: int) -> dict[str, Any]:
     in_sample = shard.realigned_residual if shard.realigned else shard.residual
     return {
         "shard": shard.shard,
-        "branch": shard.branch,
-        "commit": shard.commit,
-        "fingerprint": shard.fingerprint,
-        "prior_name": prior_label(shard.prior),
+        "branch": plain_text(shard.branch),
+        "commit": plain_text(shard.commit),
+        "fingerprint": plain_text(shard.fingerprint, limit=16),
+        "prior_name": prior_label(shard.prior, shard.fingerprint),
         "random_init": PriorSpec.from_dict(shard.prior).random_init,
         "output_dim": shard.output_dim,
         "rows": shard.rows,
@@ -176,7 +169,7 @@ def _shard_row(shard: MergedShard, reference: int) -> dict[str, Any]:
         "uniformity_native": _figure(shard.uniformity_native),
         "noise_like": shard.noise_like,
         "realigned": shard.realigned,
-        "method": "none: the reference's own outputs" if own_outputs else method,
+        "method": "none: the reference's own outputs" if own_outputs else plain_text(method),
         "residual": "-" if own_outputs else _figure(in_sample),
         "cv_residual": "-" if own_outputs else _figure(alignment.get("cv_residual")),
         "aligned_by": "-" if own_outputs else "merge" if shard.realigned else "participant",

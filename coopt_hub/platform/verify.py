@@ -11,7 +11,10 @@ shard stores with its anchors. Every figure is reported, so a reader sees how cl
 Version 1 shards are checked as version 1 made them (native V, the one-shot ridge).
 
 Honest shards reproduce to cosine ~0.9999999 (fp32) or ~0.9998 (bf16 autocast); noise of 5% of
-the row norm added to the targets gives ~0.9987, so the default threshold sits between them.
+the row norm added to the targets gives ~0.9987, so the default threshold sits between them. A shard
+labeled below fp32 must record how far its outputs were from an fp32 forward on the anchors, within
+PRECISION_TOLERANCE; its re-encoding here (in fp32) is then held to that tolerance instead, so at
+reduced precision a deviation up to it (noise included) cannot be told from the rounding.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import LogProgress, Progress
 from coopt_hub.core.quality import common_uniformity
 from coopt_hub.core.shardfile import (
+    PRECISION_TOLERANCE,
     AnchorOutputs,
     ShardHeader,
     ShardResult,
@@ -53,9 +57,9 @@ from coopt_hub.core.shardfile import (
 )
 from coopt_hub.errors import BadImageError, ConfigError, PlanError, PriorError, ShardFileError, VerificationError
 from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import load_anchors, load_plan, read_reference_anchors
+from coopt_hub.hub.repo import load_anchors, read_reference_anchors
 from coopt_hub.platform.init import rows_by_id
-from coopt_hub.platform.status import download_shard
+from coopt_hub.platform.status import collaboration_status, download_shard
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec, decode_image, load_prior
 
 PASSED, FAILED, UNVERIFIABLE, SKIPPED, MISSING = "pass", "fail", "cannot verify", "skipped", "missing"
@@ -206,26 +210,25 @@ def verify_repo(
     batch_size: int = 64,
     progress: Progress | None = None,
 ) -> list[ShardVerification]:
-    """Verify `shards` (default: every shard of the plan) at their branch heads; unpushed ones come back MISSING."""
-    plan = load_plan(hub, repo)
-    wanted = list(range(plan.num_shards)) if shards is None else list(shards)
+    """Verify `shards` (default: every shard of the plan), each at the contribution `status` finds for
+    it (its branch, an open pull request, or main's last merge; the newest that passes status's checks);
+    unpushed ones come back MISSING."""
+    status = collaboration_status(hub, repo)
+    wanted = list(range(status.plan.num_shards)) if shards is None else list(shards)
     for k in wanted:
-        plan.shard_ids(k)  # PlanError for a shard the plan does not have, before any work
-    branches, _ = hub.refs(repo)
+        status.plan.shard_ids(k)  # PlanError for a shard the plan does not have, before any work
     priors = priors or PriorLoader()
     progress = progress or LogProgress()
     results = []
     for k in wanted:
-        commit = branches.get(shard_branch(k))
-        if commit is None:
-            progress.info(f"Shard {k}: nothing pushed to {shard_branch(k)}.")
-            results.append(ShardVerification(k, shard_branch(k), None))
+        shard = status.shards[k]
+        if shard.commit is None:
+            progress.info(f"Shard {k}: nothing pushed to {shard.branch} or in a pull request.")
+            results.append(ShardVerification(k, shard.branch, None))
             continue
-        progress.info(f"Shard {k}: verifying {shard_branch(k)}@{commit[:12]}.")
-        results.append(
-            verify_shard(hub, repo, plan, k, sample=sample, seed=seed, thresholds=thresholds, commit=commit,
-                         priors=priors, batch_size=batch_size, progress=progress)
-        )
+        progress.info(f"Shard {k}: verifying {shard.found.describe() if shard.found else shard.branch}.")
+        results.append(verify_shard(hub, repo, status.plan, k, sample=sample, seed=seed, thresholds=thresholds,
+                                    commit=shard.commit, priors=priors, batch_size=batch_size, progress=progress))
     return results
 
 
@@ -269,8 +272,9 @@ def verify_shard(
     result, anchors = files
     declared = _check_prior(result.header, priors or PriorLoader(), report)
     encoder = _Encoder(*declared, batch_size, progress or LogProgress()) if declared else None
-    _check_targets(plan, result, anchors, encoder, sample, seed, thresholds, hub.token, report)
-    _check_anchors(hub, repo, plan, anchors, encoder, thresholds, report)
+    encoded = at_precision(thresholds, result.header.precision)
+    _check_targets(plan, result, anchors, encoder, sample, seed, encoded, hub.token, report)
+    _check_anchors(hub, repo, plan, anchors, encoder, encoded, report)
     _check_uniformity(plan, result.header, anchors, thresholds, report)
     _check_alignment(hub, repo, plan, result, anchors, thresholds, report)
     return report
@@ -318,7 +322,8 @@ def _check_files(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOut
     """Records the 'files' check: whether the files fit the plan (the rest is skipped when they do not)."""
     header = result.header
     report.prior, report.fingerprint = header.prior, header.fingerprint
-    problems = header_problems(plan, shard, header) + _id_problems(plan, shard, result, anchors)
+    problems = header_problems(plan, shard, header) + _precision_problems(header) + \
+        _id_problems(plan, shard, result, anchors)
     if problems:
         report.checks.append(Check("files", FAILED, "; ".join(problems) + "."))
         _skip_rest(report, "the files do not fit the plan")
@@ -326,6 +331,28 @@ def _check_files(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOut
     report.checks.append(Check("files", PASSED, f"{header.num_rows} rows and {anchors.ids.size} anchors fit the plan; "
                                                  "checksums match."))
     return True
+
+
+def at_precision(thresholds: Thresholds, precision: str) -> Thresholds:
+    """The thresholds for comparing an fp32 re-encoding with outputs computed at `precision`."""
+    if precision not in PRECISION_TOLERANCE:
+        return thresholds
+    return replace(thresholds, min_cosine=min(thresholds.min_cosine, 1.0 - PRECISION_TOLERANCE[precision]))
+
+
+def _precision_problems(header: ShardHeader) -> list[str]:
+    """A shard labeled below fp32 records its deviation from an fp32 forward, within the tolerance."""
+    if header.precision not in PRECISION_TOLERANCE:
+        return []
+    tolerance, deviation = PRECISION_TOLERANCE[header.precision], header.precision_deviation
+    if deviation is None:
+        return [(f"it was labeled in {header.precision} but records no deviation from an fp32 forward "
+                 "(precision_deviation): its targets cannot be told from another model's")]
+    if deviation["max_cosine_distance"] > tolerance:
+        return [(f"its {header.precision} outputs deviate from an fp32 forward by a cosine distance of up to "
+                 f"{deviation['max_cosine_distance']:.4f} on {deviation['anchors']} anchors, above the "
+                 f"{tolerance} tolerance for {header.precision}")]
+    return []
 
 
 def _id_problems(plan: Plan, shard: int, result: ShardResult, anchors: AnchorOutputs) -> list[str]:
@@ -560,7 +587,7 @@ def _refit(hub: Hub, repo: str, plan: Plan, header: ShardHeader, anchors: Anchor
         reference_ids, reference_projected = read_reference_anchors(
             hub, repo, plan, int(reference["shard"]), str(reference["commit"]), reference.get("fingerprint")
         )
-    except (ShardFileError, KeyError, TypeError, ValueError) as err:
+    except (ShardFileError, PlanError, KeyError, TypeError, ValueError) as err:
         report.checks.append(Check("alignment", FAILED, f"the declared reference cannot be used: {err}"))
         return None
     common, own_rows, reference_rows = np.intersect1d(anchors.ids, reference_ids, return_indices=True)

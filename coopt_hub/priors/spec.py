@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 from PIL import Image, UnidentifiedImageError
 
+from coopt_hub.core.shardfile import (
+    PRECISIONS,  # noqa: F401 - the header's; priors.base imports it from here
+    plain_text,
+    public_prior,
+)
 from coopt_hub.errors import BadImageError, ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_BACKEND = "open_clip"
 
 
@@ -87,6 +91,24 @@ class PriorSpec:
             raise ConfigError(f"Unknown prior settings {sorted(unknown)}.",
                               hint="The record may come from a newer coopt-hub; upgrade to read it.")
         return cls(**d)
+
+
+def prior_label(prior: dict[str, Any], fingerprint: str | None = None) -> str:
+    """A prior as cards, tables, commit titles and PR texts show it, in plain_text's characters:
+    `model/pretrained` for released weights; `model (file name, weights FINGERPRINT)` for a local
+    checkpoint, never its folder (the fingerprint, when given, says which weights); the name alone
+    for weights that come with it (`hf-hub:`); random weights with their seed."""
+    spec = PriorSpec.from_dict(public_prior(prior))
+    if spec.random_init:
+        text = f"{spec.model} (random init, seed {spec.seed})"
+    elif spec.pretrained:
+        text = f"{spec.model}/{spec.pretrained}"
+    elif spec.checkpoint:
+        weights = f", weights {fingerprint[:12]}" if fingerprint else ""
+        text = f"{spec.model} ({spec.checkpoint}{weights})"  # public_prior left the file name only
+    else:
+        text = spec.model
+    return plain_text(text, limit=200)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from coopt_hub.core.layout import MANIFEST_PATH, MERGED_FOLDERS
 from coopt_hub.core.manifest import Manifest, next_tag
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
+from coopt_hub.core.shardfile import plain_text
 from coopt_hub.errors import ConflictError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_plan, read_manifest
@@ -68,7 +69,8 @@ def publish_merge(hub: Hub, repo: str, publication: Publication, tag: str | None
     for _ in range(hub.retry.attempts):
         build = _MainCommit(hub, repo, publication, tag)
         progress.info(f"Committing {len(publication.uploads)} data files to main.")
-        commit = hub.commit(repo, "main", build, message=publication.message)
+        # Plain text only: the title names a participant's prior, and hubs show titles in their pages.
+        commit = hub.commit(repo, "main", build, message=plain_text(publication.message, limit=200))
         faults.reach("merge-tag")
         manifest = build.manifest
         if claim_tag(hub, repo, manifest.tag, commit):
