@@ -116,13 +116,15 @@ def describe_error(err: BaseException) -> tuple[int, str, str | None]:
         return err.exit_code, str(err), err.hint
     for row in error_table():
         if isinstance(err, row.error):
-            detail = str(err).strip().splitlines()
+            # huggingface_hub puts a request id first; the status and the server's own words say what went wrong.
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            server = (getattr(err, "server_message", None) or "").strip().splitlines()
+            detail = [f"{status} {server[0]}"] if server and status else str(err).strip().splitlines()
             detail_text = f": {detail[0]}" if detail else ""
             request = _failed_request(err)
             if request is not None and str(request.url) not in str(err):
                 # "Connection refused" alone does not say which endpoint refused.
                 detail_text += f" ({request.method} {request.url})"
-            status = getattr(getattr(err, "response", None), "status_code", None)
             hint = row.hint
             if status == 412:
                 hint = "Someone committed to that branch first. Rerun the command; it starts from the new state."

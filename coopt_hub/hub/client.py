@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +35,7 @@ from huggingface_hub.errors import (
 )
 
 from coopt_hub.core import faults
-from coopt_hub.errors import ConflictError
+from coopt_hub.errors import ConfigError, ConflictError, ShardFileError
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,45 @@ def dataset_info(repo_id: str, revision: str, token: str | None = None, endpoint
     return HfApi(endpoint=endpoint, token=token).dataset_info(repo_id, revision=revision)
 
 
+@dataclass(frozen=True)
+class PullRequest:
+    number: int
+    author: str
+    title: str
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """A file as a revision holds it: its content id (sha256 for LFS files, else the git blob id)
+    and the commit that last changed it."""
+
+    oid: str
+    commit: str
+    date: datetime
+
+
+class AccessDenied(ConfigError):
+    """The Hub refused a request for the token's rights (403): another token, or another way (a pull
+    request), is the next step, not a rerun."""
+
+    exit_code = 5
+
+    @classmethod
+    def of(cls, err: HfHubHTTPError, what: str) -> AccessDenied:
+        # The server's own words say which right is missing; huggingface_hub puts a request id first.
+        reason = (err.server_message or "").strip() or "403 Forbidden"
+        return cls(f"The Hub refused to {what}: {reason.rstrip('.')}.",
+                   hint="Participants push shards with `coopt-hub optimize --shard K --push` or `coopt-hub push "
+                        "--shard K` (a pull request when the token may not push branches); main, tags and the repo "
+                        "itself are for the platform owner's token.")
+
+
+def is_forbidden(err: BaseException) -> bool:
+    """The Hub refused the request for the token's rights (403), as it does to an outsider's branch
+    push. Not a gated or disabled repo: their own error classes say more."""
+    return isinstance(err, AccessDenied) or type(err) is HfHubHTTPError and _status(err) == 403
+
+
 class Hub:
     """A dataset repo's view of the Hub: heads, atomic commits, tags and downloads."""
 
@@ -124,6 +164,8 @@ class Hub:
             try:
                 return call()
             except Exception as err:  # noqa: BLE001 - filtered by is_transient
+                if type(err) is HfHubHTTPError and _status(err) == 403:
+                    raise AccessDenied.of(err, what) from err
                 if not is_transient(err) or attempt == self.retry.attempts - 1:
                     raise
                 delay = self.retry.delay(attempt)
@@ -175,6 +217,58 @@ class Hub:
             {ref.name: ref.target_commit for ref in refs.tags},
         )
 
+    def pull_request_heads(self, repo_id: str) -> dict[int, str]:
+        """The head commit of every pull request's ref refs/pr/N, by N (open or not: see open_pull_requests)."""
+        refs = self.with_retries(
+            f"list pull requests of {repo_id}",
+            lambda: self.api.list_repo_refs(repo_id, repo_type=REPO_TYPE, include_pull_requests=True),
+        )
+        return {int(ref.ref.rsplit("/", 1)[1]): ref.target_commit for ref in refs.pull_requests or []
+                if ref.ref.rsplit("/", 1)[1].isdigit()}
+
+    def open_pull_requests(self, repo_id: str, author: str | None = None) -> list[PullRequest]:
+        """The open pull requests of `repo_id` (of `author` only, when given), oldest first."""
+        found = self.with_retries(
+            f"list pull requests of {repo_id}",
+            lambda: list(self.api.get_repo_discussions(repo_id, author=author, discussion_type="pull_request",
+                                                       discussion_status="open", repo_type=REPO_TYPE)),
+        )
+        return sorted((PullRequest(d.num, d.author, d.title) for d in found), key=lambda pr: pr.number)
+
+    def file_versions(self, repo_id: str, revision: str, paths: Sequence[str]) -> dict[str, FileVersion]:
+        """Which of `paths` exist at `revision`: their content id and the commit that last changed them."""
+
+        def info(wanted: list[str], expand: bool) -> list:
+            return self.with_retries(f"read paths of {repo_id}@{revision}", lambda: self.api.get_paths_info(
+                repo_id, wanted, expand=expand, revision=revision, repo_type=REPO_TYPE))
+
+        wanted = list(paths)
+        if len(wanted) > 1:
+            # The last commit of a path costs the Hub a walk through history: only for those that exist.
+            wanted = [entry.path for entry in info(wanted, expand=False)]
+        entries = info(wanted, expand=True) if wanted else []
+        versions = {}
+        for entry in entries:
+            last = getattr(entry, "last_commit", None)
+            if last is None or getattr(entry, "blob_id", None) is None:
+                continue  # a folder
+            oid = entry.lfs.sha256 if entry.lfs else entry.blob_id
+            versions[entry.path] = FileVersion(oid=oid, commit=last.oid, date=last.date)
+        return versions
+
+    def user(self) -> str:
+        """The name of the account this client's token belongs to."""
+        return self.with_retries("ask the Hub who this token is", lambda: self.api.whoami()["name"])
+
+    def token_role(self) -> str | None:
+        """The token's role as the Hub states it ("read", "write", "fineGrained" on huggingface.co;
+        "contribute" and "admin" too on the embedded hub); None when it cannot tell."""
+        try:
+            me = self.with_retries("ask the Hub who this token is", self.api.whoami)
+        except Exception:  # noqa: BLE001 - no token, or a hub without whoami: the writes will say
+            return None
+        return ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+
     def list_files(self, repo_id: str, revision: str) -> list[str]:
         return self.with_retries(
             f"list files of {repo_id}@{revision}",
@@ -206,7 +300,12 @@ class Hub:
             local = self.download(repo_id, path, revision)
         except (RemoteEntryNotFoundError, RevisionNotFoundError):
             return None
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_bytes())
+        except (ValueError, RecursionError) as err:  # a participant's file: malformed or nested to exhaust recursion
+            raise ShardFileError(f"{path} at {revision[:12]} of {repo_id} is not usable JSON "
+                                 f"({type(err).__name__}: {str(err)[:200]}).",
+                                 hint="Whoever pushed it must push it again; leave that contribution out meanwhile.") from err
 
     def open(self, repo_id: str, revision: str, path: str, block_size: int | None = None):
         """A remote file open for range reads (see open_remote)."""
@@ -260,10 +359,44 @@ class Hub:
 
         return self.with_retries(f"commit to {repo_id}@{branch}", attempt)
 
+    def open_pull_request(self, repo_id: str, operations: Sequence[CommitOperation], title: str,
+                          description: str) -> tuple[int, str]:
+        """One commit as a new pull request to main; (its number, the commit). Tried once: a lost answer
+        may still have opened it, so the caller looks for its pull request before trying again."""
+        self.reach()
+        try:
+            info = self.api.create_commit(repo_id, list(operations), commit_message=title,
+                                          commit_description=description, revision="main", create_pr=True,
+                                          repo_type=REPO_TYPE)
+        except HfHubHTTPError as err:
+            if is_forbidden(err):
+                raise AccessDenied.of(err, f"open a pull request on {repo_id}") from err
+            raise
+        return info.pr_num, info.oid
+
+    def comment(self, repo_id: str, number: int, text: str) -> None:
+        self.with_retries(f"comment on #{number} of {repo_id}",
+                          lambda: self.api.comment_discussion(repo_id, number, text, repo_type=REPO_TYPE))
+
+    def comments(self, repo_id: str, number: int) -> list[str]:
+        """The text of every comment of discussion or pull request #number, oldest first."""
+        details = self.with_retries(f"read #{number} of {repo_id}",
+                                    lambda: self.api.get_discussion_details(repo_id, number, repo_type=REPO_TYPE))
+        return [event.content for event in details.events if event.type == "comment"]
+
+    def close(self, repo_id: str, number: int, comment: str) -> None:
+        """Close pull request (or discussion) #number with `comment`."""
+        self.with_retries(
+            f"close #{number} of {repo_id}",
+            lambda: self.api.change_discussion_status(repo_id, number, "closed", comment=comment, repo_type=REPO_TYPE),
+        )
+
     def create_tag(self, repo_id: str, tag: str, revision: str, message: str) -> None:
         try:
             self.api.create_tag(repo_id, tag=tag, revision=revision, tag_message=message, repo_type=REPO_TYPE)
         except HfHubHTTPError as err:
+            if is_forbidden(err):
+                raise AccessDenied.of(err, f"create tag {tag} of {repo_id}") from err
             if getattr(err.response, "status_code", None) == 409:
                 raise ConflictError(
                     f"Tag {tag} already exists in {repo_id}.",

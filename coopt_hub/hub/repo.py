@@ -14,7 +14,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundErr
 from coopt_hub.core.layout import ANCHORS_PATH, MANIFEST_PATH, PLAN_PATH, remote_paths, shard_branch
 from coopt_hub.core.manifest import Manifest
 from coopt_hub.core.plan import Plan
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_from_metadata, header_problems, read_anchor_file
+from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_from_file_header, header_problems, read_anchor_file
 from coopt_hub.errors import PlanError, ShardFileError, SourceError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.source import pin_revision
@@ -80,11 +80,7 @@ def read_remote_header(hub: Hub, repo: str, commit: str, path: str) -> ShardHead
         if length > _MAX_REMOTE_HEADER_BYTES:
             raise ValueError(f"not a safetensors file (header length {length})")
         raw = handle.read(length)
-    try:
-        metadata = json.loads(raw)["__metadata__"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"unreadable coopt header ({err})") from err
-    return header_from_metadata(metadata)
+    return header_from_file_header(raw)
 
 
 def read_shard_anchors(hub: Hub, repo: str, plan: Plan, shard: int, commit: str) -> tuple[ShardHeader, AnchorOutputs]:

@@ -1,9 +1,11 @@
 """Publishing a participant's result: one commit to its shard branch, never over another prior's
-result unless asked, and `coopt-hub push` for a result made without --push.
+result unless asked, or to a pull request where the token may not push branches; and `coopt-hub
+push` for a result made without --push.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,12 @@ from coopt_hub.core.layout import remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.progress import LogProgress, Progress
 from coopt_hub.core.shardfile import expected_ids, header_problems, read_shard
 from coopt_hub.errors import ConflictError, PlanError, ShardFileError
-from coopt_hub.hub.client import Hub
+from coopt_hub.hub.client import AccessDenied, Hub, is_transient
+from coopt_hub.hub.contributions import Contribution, own_pull_request
 from coopt_hub.hub.repo import load_plan
 from coopt_hub.participant.report import read_report
 from coopt_hub.participant.workdir import OptimizeResult, latest_result
+from coopt_hub.priors.spec import prior_label
 
 
 def check_branch_owner(hub: Hub, repo: str, shard: int, fingerprint: str, head: str | None = None) -> None:
@@ -36,47 +40,79 @@ def check_branch_owner(hub: Hub, repo: str, shard: int, fingerprint: str, head: 
 
 
 def publish_result(
-    hub: Hub, repo: str, shard: int, directory: Path, overwrite: bool = False, progress: Progress | None = None
+    hub: Hub, repo: str, shard: int, directory: Path, overwrite: bool = False, progress: Progress | None = None,
+    create_pr: bool = False,
 ) -> tuple[str, bool]:
-    """Commit a result directory's three files to shard/{k} in one commit; (branch head, new commit made).
+    """Commit a result directory's three files in one commit; (the commit holding them, new commit made).
 
-    No commit is made when the branch already holds the very same targets and anchors.
+    They go to shard/{k}, or to a pull request to main with `create_pr` or when the token may not
+    push branches (on huggingface.co, anyone outside the repo's organisation): this participant's
+    open pull request of the shard if there is one (a rerun), else a new one. No commit is made
+    when the branch or pull request already holds the very same result.
     """
     say = progress or LogProgress()
-    paths = remote_paths(shard)
-    local = Path(directory)
-    report = read_report(local, shard)
+    result = _LocalResult(repo, shard, Path(directory))
+    if not create_pr:
+        try:
+            return _push_branch(hub, result, overwrite, say)
+        except AccessDenied as err:
+            say.info(f"{err} Opening a pull request with the result instead.")
+    return _push_pull_request(hub, result, say)
+
+
+class _LocalResult:
+    """A finished local result and what its commit says about it."""
+
+    def __init__(self, repo: str, shard: int, directory: Path):
+        self.repo, self.shard, self.directory = repo, shard, directory
+        self.paths = remote_paths(shard)
+        self.report = read_report(directory, shard)
+
+    def operations(self) -> list:
+        from huggingface_hub import CommitOperationAdd
+
+        return [CommitOperationAdd(path, str(self.directory / path)) for path in self.paths]
+
+    def already_in(self, hub: Hub, head: str | None) -> bool:
+        remote = hub.read_json(self.repo, self.paths.report, head) if head else None
+        return remote is not None and remote.get("files") == self.report["files"]
+
+    @property
+    def title(self) -> str:
+        report = self.report
+        return (f"coopt-hub: shard {self.shard} labeled with {prior_label(report['prior'], report['fingerprint'])} "
+                f"({report['counts']['rows']} rows)")
+
+    @property
+    def description(self) -> str:
+        report = self.report
+        reference = report["reference"]
+        aligned_to = "itself" if reference is None else f"shard {reference['shard']} at {reference['commit'][:8]}"
+        # Reports of version 1 results (pushed later with `coopt-hub push`) have no alignment record.
+        fit = report.get("alignment")
+        held_out = f"{fit['cv_residual']:.4f}" if fit else "not recorded (version 1 result)"
+        return (f"Shard {self.shard}, labeled with {prior_label(report['prior'], report['fingerprint'])} (fingerprint "
+                f"{report['fingerprint'][:16]}).\n\n"
+                f"- uniformity V: {report['uniformity']:.4f}\n- aligned to: {aligned_to}\n"
+                f"- residual: in-sample {report['residual']:.4f}, held-out {held_out}\n"
+                f"- rows: {report['counts']['rows']}\n- coopt-hub {report['tool_version']}\n")
+
+
+def _push_branch(hub: Hub, result: _LocalResult, overwrite: bool, say: Progress) -> tuple[str, bool]:
+    repo, shard = result.repo, result.shard
     branch = shard_branch(shard)
     hub.ensure_branch(repo, branch, "main")
     outcome = {"unchanged": False}
 
     def build(head: str | None):
-        from huggingface_hub import CommitOperationAdd
-
-        remote = hub.read_json(repo, paths.report, head) if head else None
-        if remote is not None and remote.get("files") == report["files"]:
-            outcome["unchanged"] = True
+        outcome["unchanged"] = result.already_in(hub, head)
+        if outcome["unchanged"]:
             return None
         if not overwrite:
-            check_branch_owner(hub, repo, shard, report["fingerprint"], head)
-        outcome["unchanged"] = False
-        return [CommitOperationAdd(path, str(local / path)) for path in paths]
+            check_branch_owner(hub, repo, shard, result.report["fingerprint"], head)
+        return result.operations()
 
-    model = report["prior"]["model"]
-    reference = report["reference"]
-    aligned_to = "itself" if reference is None else f"{reference['branch']}@{reference['commit'][:8]}"
-    # Reports of version 1 results (pushed later with `coopt-hub push`) have no alignment record.
-    fit = report.get("alignment")
-    residual = (f"held-out residual {fit['cv_residual']:.4f}, in-sample {report['residual']:.4f}" if fit
-                else f"residual {report['residual']:.4f}")
-    commit = hub.commit(
-        repo,
-        branch,
-        build,
-        message=f"coopt-hub: shard {shard} labeled with {model} ({report['counts']['rows']} rows)",
-        description=(f"Prior fingerprint {report['fingerprint']}, uniformity {report['uniformity']:.4f}, "
-                     f"aligned to {aligned_to} ({residual}); coopt-hub {report['tool_version']}."),
-    )
+    commit = hub.commit(repo, branch, build, message=result.title, description=result.description)
     if outcome["unchanged"]:
         say.info(f"{branch} of {repo} already holds this result ({commit[:8]}); nothing to push.")
     else:
@@ -84,10 +120,58 @@ def publish_result(
     return commit, not outcome["unchanged"]
 
 
+def _push_pull_request(hub: Hub, result: _LocalResult, say: Progress) -> tuple[str, bool]:
+    """To this participant's open pull request of the shard, or a new one. Opening one is not retried
+    blindly: an answer lost on the way may hide a pull request that was opened, so every try first
+    looks for it."""
+    repo, shard, me = result.repo, result.shard, hub.user()
+    for attempt in range(hub.retry.attempts):
+        own = own_pull_request(hub, repo, shard, me)
+        if own is not None:
+            return _push_to(hub, result, own, say)
+        try:
+            number, commit = hub.open_pull_request(repo, result.operations(), result.title, result.description)
+        except Exception as err:  # noqa: BLE001 - filtered by is_transient
+            if not is_transient(err) or attempt == hub.retry.attempts - 1:
+                raise
+            time.sleep(hub.retry.delay(attempt))
+            continue
+        say.info(f"Opened pull request #{number} to {repo} with shard {shard} ({commit[:8]}): "
+                 f"{hub.endpoint}/datasets/{repo}/discussions/{number}")
+        return commit, True
+    raise AssertionError("unreachable")
+
+
+def _push_to(hub: Hub, result: _LocalResult, own: Contribution, say: Progress) -> tuple[str, bool]:
+    revision = f"refs/pr/{own.pull_request}"
+    outcome = {"unchanged": False}
+
+    def build(head: str | None):
+        outcome["unchanged"] = result.already_in(hub, head)
+        return None if outcome["unchanged"] else result.operations()
+
+    commit = hub.commit(result.repo, revision, build, message=result.title, description=result.description)
+    if outcome["unchanged"]:
+        say.info(f"Your pull request #{own.pull_request} to {result.repo} already holds this result "
+                 f"({commit[:8]}); nothing to push.")
+    else:
+        say.info(f"Pushed shard {result.shard} to your open pull request #{own.pull_request} of {result.repo} "
+                 f"({commit[:8]}).")
+    return commit, not outcome["unchanged"]
+
+
+def published_at(hub: Hub, repo: str, shard: int, commit: str) -> str:
+    """Where `commit` is published: "pull request #N" when a pull request's head, else shard/{k}."""
+    number = next((n for n, head in hub.pull_request_heads(repo).items() if head == commit), None)
+    return shard_branch(shard) if number is None else f"pull request #{number}"
+
+
 def push_shard(
-    hub: Hub, repo: str, shard: int, *, workdir: Path, overwrite: bool = False, progress: Progress | None = None
+    hub: Hub, repo: str, shard: int, *, workdir: Path, overwrite: bool = False, progress: Progress | None = None,
+    create_pr: bool = False,
 ) -> OptimizeResult:
-    """Push the newest finished local result of shard `shard` (written by optimize without --push)."""
+    """Push the newest finished local result of shard `shard` (written by optimize without --push),
+    as publish_result does."""
     workdir = Path(workdir).resolve()
     directory = latest_result(workdir, repo, shard)
     if directory is None:
@@ -113,5 +197,5 @@ def push_shard(
             f"The local result of shard {shard} does not fit the plan of {repo}: {'; '.join(problems)}.",
             hint=f"Run `coopt-hub optimize --repo {repo} --shard {shard}` again; nothing was pushed.",
         )
-    commit, pushed = publish_result(hub, repo, shard, directory, overwrite, progress)
+    commit, pushed = publish_result(hub, repo, shard, directory, overwrite, progress, create_pr)
     return OptimizeResult(repo=repo, shard=shard, directory=directory, report=report, commit=commit, pushed=pushed)

@@ -1,7 +1,7 @@
 """The reference a participant aligns to, and the alignment that takes its shard into that space.
 
 Priors are judged on what they stored, never on what they say about themselves: the anchor outputs
-of every pushed shard of this plan, with this shard's own, are ranked by uniformity V in the common
+of every pushed shard of this plan (on its branch or in a pull request), with this shard's own, are ranked by uniformity V in the common
 space with noise-like priors flagged (core/quality.rank_priors), on the anchors all of them decoded.
 The best is the reference; a noise-like prior is never chosen without a warning naming it. The
 alignment T_k is chosen on the anchors by held-out error (core/align.select_alignment).
@@ -23,7 +23,8 @@ from coopt_hub.core.quality import PriorRanking, PriorScore, rank_priors
 from coopt_hub.core.shardfile import AnchorOutputs
 from coopt_hub.errors import PlanError, ShardFileError
 from coopt_hub.hub.client import Hub
-from coopt_hub.hub.repo import read_shard_anchors
+from coopt_hub.hub.contributions import find_contributions
+from coopt_hub.hub.repo import read_manifest, read_shard_anchors
 
 # Neighbours compared per anchor by the noise flag (rank_priors' k), fewer when the anchors are few.
 AGREEMENT_NEIGHBOURS = 10
@@ -50,24 +51,27 @@ class PushedShard:
 
 
 def pushed_shards(hub: Hub, repo: str, plan: Plan, shard: int, progress: Progress) -> list[PushedShard]:
-    """Every other shard of this plan whose branch holds usable anchor outputs, by shard number.
+    """Every other shard of this plan with usable anchor outputs, by shard number: of each, the newest
+    contribution (its branch, an open pull request, or what main's latest merge took) whose anchors
+    read and fit the plan; the ones passed over get a note.
 
-    Shard `shard`'s own branch is left out: its content is what this run replaces. A branch whose
-    anchors do not read or do not fit the plan is passed over with a note.
+    Shard `shard`'s own contributions are left out: their content is what this run replaces.
     """
-    branches, _ = hub.refs(repo)
+    manifest = read_manifest(hub, repo, "main")
+    merged = {s.shard: s.commit for s in manifest.shards} if manifest else {}
     pushed = []
-    for name, commit in sorted(branches.items()):
-        prefix, _, number = name.partition("/")
-        if prefix != "shard" or not number.isdigit() or int(number) == shard or int(number) >= plan.num_shards:
+    for k, candidates in find_contributions(hub, repo, plan.num_shards, merged).items():
+        if k == shard:
             continue
-        try:
-            header, anchors = read_shard_anchors(hub, repo, plan, int(number), commit)
-        except ShardFileError as err:
-            progress.info(f"{name} is not considered as a reference: {err}")
-            continue
-        pushed.append(PushedShard(int(number), commit, header.fingerprint, anchors))
-    return sorted(pushed, key=lambda p: p.shard)
+        for candidate in candidates:
+            try:
+                header, anchors = read_shard_anchors(hub, repo, plan, k, candidate.commit)
+            except ShardFileError as err:
+                progress.info(f"Shard {k} in {candidate.describe()} is not considered as a reference: {err}")
+                continue
+            pushed.append(PushedShard(k, candidate.commit, header.fingerprint, anchors))
+            break
+    return pushed
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,16 @@
-"""Where a collaboration stands: every shard of the plan, what its branch holds, and whether it fits.
+"""Where a collaboration stands: every shard of the plan, what was pushed for it, and whether it fits.
 
 The headers of the shard files are read with two small range reads per shard; of the done shards,
 the anchors files too (a few hundred KB each, never the targets): priors are judged by their stored
 anchor outputs (common-space V, noise flag: participant/reference.rank_stored_anchors), never by
-what a header says. A shard is `done` when its branch holds a readable pair of files made for this
-plan, this source commit and this shard, holding a row for every sample of the shard but those it
-records as skipped (undecodable images); `missing` when nothing was pushed; `stale` otherwise, with
-the reasons. A done shard can still be doubtful: its `concerns` say so, judged by the alignment's
-held-out residual and the noise flag. `merge` re-checks done shards in full before using them.
+what a header says. A shard's results can be on its branch, in open pull requests (participants
+who may not push branches) and in main's latest merge (hub.contributions): the newest that passes
+is used, the others are listed with the reason. A shard is `done` when that holds a readable pair
+of files made for this plan, this source commit and this shard, holding a row for every sample of
+the shard but those it records as skipped (undecodable images); `missing` when nothing was pushed;
+`stale` otherwise, with the reasons. A done shard can still be doubtful: its `concerns` say so,
+judged by the alignment's held-out residual and the noise flag. `merge` re-checks done shards in
+full before using them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from coopt_hub.core.quality import PriorRanking, PriorScore
 from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_problems
 from coopt_hub.errors import PlanError, ShardFileError
 from coopt_hub.hub.client import Hub
+from coopt_hub.hub.contributions import Contribution, find_contributions
 from coopt_hub.hub.repo import load_plan, read_manifest, read_remote_header, read_shard_anchors
 from coopt_hub.participant.reference import rank_stored_anchors
 
@@ -46,6 +50,12 @@ class ShardStatus:
     problems: tuple[str, ...] = ()
     merged: bool = False  # main's latest merge holds this very commit of the shard
     score: PriorScore | None = None  # its prior judged by its stored anchor outputs, among the done shards
+    found: Contribution | None = None  # where `commit` was found: the branch, a pull request, the last merge
+    passed_over: tuple[PassedOver, ...] = ()  # the shard's other contributions, and why they are not used
+
+    @property
+    def pull_request(self) -> int | None:
+        return self.found.pull_request if self.found else None
 
     @property
     def rows(self) -> int | None:
@@ -70,6 +80,10 @@ class ShardStatus:
         if self.cv_residual is not None and self.cv_residual > POOR_CV_RESIDUAL:
             concerns.append(f"its alignment's held-out residual is {self.cv_residual:.2f}: it predicts little of "
                             "the reference")
+        if self.passed_over:
+            chosen = f"; {self.found.describe()} is used" if self.state == DONE else ""
+            concerns.append(f"{len(self.passed_over) + 1} contributions: "
+                            + "; ".join(f"{p.contribution.describe()}: {p.reason}" for p in self.passed_over) + chosen)
         return tuple(concerns)
 
     @property
@@ -104,7 +118,17 @@ class ShardStatus:
             "concerns": list(self.concerns),
             "problems": list(self.problems),
             "merged": self.merged,
+            "found": self.found.to_dict() if self.found else None,
+            "passed_over": [{**p.contribution.to_dict(), "reason": p.reason} for p in self.passed_over],
         }
+
+
+@dataclass(frozen=True)
+class PassedOver:
+    """A contribution of a shard that is not the one used, and why."""
+
+    contribution: Contribution
+    reason: str
 
 
 def _alignment_summary(alignment: dict | None) -> dict | None:
@@ -155,17 +179,17 @@ class CollaborationStatus:
 
 
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
-    """Read the plan on main and the header of every shard branch."""
+    """Read the plan on main and, of every shard, the headers of its contributions (branch, open pull
+    requests, main's latest merge): the newest that is done counts, else the newest."""
     main = hub.head(repo, "main")
     plan = load_plan(hub, repo, main)
-    branches, _ = hub.refs(repo)
     manifest = read_manifest(hub, repo, main)
     merged = {(s.shard, s.commit) for s in manifest.shards} if manifest else set()
+    branches, _ = hub.refs(repo)
+    found = find_contributions(hub, repo, plan.num_shards, dict(merged), branches)
     shards, anchors = [], {}
     for k in range(plan.num_shards):
-        status = shard_status(hub, repo, plan, k, branches.get(shard_branch(k)))
-        if status.state == DONE:
-            status, anchors[k] = _with_anchors(hub, repo, plan, status)
+        status, anchors[k] = _choose(hub, repo, plan, k, found.get(k, []), branches.get(shard_branch(k)))
         shards.append(replace(status, merged=(k, status.commit) in merged))
     ranking = _rank(plan, {k: outputs for k, outputs in anchors.items() if outputs is not None})
     if ranking is not None:
@@ -173,6 +197,31 @@ def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
         shards = [replace(s, score=scores.get(s.branch)) for s in shards]
     return CollaborationStatus(repo=repo, main=main, plan=plan, shards=tuple(shards),
                                merged_tag=manifest.tag if manifest else None, ranking=ranking)
+
+
+def _choose(hub: Hub, repo: str, plan: Plan, k: int, candidates: list[Contribution],
+            branch: str | None) -> tuple[ShardStatus, AnchorOutputs | None]:
+    """Shard k's status from its newest contribution that is done (with its anchor outputs), or from
+    the newest when none is; the others are passed over with the reason. Without any, what its
+    branch (head `branch`, if it exists) says."""
+    if not candidates:
+        return shard_status(hub, repo, plan, k, branch), None
+    failed: list[tuple[ShardStatus, Contribution]] = []
+    for index, candidate in enumerate(candidates):
+        status = replace(shard_status(hub, repo, plan, k, candidate.commit), found=candidate)
+        outputs = None
+        if status.state == DONE:
+            status, outputs = _with_anchors(hub, repo, plan, status)
+        if status.state == DONE:
+            older = [PassedOver(c, f"older than {candidate.origin}") for c in candidates[index + 1:]]
+            return replace(status, passed_over=(*_rejected(failed), *older)), outputs
+        failed.append((status, candidate))
+    newest = failed[0][0]
+    return replace(newest, passed_over=_rejected(failed[1:])), None
+
+
+def _rejected(failed: list[tuple[ShardStatus, Contribution]]) -> tuple[PassedOver, ...]:
+    return tuple(PassedOver(candidate, "; ".join(status.problems) or status.state) for status, candidate in failed)
 
 
 def _with_anchors(hub: Hub, repo: str, plan: Plan, status: ShardStatus) -> tuple[ShardStatus, AnchorOutputs | None]:
@@ -206,7 +255,7 @@ def shard_status(hub: Hub, repo: str, plan: Plan, k: int, commit: str | None) ->
     except FileNotFoundError:
         return ShardStatus(k, branch, MISSING, expected, commit=commit, problems=("nothing pushed yet",))
     except ValueError as err:
-        return ShardStatus(k, branch, STALE, expected, commit=commit, problems=(f"{paths.targets}: {err}",))
+        return ShardStatus(k, branch, STALE, expected, commit=commit, problems=(f"invalid: {err} ({paths.targets})",))
     problems = header_problems(plan, k, header)
     try:
         if read_remote_header(hub, repo, commit, paths.anchors).to_dict() != header.to_dict():

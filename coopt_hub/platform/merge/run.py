@@ -29,6 +29,7 @@ from coopt_hub.core.manifest import (
     Reference,
     SourcePin,
     SplitRecord,
+    merge_key,
 )
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import LogProgress, Progress
@@ -36,6 +37,7 @@ from coopt_hub.errors import ConfigError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import read_manifest
 from coopt_hub.platform.card import render_card
+from coopt_hub.platform.contributions import report_failed_verification, settle_pull_requests
 from coopt_hub.platform.evaluate import measure_quality, read_target_sample
 from coopt_hub.platform.merge.commit import MergeResult, Publication, check_tag_free, claim_tag, publish_merge
 from coopt_hub.platform.merge.parquet import MergeSource, read_merge_source, write_splits
@@ -63,7 +65,9 @@ def merge(
     dataset on main as a tag.
 
     `verify` also re-encodes `verify_sample` images of each shard and all anchors with the shard's
-    declared prior (platform.verify.verify_shard) and refuses the merge unless every shard passes.
+    declared prior (platform.verify.verify_shard) and refuses the merge unless every shard passes;
+    that is done anyway when a shard arrived by pull request. Afterwards the pull requests merged
+    are closed, and those passed over get the reason (platform.contributions).
     Unless `no_evaluate`, a source with a label column has the targets' quality measured
     (platform.evaluate) into the manifest and the card.
     """
@@ -72,11 +76,14 @@ def merge(
     if verify_sample < 1:
         raise ConfigError(f"--verify-sample must be at least 1, got {verify_sample}.")
     progress = progress or LogProgress()
+    _check_role(hub, repo)
     selection = _select(hub, repo, tag, allow_partial)
+    verify = verify or _by_pull_request(selection, progress)
     verification = MergeVerifier(hub, repo, selection.plan, verify_sample, progress) if verify else None
     record = verification.record if verification is not None else None
     unchanged = _unchanged(hub, repo, selection, images, record)
     if unchanged is not None:
+        settle_pull_requests(hub, repo, selection.status, unchanged.manifest, progress)
         return unchanged
 
     source = read_merge_source(hub, selection.plan, images)
@@ -90,11 +97,13 @@ def merge(
             uploads=files.uploads,
             draft=_draft_manifest(selection, choice, source, files, images, record, quality),
             card_for=functools.partial(render_card, plan=selection.plan, features=source.features,
-                                       source_card=source.card, repo=repo, endpoint=hub.endpoint),
+                                       source_card=source.card, repo=repo),
             message=(f"coopt-hub merge: {len(files.shards)} shards aligned to {reference.branch} "
                      f"({reference.header.prior.get('model')})"),
         )
-        return publish_merge(hub, repo, publication, tag, progress)
+        result = publish_merge(hub, repo, publication, tag, progress)
+    settle_pull_requests(hub, repo, selection.status, result.manifest, progress)
+    return result
 
 
 @dataclass(frozen=True)
@@ -142,13 +151,35 @@ def _select(hub: Hub, repo: str, tag: str | None, allow_partial: bool) -> _Selec
     return _Selection(status, done, missing)
 
 
+def _check_role(hub: Hub, repo: str) -> None:
+    """Refused before any work when the token cannot write main (a participant's, say)."""
+    role = hub.token_role()
+    if role in ("read", "contribute"):
+        raise ConfigError(
+            f"Your token's role is '{role}': it cannot write main of {repo}, so it cannot merge.",
+            hint="The platform owner merges, with a token that can write the repo; participants push their shards "
+                 "(`coopt-hub optimize --shard K --push`), which opens pull requests for a token like yours.",
+        )
+
+
+def _by_pull_request(selection: _Selection, progress: Progress) -> bool:
+    """Whether a shard to merge arrived by pull request: anyone may open one, so its files are
+    verified against its declared prior, as --verify does."""
+    arrived = [f"{s.shard} (#{s.pull_request})" for s in selection.done if s.pull_request is not None]
+    if arrived:
+        progress.info(f"Shard(s) {', '.join(arrived)} arrived by pull request: every shard is verified against "
+                      "its declared prior (as with --verify).")
+    return bool(arrived)
+
+
 def _unchanged(
     hub: Hub, repo: str, selection: _Selection, images: str, record: MergeVerification | None
 ) -> MergeResult | None:
     """The merge main holds already when it is this one (then tagged, if its tag was lost), else None."""
     main = selection.status.main
     previous = read_manifest(hub, repo, main)
-    wanted_key = (selection.plan.plan_hash, images, tuple((s.shard, s.commit) for s in selection.done))
+    # By content, not commits: a commit that leaves the shard files as they were changes nothing merged.
+    wanted_key = merge_key(selection.plan.plan_hash, images, selection.done)
     if previous is not None and previous.satisfies(wanted_key, record) and claim_tag(hub, repo, previous.tag, main):
         return MergeResult(repo, previous.tag, main, created=False, manifest=previous)
     return None
@@ -167,7 +198,12 @@ def _write_files(
     """The merged targets file in `workdir`, then the parquet files joined with it."""
     path = workdir / "targets.safetensors"
     with MergedTargets(path, selection.plan, selection.done, choice.reference) as targets:
-        shards = merge_targets(hub, repo, targets, choice, workdir, verification, progress)
+        try:
+            shards = merge_targets(hub, repo, targets, choice, workdir, verification, progress)
+        except VerificationError:
+            if verification is not None:
+                report_failed_verification(hub, repo, selection.status, verification.results, progress)
+            raise
         progress.info("Writing parquet files.")
         data_files, splits = write_splits(source, targets, workdir, hub.token, progress)
     return _MergedFiles(data_files, path, shards, splits, selection.plan.split)
@@ -226,18 +262,22 @@ def _draft_manifest(
 
 
 def _shards_to_merge(status: CollaborationStatus, allow_partial: bool) -> list[ShardStatus]:
+    """The done shards; a stale or invalid one refuses the merge, naming it and why, unless
+    `allow_partial` leaves it out like a missing one (the manifest and the card list it as missing)."""
     stale = [s for s in status.shards if s.state not in (DONE, MISSING)]
-    if stale:
+    if stale and not allow_partial:
         details = "; ".join(f"shard {s.shard} ({s.branch}@{s.commit[:12]}): {', '.join(s.problems)}" for s in stale)
         raise VerificationError(
             f"Cannot merge {status.repo}: {details}. Nothing was written.",
-            hint="Those participants must run `coopt-hub optimize --shard K --push` again against the plan on main.",
+            hint="Those participants must run `coopt-hub optimize --shard K --push` again against the plan on main; "
+                 "or pass --allow-partial to publish the other shards without them.",
         )
     done = status.in_state(DONE)
-    missing = status.in_state(MISSING)
+    missing = [s for s in status.shards if s.state != DONE]
     if not done:
+        why = f"can be merged ({len(stale)} stale or invalid)" if stale else "has been pushed yet"
         raise VerificationError(
-            f"No shard of {status.repo} has been pushed yet; nothing to merge.",
+            f"No shard of {status.repo} {why}; nothing to merge.",
             hint="Participants push with `coopt-hub optimize --shard K --push`; `coopt-hub status` shows progress.",
         )
     if missing and not allow_partial:
