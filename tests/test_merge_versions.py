@@ -63,3 +63,14 @@ def test_a_prior_the_card_would_name_differently_is_a_new_version(collab):
                                                                                  first))
     assert merge_again(collab) == ("v3", True), "changed targets published nothing"
     assert tags(collab) == {"v1", "v2", "v3"}
+
+
+@pytest.mark.parametrize("tag", ["x/", "v1..2", "-v2", "a b", "0" * 40])
+def test_a_tag_the_hub_would_refuse_is_refused_before_main_changes(collab, tag):
+    main_before = collab.hub.head(collab.repo, "main")
+    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, err, _):
+        with pytest.raises(SystemExit) as exit_:
+            main(["merge", collab.repo, "--images", "reference", "--no-evaluate", "--tag", tag])
+    text = out.getvalue().decode() + err.getvalue().decode()
+    assert exit_.value.code != 0 and "is not a usable version tag; nothing was written" in text, text
+    assert collab.hub.head(collab.repo, "main") == main_before, "main changed before the tag was refused"

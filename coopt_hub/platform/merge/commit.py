@@ -4,6 +4,7 @@ safe against concurrent merges.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from coopt_hub.core.manifest import Manifest, next_tag
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
 from coopt_hub.core.shardfile import plain_text
-from coopt_hub.errors import ConflictError
+from coopt_hub.errors import ConfigError, ConflictError
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_plan, read_manifest
 
@@ -45,7 +46,16 @@ class Publication:
         return replace(self.draft, tag=tag)
 
 
+# A version tag: what huggingface.co and the embedded hub both take as a tag and a `revision=`, and
+# never a full commit id, which it would shadow.
+_TAG_NAME = re.compile(r"(?![0-9a-f]{40}$)[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def check_tag_free(repo: str, tag: str, tags: dict[str, str]) -> None:
+    """Refuse, before anything is written, a tag name the Hub would refuse or one already taken."""
+    if not _TAG_NAME.fullmatch(tag) or tag.endswith((".", ".lock")) or ".." in tag:
+        raise ConfigError(f"--tag {tag!r} is not a usable version tag; nothing was written.",
+                          hint=f"Use letters, digits, '.', '_' and '-' (e.g. {next_tag(tags)}), or omit --tag.")
     if tag in tags:
         raise ConflictError(
             f"Tag {tag} already exists in {repo} (commit {tags[tag][:12]}); nothing was written.",
