@@ -12,6 +12,7 @@ from fakes import FakePrior
 from coopt_hub.cli import main
 from coopt_hub.core.layout import shard_branch
 from coopt_hub.platform.merge import merge
+from coopt_hub.platform.status import collaboration_status
 
 NET = FakePrior("net", output_dim=20, rank=16)
 
@@ -45,6 +46,8 @@ def test_an_unrelated_commit_on_a_shard_branch_publishes_no_new_version(collab):
         main(["merge", collab.repo, "--images", "reference", "--no-evaluate"])
     assert "already holds this merge as v1" in out.getvalue().decode(), out.getvalue()
     assert tags(collab) == {"v1"}, "a version tag was added"
+    shard = collaboration_status(collab.hub, collab.repo).shards[0]
+    assert shard.merged, "status shows a shard main's merge holds as not merged after a notes commit"
 
 
 def test_the_same_result_pushed_again_publishes_no_new_version(collab):

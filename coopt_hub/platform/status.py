@@ -22,6 +22,7 @@ from typing import Any
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from coopt_hub.core.layout import remote_paths, shard_branch, shard_prefix
+from coopt_hub.core.manifest import Manifest
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.quality import PriorRanking, PriorScore
 from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_problems
@@ -178,6 +179,15 @@ class CollaborationStatus:
         }
 
 
+def _is_merged(status: ShardStatus, merged: set[tuple[int, str]], manifest: Manifest | None) -> bool:
+    """Main's latest merge holds this commit of the shard, or the same files from another commit (a
+    later commit that only added, say, a notes file)."""
+    if (status.shard, status.commit) in merged:
+        return True
+    held = {s.shard: s.checksums for s in manifest.shards} if manifest else {}
+    return status.header is not None and held.get(status.shard) == status.header.checksums
+
+
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     """Read the plan on main and, of every shard, the headers of its contributions (branch, open pull
     requests, main's latest merge): the newest that is done counts, else the newest."""
@@ -190,7 +200,7 @@ def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     shards, anchors = [], {}
     for k in range(plan.num_shards):
         status, anchors[k] = _choose(hub, repo, plan, k, found.get(k, []), branches.get(shard_branch(k)))
-        shards.append(replace(status, merged=(k, status.commit) in merged))
+        shards.append(replace(status, merged=_is_merged(status, merged, manifest)))
     ranking = _rank(plan, {k: outputs for k, outputs in anchors.items() if outputs is not None})
     if ranking is not None:
         scores = {score.name: score for score in ranking.scores}
