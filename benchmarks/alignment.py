@@ -4,23 +4,27 @@ the cross-validated choice of its alignment T, as a participant or merge runs th
     python benchmarks/alignment.py [--rows 10000] [--dim 1024] [--methods auto]
 
 Steps timed, each printed before the last line:
-  uniformity         V of the prior on the anchors (coopt_hub.core.align.uniformity, float32)
+  uniformity         V of the prior on the anchors (coopt_hub.core.align.uniformity, float32; row
+                     blocks on every core)
   select_alignment   the whole selection with its defaults (5 seeded folds, methods "auto"): fold
                      sums X_k^T X_k, X_k^T Y_k in one pass; per fold one eigendecomposition of the
                      downdated training Gram that scores every ridge strength on the grid (and the
-                     other methods when compared); the refit on every anchor; in-sample residual;
-                     held-out cosine
-The last line is `uniformity+alignment seconds: <x>`, the sum of both (the goal is <= 3 s on 2
-CPU cores). CPU seconds are printed too: on a shared machine wall time includes waiting.
+                     other methods when compared), the folds on every core; the refit on every
+                     anchor; in-sample residual; held-out cosine
+Not timed: drawing the random data. The last line is `uniformity+alignment seconds: <x>`, the sum of
+both (the goal is <= 3 s on 2 CPU cores). CPU seconds, the BLAS threads and the load average are
+printed too: on a shared machine wall time includes waiting for the other processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import contextmanager
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 from coopt_hub.core.align import select_alignment, uniformity
 
@@ -52,7 +56,10 @@ def main() -> None:
     with _step("select_alignment", times):
         fit = select_alignment(source, target, methods=methods, seed=args.seed)
 
-    print(f"rows={args.rows} dim={args.dim} uniformity {value:.4f}")
+    blas = ", ".join(f"{lib['internal_api']} {lib['num_threads']} thread(s)" for lib in threadpool_info()
+                     if lib["user_api"] == "blas")
+    print(f"rows={args.rows} dim={args.dim} uniformity {value:.4f}; BLAS: {blas}; load average "
+          f"{' '.join(f'{load:.2f}' for load in os.getloadavg())} after the run")
     for candidate in fit.candidates:
         print(f"  {candidate.method} {candidate.params}: cv residual {candidate.cv_residual:.4f}, "
               f"cv cosine {candidate.cv_cosine:.4f}")

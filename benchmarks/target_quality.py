@@ -13,6 +13,14 @@ its outputs, and probed by the very functions evaluate uses, on the rows in the 
 with the same shard split, so folds and groups are those of the merged figures. A prior's features
 do not depend on the plan (its random weights are seeded), so each prior encodes the rows once.
 
+Then, clearly apart, offline refits on each seed's very inputs (the native features every prior
+gave every row, the plan's shards and anchors, the same probe), computed with core.align's functions
+rather than by the commands: every alignment variant (the old fixed ridge, the CV ridge, Procrustes,
+reduced rank, and the method selected by CV on the anchors as the commands do), each with the plan's
+random W and with per-shard PCA bases, against the unaligned targets and each prior alone under the
+same projection; and, for the CV ridge and the selected method, a sweep of the anchor count (the
+plan's 150, then more rows drawn offline) that says where the goals are reached.
+
     python benchmarks/target_quality.py            # 3 plan seeds
     python benchmarks/target_quality.py --quick    # 1 seed
 
@@ -27,6 +35,8 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +81,7 @@ class SeedResult:
     raw: Scores
     single: dict[str, Scores]
     methods: str  # each shard's alignment as merge chose it
+    offline: Offline
 
     @property
     def best(self) -> str:
@@ -92,14 +103,14 @@ def encode_all_rows(model: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(features).astype(np.float32), np.asarray(rows["label"])
 
 
-def own_targets(plan, features: np.ndarray) -> np.ndarray:
-    """A single prior's targets over all rows: its outputs through the plan's projection (with "pca",
-    a basis fitted on its own outputs, as a participant fits one on its shard)."""
+def own_targets(plan, projection: str, features: np.ndarray) -> np.ndarray:
+    """A single prior's targets over all rows: its outputs through `projection` (with "pca", a basis
+    fitted on its own outputs, as a participant fits one on its shard; "random", the plan's W)."""
     from coopt_hub.core.align import fit_pca_basis
-    from coopt_hub.core.shardfile import project
 
-    basis = fit_pca_basis(features, plan.dim) if plan.projection_kind == "pca" else None
-    return project(plan, basis, features)
+    if projection == "pca":
+        return fit_pca_basis(features, plan.dim).project(features)
+    return features @ plan.projection(features.shape[1])
 
 
 def collaborate(seed: int, projection: str, workdir: Path):
@@ -126,9 +137,6 @@ def collaborate(seed: int, projection: str, workdir: Path):
 
 
 def run_seed(seed: int, projection: str, native: dict[str, np.ndarray], labels: np.ndarray) -> SeedResult:
-    from coopt_hub.core.quality import cv_probe_accuracy, leave_one_group_out_probe
-    from coopt_hub.platform.evaluate import FOLDS, SEED
-
     plan, evaluation, methods = collaborate(seed, projection, ROOT / "work")
     quality = evaluation.quality
     if quality.sampled != plan.num_rows:
@@ -137,18 +145,139 @@ def run_seed(seed: int, projection: str, native: dict[str, np.ndarray], labels: 
     shards = np.empty(plan.num_rows, dtype=np.int64)
     for k in range(plan.num_shards):
         shards[plan.shard_ids(k)] = k
-    single = {}
-    for model, features in native.items():
-        # evaluate's own two figures (its per-shard ones are not needed here, and cost twice these)
-        targets = own_targets(plan, features)
-        single[model] = Scores(cv_probe_accuracy(targets, labels, folds=FOLDS, seed=SEED),
-                               leave_one_group_out_probe(targets, labels, shards).accuracy)
+    offline = refit_offline(Inputs(plan, native, labels, shards))
     return SeedResult(
         seed=seed,
         aligned=Scores(quality.aligned.overall.probe, quality.aligned.leave_one_shard_out.accuracy),
         raw=Scores(quality.raw.overall.probe, quality.raw.leave_one_shard_out.accuracy),
-        single=single, methods=methods,
+        # evaluate's own two figures on each prior alone (its per-shard ones are not needed here)
+        single={model: offline.scores[(plan.projection_kind, f"single {model}", ANCHORS)] for model in PRIORS},
+        methods=methods, offline=offline,
     )
+
+
+# Offline refits ---------------------------------------------------------------------------------
+# Every alignment variant on the very inputs of a seed's pipeline run: the native features each prior
+# gave every row, the plan's shards and anchors, the same probe. Computed here with core.align's
+# functions, not by the commands. As in the commands, each shard projects its own prior's outputs
+# (the plan's W, or a PCA basis fitted on its shard) and is aligned on the anchors alone from its
+# projected outputs to the reference's; the reference is the one rank_priors picks from the native
+# anchor outputs (as merge does). Labels only ever reach the probe.
+VARIANTS = {"fixed ridge": None, "CV ridge": ("ridge",), "Procrustes": ("procrustes",),
+            "reduced rank": ("reduced_rank",), "selected by CV": "auto"}
+PROJECTIONS = ("random", "pca")
+# The plan's anchors, then more drawn offline from the other rows (seeded): where the goals are reached.
+SWEEP_ANCHORS = (ANCHORS, 300, 450, 600)
+SWEEP_VARIANTS = ("CV ridge", "selected by CV")
+RANKING_NEIGHBOURS = 10  # as merge (platform/merge/reference.py)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    plan: object
+    native: dict[str, np.ndarray]  # every row, each prior's native outputs
+    labels: np.ndarray
+    shards: np.ndarray  # the shard of every row
+
+
+@dataclass(frozen=True)
+class Offline:
+    scores: dict[tuple[str, str, int], Scores]  # (projection, variant | "unaligned" | "single <prior>", anchors)
+    chosen: dict[tuple[str, int], list[str]]  # (projection, anchors): the methods "selected by CV" chose
+
+
+def refit_offline(inputs: Inputs) -> Offline:
+    plan, scores, chosen = inputs.plan, {}, {}
+    anchor_sets = sweep_anchors(plan)
+    for projection in PROJECTIONS:
+        spaces = shard_spaces(inputs, projection)
+        for model in PRIORS:
+            scores[(projection, f"single {model}", ANCHORS)] = probe(
+                inputs, own_targets(plan, projection, inputs.native[model]))
+        scores[(projection, "unaligned", ANCHORS)] = probe(inputs, merged_targets(inputs, spaces, None, 0, None)[0])
+        for count, anchors in anchor_sets.items():
+            reference = reference_shard(inputs, anchors)
+            for variant in VARIANTS if count == ANCHORS else SWEEP_VARIANTS:
+                targets, methods = merged_targets(inputs, spaces, anchors, reference, variant)
+                scores[(projection, variant, count)] = probe(inputs, targets)
+                if variant == "selected by CV":
+                    chosen[(projection, count)] = methods
+    return Offline(scores, chosen)
+
+
+def sweep_anchors(plan) -> dict[int, np.ndarray]:
+    base = np.asarray(plan.anchor_ids)
+    if base.size != ANCHORS:
+        raise SystemExit(f"The plan has {base.size} anchors, {ANCHORS} were asked for.")
+    extra = np.random.default_rng(plan.seed).permutation(np.setdiff1d(np.arange(plan.num_rows), base))
+    return {count: np.sort(np.concatenate([base, extra[:count - base.size]])) for count in SWEEP_ANCHORS}
+
+
+def shard_spaces(inputs: Inputs, projection: str) -> list[np.ndarray]:
+    """Per shard k, every row through shard k's prior and projection: the plan's W, or a basis fitted
+    on shard k's rows as its participant fits one."""
+    from coopt_hub.core.align import fit_pca_basis
+    from coopt_hub.core.quality import sample_rows
+    from coopt_hub.participant.job import PCA_FIT_ROWS
+
+    plan, spaces = inputs.plan, []
+    for k, model in enumerate(PRIORS):
+        features = inputs.native[model]
+        if projection == "pca":
+            own = features[plan.shard_ids(k)]
+            basis = fit_pca_basis(own[sample_rows(own.shape[0], PCA_FIT_ROWS, seed=plan.seed)], plan.dim)
+            spaces.append(basis.project(features))
+        else:
+            spaces.append(features @ plan.projection(features.shape[1]))
+    return spaces
+
+
+def reference_shard(inputs: Inputs, anchors: np.ndarray) -> int:
+    from coopt_hub.core.quality import rank_priors
+
+    ranking = rank_priors({str(k): inputs.native[model][anchors] for k, model in enumerate(PRIORS)},
+                          dim=inputs.plan.dim, t=inputs.plan.temperature, k=min(RANKING_NEIGHBOURS, anchors.size - 1))
+    return int(ranking.reference if ranking.reference is not None else ranking.scores[0].name)
+
+
+def merged_targets(inputs: Inputs, spaces: list[np.ndarray], anchors: np.ndarray | None, reference: int,
+                   variant: str | None) -> tuple[np.ndarray, list[str]]:
+    """Every shard's rows in its own projected space (variant None: unaligned), or mapped onto the
+    reference's by `variant` fitted on the anchors; and the method of each map."""
+    plan = inputs.plan
+    merged, methods = np.empty((plan.num_rows, plan.dim), dtype=np.float32), []
+    for k in range(plan.num_shards):
+        rows = plan.shard_ids(k)
+        if variant is None or k == reference:
+            merged[rows] = spaces[k][rows]
+            continue
+        transform, method = fit_map(variant, spaces[k][anchors], spaces[reference][anchors])
+        merged[rows] = spaces[k][rows] @ transform.astype(np.float32)
+        methods.append(method)
+    return merged, methods
+
+
+def fit_map(variant: str, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, str]:
+    from coopt_hub.core.align import AlignmentWarning, fit_alignment, select_alignment
+
+    if VARIANTS[variant] is None:  # the old default: a fixed fraction of the Gram scale, never validated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AlignmentWarning)
+            return fit_alignment(source, target)[0], "ridge"
+    fit = select_alignment(source, target, methods=VARIANTS[variant])
+    return fit.transform, fit.method
+
+
+def probe(inputs: Inputs, targets: np.ndarray) -> Scores:
+    """evaluate's two figures: the fixed probe over all rows, and leave-one-shard-out."""
+    from coopt_hub.core.quality import cv_probe_accuracy, leave_one_group_out_probe
+    from coopt_hub.platform.evaluate import FOLDS, SEED
+
+    return Scores(cv_probe_accuracy(targets, inputs.labels, folds=FOLDS, seed=SEED),
+                  leave_one_group_out_probe(targets, inputs.labels, inputs.shards).accuracy)
+
+
+# Reports ----------------------------------------------------------------------------------------
 
 
 def report_seed(result: SeedResult) -> None:
@@ -159,15 +288,54 @@ def report_seed(result: SeedResult) -> None:
         print(f"  single {model:<13} probe {scores.mixed:.3f}  leave-one-shard-out {scores.loso:.3f}")
 
 
-def summarise(results: list[SeedResult]) -> None:
-    def mean(get) -> float:
-        return float(np.mean([get(r) for r in results]))
+def mean_scores(scores: list[Scores]) -> Scores:
+    return Scores(float(np.mean([s.mixed for s in scores])), float(np.mean([s.loso for s in scores])))
 
-    aligned = Scores(mean(lambda r: r.aligned.mixed), mean(lambda r: r.aligned.loso))
-    raw = Scores(mean(lambda r: r.raw.mixed), mean(lambda r: r.raw.loso))
-    single = {m: Scores(mean(lambda r: r.single[m].mixed), mean(lambda r: r.single[m].loso)) for m in PRIORS}
+
+def goals(aligned: Scores, raw: Scores, best: Scores) -> tuple[float, float, float, bool]:
+    """(margin over unaligned, mixed ratio, leave-one-shard-out ratio, every goal met)."""
+    margin, mixed, loso = aligned.mixed - raw.mixed, aligned.mixed / best.mixed, aligned.loso / best.loso
+    return margin, mixed, loso, margin >= GOALS["margin"] and mixed >= GOALS["mixed"] and loso >= GOALS["loso"]
+
+
+def summarise_offline(results: list[SeedResult]) -> None:
+    def mean(key) -> Scores:
+        return mean_scores([r.offline.scores[key] for r in results])
+
+    print(f"\noffline refits (core.align on each seed's native features, shards, anchors and probe; "
+          f"mean over {len(results)} seed(s)); goals: margin >= {GOALS['margin']:.2f}, "
+          f"mixed ratio >= {GOALS['mixed']}, leave-one-shard-out ratio >= {GOALS['loso']}")
+    for projection in PROJECTIONS:
+        single = {m: mean((projection, f"single {m}", ANCHORS)) for m in PRIORS}
+        best = max(single, key=lambda m: single[m].mixed)
+        raw = mean((projection, "unaligned", ANCHORS))
+        print(f"projection {projection}: best single {best} probe {single[best].mixed:.3f}, leave-one-shard-out "
+              f"{single[best].loso:.3f}; unaligned probe {raw.mixed:.3f}, leave-one-shard-out {raw.loso:.3f}")
+        print(f"  {'variant':<15}{'anchors':>8}{'probe':>8}{'loso':>8}{'margin':>8}{'mixed/best':>11}"
+              f"{'loso/best':>10}  goals")
+        for variant in VARIANTS:
+            for count in SWEEP_ANCHORS if variant in SWEEP_VARIANTS else (ANCHORS,):
+                aligned = mean((projection, variant, count))
+                margin, mixed, loso, met = goals(aligned, raw, single[best])
+                print(f"  {variant:<15}{count:>8}{aligned.mixed:>8.3f}{aligned.loso:>8.3f}{margin:>8.3f}"
+                      f"{mixed:>11.3f}{loso:>10.3f}  {'all met' if met else 'not met'}")
+        for variant in SWEEP_VARIANTS:
+            reached = [c for c in SWEEP_ANCHORS if goals(mean((projection, variant, c)), raw, single[best])[3]]
+            print(f"  {variant}: every goal {f'reached at {reached[0]} anchors' if reached else 'not reached'} "
+                  f"(of {', '.join(map(str, SWEEP_ANCHORS))})")
+        for count in SWEEP_ANCHORS:
+            methods = Counter(m for r in results for m in r.offline.chosen[(projection, count)])
+            print(f"  selected by CV at {count} anchors chose: "
+                  + ", ".join(f"{method} x{n}" for method, n in methods.most_common()))
+
+
+def summarise(results: list[SeedResult]) -> None:
+    aligned = mean_scores([r.aligned for r in results])
+    raw = mean_scores([r.raw for r in results])
+    single = {m: mean_scores([r.single[m] for r in results]) for m in PRIORS}
     best = max(single, key=lambda m: single[m].mixed)  # chosen by the mixed probe, scored on both
-    print(f"\nmean over {len(results)} plan seed(s) {[r.seed for r in results]}:")
+    print(f"\nthe commands (init, optimize, merge, evaluate): mean over {len(results)} plan seed(s) "
+          f"{[r.seed for r in results]}:")
     print(f"merged aligned:   probe {aligned.mixed:.3f}, leave-one-shard-out {aligned.loso:.3f}")
     print(f"merged unaligned: probe {raw.mixed:.3f}, leave-one-shard-out {raw.loso:.3f}")
     for model, scores in single.items():
@@ -207,6 +375,7 @@ def main() -> None:
             results.append(run_seed(seed, args.projection, native, labels))
             report_seed(results[-1])
             print(f"  ({time.perf_counter() - started:.1f}s)")
+        summarise_offline(results)
         summarise(results)
     finally:
         server.stop()

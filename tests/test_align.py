@@ -3,6 +3,7 @@ import warnings
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from coopt_hub.core.align import AlignmentWarning, apply_alignment, fit_alignment, normalize, uniformity
 
@@ -21,6 +22,16 @@ def direct_uniformity(features: np.ndarray, t: float) -> float:
 def test_uniformity_matches_the_definition(rows, block, t):
     features = np.random.default_rng(rows).standard_normal((rows, 24)) * 3
     assert uniformity(features, t=t, block=block) == pytest.approx(direct_uniformity(features, t), abs=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_uniformity_is_the_same_on_one_thread_or_several_and_leaves_the_blas_threads_as_they_were(threads):
+    features = np.random.default_rng(5).standard_normal((301, 16))
+    with threadpool_limits(limits=threads, user_api="blas"):
+        before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+        value = uniformity(features, t=2.0, block=32)  # 10 blocks: on every core the BLAS allows
+        assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
+    assert value == pytest.approx(direct_uniformity(features, 2.0), abs=1e-5)
 
 
 def test_uniformity_prefers_spread_over_collapse():

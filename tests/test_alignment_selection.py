@@ -8,6 +8,7 @@ import pytest
 
 from coopt_hub.core.align import (
     AUTO_CONSTRAINED_MAX_ANCHORS_PER_DIM,
+    METHODS,
     AlignmentWarning,
     PcaBasis,
     fit_alignment,
@@ -137,9 +138,10 @@ def test_auto_compares_constrained_methods_only_where_anchors_are_few():
     assert [c.method for c in select_alignment(many, many @ rng.standard_normal((dims, dims))).candidates] == [
         "ridge"]
     assert [c.method for c in select_alignment(few, few @ rng.standard_normal((dims, dims))).candidates] == [
-        "ridge", "procrustes", "reduced_rank"]
-    assert [c.method for c in select_alignment(few, rng.standard_normal((2 * dims, 5))).candidates] == [
-        "ridge", "reduced_rank"]
+        "ridge", "procrustes"]
+    assert [c.method for c in select_alignment(few, rng.standard_normal((2 * dims, 5))).candidates] == ["ridge"]
+    # Reduced rank only when asked for (align.AUTO_METHODS says why).
+    assert [c.method for c in select_alignment(few, few, methods=METHODS).candidates] == list(METHODS)
 
 
 def test_selection_is_deterministic_and_its_record_is_json_without_the_transform():

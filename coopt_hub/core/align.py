@@ -12,7 +12,7 @@ Choosing an alignment (rows of the two arrays are the same anchors):
 
 `select_alignment` compares, on held-out anchors only (never labels): ridge, its strength chosen
 over a log grid relative to the Gram scale; orthogonal Procrustes with one scale (sizes equal);
-reduced-rank ridge, its rank chosen by the same folds. Judge a fit by `cv_residual` (and
+reduced-rank ridge, its rank chosen by the same folds (on request: see AUTO_METHODS). Judge a fit by `cv_residual` (and
 `cv_cosine`): the in-sample `residual` is smallest exactly when the fit is worst, e.g. a ridge
 map of pure noise fits its own anchors. Re-aligning at merge is `select_alignment` again on the
 stored anchor outputs; nothing else needs keeping.
@@ -29,12 +29,17 @@ reference's geometry:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from coopt_hub.errors import ConfigError, PlanError
 
@@ -59,6 +64,14 @@ COSINE_ROWS = 2048
 # decomposition per fold (SVD 0.62, eigh 0.25 CPU-s at d = 1024): at paper scale they would
 # triple the selection's time.
 AUTO_CONSTRAINED_MAX_ANCHORS_PER_DIM = 8
+# What `methods="auto"` compares: reduced rank only when asked for. It often has the lowest held-out
+# residual yet the worse targets: on the digits benchmark (benchmarks/target_quality.py, 3 plan
+# seeds, 150 anchors, dim 256, offline refits) the selection took it for 2 of 6 maps with the random
+# W and 3 of 6 with PCA bases, and the merged probe fell from 0.904 (CV ridge) to 0.903 and from
+# 0.898 to 0.867 (leave-one-shard-out 0.787 to 0.736), never rising at 150-600 anchors. The
+# residual weighs each target direction by its variance, while the probe, like training,
+# standardises every dimension: the low-variance directions it drops still carry information.
+AUTO_METHODS = ("ridge", "procrustes")
 
 
 class AlignmentWarning(UserWarning):
@@ -75,8 +88,8 @@ def normalize(x) -> np.ndarray:
 def uniformity(features, t: float = 2.0, block: int = 2048) -> float:
     """V = log mean_{i<j} exp(-t ||f_i - f_j||^2) over L2-normalised rows; lower is more uniform.
 
-    Pairs are visited in row blocks against the rows after them, so memory is O(rows * block)
-    rather than O(rows^2), and the mean is accumulated as a log-sum-exp, so large t cannot
+    Pairs are visited in row blocks against the rows after them, so memory is O(rows * block) per
+    core rather than O(rows^2), and the mean is accumulated as a log-sum-exp, so large t cannot
     underflow it to log(0).
     """
     if not (math.isfinite(t) and t > 0):
@@ -89,25 +102,81 @@ def uniformity(features, t: float = 2.0, block: int = 2048) -> float:
         raise ValueError(f"Uniformity needs at least 2 rows, got {n}.")
     # lower[r, c]: column c is not after row r inside a block's leading square (pairs j <= i).
     lower = np.tri(min(block, n), dtype=bool)
+    starts = range(0, n - 1, block)
+    workers = min(_blas_threads(), len(starts))
+    # A single block keeps BLAS's threads for its product; several share the cores a block each.
+    with _one_blas_thread() if workers > 1 else contextlib.nullcontext():
+        parts = _on_cores(lambda start: _log_pair_sum(x, start, block, t, lower), starts, workers)
     log_total = -math.inf
-    for start in range(0, n - 1, block):
-        stop = min(start + block, n)
-        # For unit vectors -t ||a - b||^2 = 2t (a.b - 1), so a float32 BLAS product is the main cost;
-        # the rest works in place on it to keep to one [block, rows] buffer.
-        cosines = x[start:stop] @ x[start:].T
-        size = stop - start
-        np.copyto(cosines[:, :size], -np.inf, where=lower[:size, :size])
-        # Shifted by the block's largest cosine (at most 1: above is rounding), the largest exponent
-        # is 0, so exp cannot underflow; 4 passes over the buffer after the product instead of 8
-        # (1.05 instead of 1.18 CPU-s at 10,000 x 1024, measured), and those passes run on one core.
-        top = min(float(cosines.max()), 1.0)
-        cosines -= top
-        cosines *= 2.0 * t
-        np.exp(cosines, out=cosines)
-        peak = 2.0 * t * (top - 1.0)
-        log_total = np.logaddexp(log_total, peak + math.log(float(cosines.sum(dtype=np.float64))))
+    for part in parts:  # in block order, so the figure does not depend on the number of threads
+        log_total = np.logaddexp(log_total, part)
     num_pairs = n * (n - 1) / 2
     return float(log_total - math.log(num_pairs))
+
+
+def _log_pair_sum(x: np.ndarray, start: int, block: int, t: float, lower: np.ndarray) -> float:
+    """log sum of exp(-t ||x_i - x_j||^2) over the rows i of the block at `start` and the rows j after them."""
+    stop = min(start + block, x.shape[0])
+    # For unit vectors -t ||a - b||^2 = 2t (a.b - 1), so a float32 BLAS product is the main cost;
+    # the rest works in place on it to keep to one [block, rows] buffer.
+    cosines = x[start:stop] @ x[start:].T
+    size = stop - start
+    np.copyto(cosines[:, :size], -np.inf, where=lower[:size, :size])
+    # Shifted by the block's largest cosine (at most 1: above is rounding), the largest exponent
+    # is 0, so exp cannot underflow; 4 passes over the buffer after the product instead of 8
+    # (1.05 instead of 1.18 CPU-s at 10,000 x 1024, measured). Those passes run on one core per
+    # block, hence the blocks on every core (_on_cores).
+    top = min(float(cosines.max()), 1.0)
+    cosines -= top
+    cosines *= 2.0 * t
+    np.exp(cosines, out=cosines)
+    return 2.0 * t * (top - 1.0) + math.log(float(cosines.sum(dtype=np.float64)))
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def _on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], workers: int) -> list[_Result]:
+    """[function(item) for item in items] on up to `workers` threads, for callers that hold BLAS to one
+    thread (_one_blas_thread), so the items, not BLAS, share the cores.
+
+    Why not BLAS's threads: LAPACK's symmetric eigendecomposition on OpenBLAS's threads is ~20x
+    slower than on one (measured at 1024 x 1024 on 2 shared cores: 5.2 CPU-s, 10 s wall, against
+    0.25 CPU-s), its reduction to tridiagonal form being memory-bound matrix-vector steps whose
+    threads mostly wait on each other; small products and solves lose to thread hand-offs too.
+    Independent items on a thread each use the cores without that (numpy releases the GIL in BLAS,
+    LAPACK and ufuncs).
+    """
+    items = list(items)
+    workers = min(workers, len(items))
+    if workers < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread (process-wide, restored on exit; nests)."""
+    return _blas().limit(limits=1, user_api="blas")
+
+
+def _blas_threads() -> int:
+    """The threads BLAS may use now: the machine's cores unless the user limited them."""
+    return max((lib["num_threads"] for lib in _blas().select(user_api="blas").info()), default=1)
+
+
+def _lapack(function: Callable[..., _Result], *args) -> _Result:
+    """function(*args) on one BLAS thread, for decompositions and solves outside select_alignment
+    (the SVD of 256 x 256 took 0.47 s on two busy threads, 0.03 s on one)."""
+    with _one_blas_thread():
+        return function(*args)
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once (numpy's is loaded with numpy)."""
+    return ThreadpoolController()
 
 
 def fit_alignment(source, target, ridge: float | None = None) -> tuple[np.ndarray, float]:
@@ -134,7 +203,7 @@ def fit_alignment(source, target, ridge: float | None = None) -> tuple[np.ndarra
             stacklevel=2,
         )
     gram[np.diag_indices_from(gram)] += ridge
-    transform = np.linalg.solve(gram, x.T @ y)
+    transform = _lapack(np.linalg.solve, gram, x.T @ y)
     residual = float(np.linalg.norm(x @ transform - y)) / target_norm
     return transform, residual
 
@@ -205,7 +274,7 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
     The anchors are split into `folds` seeded folds; each method is fitted on all folds but one and
     scored on the one left out, its parameters (ridge strength on RIDGE_GRID, rank) chosen by the
     summed held-out error; the method with the lowest held-out error is refitted on every anchor.
-    methods: "auto" (ridge, Procrustes when d_in == d_out, reduced rank; the last two only below
+    methods: "auto" (AUTO_METHODS: ridge, and Procrustes when d_in == d_out and there are fewer than
     AUTO_CONSTRAINED_MAX_ANCHORS_PER_DIM anchors per source dimension) or names from METHODS.
     Deterministic for a given seed; float64 throughout. Cost per fold: one eigendecomposition of
     the training Gram (d_in x d_in, a downdate of the total) or, with fewer training rows than d_in,
@@ -215,18 +284,20 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
     x, y, target_norm = _paired(source, target)
     names = _methods(methods, x.shape[0], x.shape[1], y.shape[1])
     split = _Split.of(x.shape[0], folds, seed)
-    moments = _Moments.of(x, y, split)
-    scored = _cross_validate(x, split, moments, names)
-    best = min(scored, key=lambda s: s.error)  # the first of equals: METHODS order puts ridge first
-    transform, params = _fit(x, y, best.method, best.params, moments.totals)
-    candidates = tuple(
-        Candidate(s.method, params if s is best else s.params, math.sqrt(s.error) / target_norm,
-                  _cv_cosine(x, y, split, s.predictors))
-        for s in scored
-    )
+    # One BLAS thread per core: the folds run side by side (_on_cores); the rest is small next to them.
+    with _one_blas_thread():
+        moments = _Moments.of(x, y, split)
+        scored = _cross_validate(x, split, moments, names)
+        best = min(scored, key=lambda s: s.error)  # the first of equals: METHODS order puts ridge first
+        transform, params = _fit(x, y, best.method, best.params, moments.totals)
+        candidates = tuple(
+            Candidate(s.method, params if s is best else s.params, math.sqrt(s.error) / target_norm,
+                      _cv_cosine(x, y, split, s.predictors))
+            for s in scored
+        )
+        residual = _residual(x, y, transform, moments.totals) / target_norm
     chosen = candidates[scored.index(best)]
-    return AlignmentFit(method=best.method, params=params, transform=transform,
-                        residual=_residual(x, y, transform, moments.totals) / target_norm,
+    return AlignmentFit(method=best.method, params=params, transform=transform, residual=residual,
                         cv_residual=chosen.cv_residual, cv_cosine=chosen.cv_cosine, anchors=x.shape[0],
                         folds=split.folds, seed=seed, candidates=candidates)
 
@@ -244,14 +315,14 @@ def fit_transform(source, target, method: str, params: dict[str, float]) -> np.n
     if missing:
         raise ConfigError(f"The {method} alignment needs the parameters {missing}, got {sorted(params)}.",
                           hint="Pass the params an AlignmentFit recorded (AlignmentFit.params).")
-    return _fit(x, y, method, params, _Totals.of(x, y))[0]
+    return _fit(x, y, method, params, _Totals.of(x, y, gram=x.shape[1] <= x.shape[0]))[0]
 
 
 def _methods(methods: str | Sequence[str], rows: int, d_in: int, d_out: int) -> tuple[str, ...]:
     if methods == "auto":
         if rows >= AUTO_CONSTRAINED_MAX_ANCHORS_PER_DIM * d_in:
             return ("ridge",)
-        return tuple(m for m in METHODS if m != "procrustes" or d_in == d_out)
+        return tuple(m for m in AUTO_METHODS if m != "procrustes" or d_in == d_out)
     names = (methods,) if isinstance(methods, str) else tuple(methods)
     unknown = sorted(set(names) - set(METHODS))
     if unknown or not names:
@@ -266,10 +337,12 @@ def _methods(methods: str | Sequence[str], rows: int, d_in: int, d_out: int) -> 
 @dataclass(frozen=True)
 class _Split:
     """Seeded folds: fold k holds order[k::folds]. The cosine sample, order[:COSINE_ROWS], is thus a
-    seeded uniform sample spread evenly over the folds."""
+    seeded uniform sample spread evenly over the folds. workers: the threads per-fold work is spread
+    over, as many as BLAS may use (_on_cores)."""
 
     order: np.ndarray
     folds: int
+    workers: int
 
     @classmethod
     def of(cls, rows: int, folds: int, seed: int) -> _Split:
@@ -280,7 +353,7 @@ class _Split:
             raise PlanError(f"{rows} anchor rows are too few for {folds}-fold cross-validation of the alignment "
                             f"(at least {2 * folds}).",
                             hint="Use more anchors (coopt-hub init --anchors) or fewer folds.")
-        return cls(np.random.default_rng(seed).permutation(rows), int(folds))
+        return cls(np.random.default_rng(seed).permutation(rows), int(folds), _blas_threads())
 
     def test(self, k: int) -> np.ndarray:
         return np.sort(self.order[k::self.folds])
@@ -300,8 +373,9 @@ class _Totals:
     yy: float
 
     @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray) -> _Totals:
-        return cls(x.T @ x if x.shape[1] <= x.shape[0] else None, x.T @ y, _squared(x), _squared(y))
+    def of(cls, x: np.ndarray, y: np.ndarray, gram: bool) -> _Totals:
+        # x.T @ x on one buffer lets numpy use a symmetric rank-k update (half the flops).
+        return cls(x.T @ x if gram else None, x.T @ y, _squared(x), _squared(y))
 
 
 @dataclass(frozen=True)
@@ -316,12 +390,7 @@ class _Moments:
     def of(cls, x: np.ndarray, y: np.ndarray, split: _Split) -> _Moments:
         tests = [split.test(k) for k in range(split.folds)]
         primal = x.shape[1] <= x.shape[0] - max(test.size for test in tests)
-        folds = []
-        for test in tests:
-            held_x, held_y = x[test], y[test]
-            # held_x.T @ held_x on one buffer lets numpy use a symmetric rank-k update (half the flops).
-            gram = held_x.T @ held_x if primal else None
-            folds.append(_Totals(gram, held_x.T @ held_y, _squared(held_x), _squared(held_y)))
+        folds = _on_cores(lambda test: _Totals.of(x[test], y[test], gram=primal), tests, split.workers)
         totals = _Totals(sum(f.gram for f in folds) if primal else None, sum(f.cross for f in folds),
                          sum(f.xx for f in folds), sum(f.yy for f in folds))
         return cls(tuple(folds), totals)
@@ -330,13 +399,15 @@ class _Moments:
 @dataclass(frozen=True)
 class _Fold:
     """Fold k in the eigenbasis of its training Gram X_t^T X_t = V diag(s) V^T: B = V^T X_t^T Y_t, and
-    the held-out rows' H = V^T X_h^T X_h V, R = V^T X_h^T Y_h, ||Y_h||^2. The ridge map at strength l is
-    V diag(1 / (s + l)) B, so every strength's held-out error is an O(m^2) sum (_ridge_errors)."""
+    the held-out rows' H = V^T X_h^T X_h V, R = V^T X_h^T Y_h, ||Y_h||^2; spread = H * (B B^T). The ridge
+    map at strength l is V diag(1 / (s + l)) B, so every strength's held-out error is an O(m^2) sum
+    (_ridge_errors)."""
 
     axes: np.ndarray
     values: np.ndarray
     coef: np.ndarray
     held_gram: np.ndarray
+    spread: np.ndarray
     held_cross: np.ndarray
     yy: float
 
@@ -355,7 +426,8 @@ def _fold(x: np.ndarray, split: _Split, moments: _Moments, k: int) -> _Fold:
         axes, values = _principal_axes(np.delete(x, test, axis=0))
         projected = x[test] @ axes
         held_gram = projected.T @ projected
-    return _Fold(axes, values, axes.T @ (totals.cross - held.cross), held_gram, axes.T @ held.cross, held.yy)
+    coef = axes.T @ (totals.cross - held.cross)
+    return _Fold(axes, values, coef, held_gram, held_gram * (coef @ coef.T), axes.T @ held.cross, held.yy)
 
 
 @dataclass(frozen=True)
@@ -370,15 +442,15 @@ class _Scored:
 
 
 def _cross_validate(x: np.ndarray, split: _Split, moments: _Moments, names: tuple[str, ...]) -> list[_Scored]:
-    folds = [_fold(x, split, moments, k) for k in range(split.folds)]
+    folds = _on_cores(lambda k: _fold(x, split, moments, k), range(split.folds), split.workers)
     # The grid is relative to the Gram scale (its mean eigenvalue), so it does not depend on units.
     scale = moments.totals.xx / x.shape[1] or 1.0
     ridge = _score_ridge(folds, scale)
     scored = [ridge] if "ridge" in names else []
     if "procrustes" in names:
-        scored.append(_score_procrustes(moments))
+        scored.append(_score_procrustes(moments, split.workers))
     if "reduced_rank" in names:
-        scored.extend(_score_reduced_rank(folds, ridge))
+        scored.extend(_score_reduced_rank(folds, ridge, split.workers))
     if not scored:
         raise ConfigError(f"No alignment method left to compare: {names} with {x.shape[1]} source dimensions.",
                           hint="Include ridge in the methods.")
@@ -391,8 +463,7 @@ def _ridge_errors(fold: _Fold, ridges: np.ndarray) -> np.ndarray:
     r_j = sum_o R_jo B_jo."""
     shrink = 1.0 / (fold.values[None, :] + ridges[:, None])
     agreement = np.einsum("jo,jo->j", fold.held_cross, fold.coef)
-    spread = fold.held_gram * (fold.coef @ fold.coef.T)
-    errors = fold.yy - 2.0 * shrink @ agreement + np.einsum("lj,lj->l", shrink @ spread, shrink)
+    errors = fold.yy - 2.0 * shrink @ agreement + np.einsum("lj,lj->l", shrink @ fold.spread, shrink)
     return np.maximum(errors, 0.0)  # rounding can take an exact fit's error just below zero
 
 
@@ -406,17 +477,18 @@ def _score_ridge(folds: list[_Fold], scale: float) -> _Scored:
                    [(fold.axes, fold.ridge_coef(ridge)) for fold in folds])
 
 
-def _score_procrustes(moments: _Moments) -> _Scored:
+def _score_procrustes(moments: _Moments, workers: int) -> _Scored:
     totals, error, predictors = moments.totals, 0.0, []
-    for held in moments.folds:
-        rotation, scale = _procrustes(totals.cross - held.cross, totals.xx - held.xx)
+    fits = _on_cores(lambda held: _procrustes(totals.cross - held.cross, totals.xx - held.xx),
+                     moments.folds, workers)
+    for held, (rotation, scale) in zip(moments.folds, fits):
         # R is orthogonal, so ||X_h s R - Y_h||^2 = s^2 ||X_h||^2 - 2 s tr(R^T X_h^T Y_h) + ||Y_h||^2.
         error += scale**2 * held.xx - 2.0 * scale * float(np.einsum("ij,ij->", rotation, held.cross)) + held.yy
         predictors.append((scale * rotation, None))
     return _Scored("procrustes", {}, max(error, 0.0), predictors)
 
 
-def _score_reduced_rank(folds: list[_Fold], ridge: _Scored) -> list[_Scored]:
+def _score_reduced_rank(folds: list[_Fold], ridge: _Scored, workers: int) -> list[_Scored]:
     """Reduced-rank ridge at the ridge's chosen strength, its rank by the same folds; none when the
     only rank on offer would be the ridge itself (full rank)."""
     strength = ridge.params["ridge"]
@@ -424,8 +496,7 @@ def _score_reduced_rank(folds: list[_Fold], ridge: _Scored) -> list[_Scored]:
     if top < 2:
         return []
     errors, bases = 0.0, []
-    for fold in folds:
-        fold_errors, basis = _reduced_rank_errors(fold, strength)
+    for fold_errors, basis in _on_cores(lambda fold: _reduced_rank_errors(fold, strength), folds, workers):
         errors = errors + fold_errors[: top - 1]
         bases.append(basis)
     rank = int(np.argmin(errors)) + 1
@@ -441,7 +512,7 @@ def _reduced_rank_errors(fold: _Fold, ridge: float) -> tuple[np.ndarray, np.ndar
     With P = X_h W: ||Y_h - P U_r U_r^T||^2 = ||Y_h||^2 - 2 tr(U_r^T P^T Y_h U_r) + tr(U_r^T P^T P U_r),
     sums of diagonals, so every rank costs one cumulative sum."""
     g = fold.ridge_coef(ridge)
-    _, basis = np.linalg.eigh((g.T * fold.values) @ g)
+    _, basis = _lapack(np.linalg.eigh, (g.T * fold.values) @ g)
     basis = np.ascontiguousarray(basis[:, ::-1])
     gain = np.einsum("ij,ij->j", (g.T @ fold.held_cross) @ basis, basis)
     cost = np.einsum("ij,ij->j", (g.T @ fold.held_gram @ g) @ basis, basis)
@@ -450,7 +521,7 @@ def _reduced_rank_errors(fold: _Fold, ridge: float) -> tuple[np.ndarray, np.ndar
 
 def _procrustes(cross: np.ndarray, xx: float, scale: float | None = None) -> tuple[np.ndarray, float]:
     """The rotation R maximising tr(R^T X^T Y), and the scale s minimising ||s X R - Y|| unless given."""
-    u, singular, vt = np.linalg.svd(cross)
+    u, singular, vt = _lapack(np.linalg.svd, cross)
     if scale is None:
         scale = float(singular.sum()) / xx if xx > 0 else 0.0
     return u @ vt, float(scale)
@@ -467,13 +538,13 @@ def _fit(x: np.ndarray, y: np.ndarray, method: str, params: dict, totals: _Total
                           hint="Pass the params an AlignmentFit recorded.")
     if totals.gram is not None:
         system = totals.gram + ridge * np.eye(x.shape[1])
-        ridge_map = np.linalg.solve(system, totals.cross)
+        ridge_map = _lapack(np.linalg.solve, system, totals.cross)
     else:  # fewer rows than source dims: the rows x rows kernel system is the smaller one
-        ridge_map = x.T @ np.linalg.solve(x @ x.T + ridge * np.eye(x.shape[0]), y)
+        ridge_map = x.T @ _lapack(np.linalg.solve, x @ x.T + ridge * np.eye(x.shape[0]), y)
     if method == "ridge":
         return ridge_map, dict(params)
     fitted = x @ ridge_map
-    _, basis = np.linalg.eigh(fitted.T @ fitted)
+    _, basis = _lapack(np.linalg.eigh, fitted.T @ fitted)
     kept = basis[:, ::-1][:, : int(params["rank"])]
     return ridge_map @ kept @ kept.T, dict(params)
 
@@ -489,12 +560,12 @@ def _residual(x: np.ndarray, y: np.ndarray, transform: np.ndarray, totals: _Tota
 
 def _cv_cosine(x: np.ndarray, y: np.ndarray, split: _Split,
                predictors: list[tuple[np.ndarray, np.ndarray | None]]) -> float:
-    cosines = []
-    for k, (left, right) in enumerate(predictors):
-        rows = split.sample(k)
+    def held_out(k: int) -> np.ndarray:
+        (left, right), rows = predictors[k], split.sample(k)
         predicted = x[rows] @ left
-        cosines.append(_row_cosines(predicted if right is None else predicted @ right, y[rows]))
-    return float(np.concatenate(cosines).mean())
+        return _row_cosines(predicted if right is None else predicted @ right, y[rows])
+
+    return float(np.concatenate(_on_cores(held_out, range(split.folds), split.workers)).mean())
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -504,7 +575,7 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _eig_desc(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues above rounding, largest first, and their eigenvectors (columns)."""
-    values, vectors = np.linalg.eigh(symmetric)
+    values, vectors = _lapack(np.linalg.eigh, symmetric)
     values, vectors = values[::-1], np.ascontiguousarray(vectors[:, ::-1])
     # The cut-off of numpy.linalg.matrix_rank: below it an eigenvalue is rounding, its direction
     # carries no signal, and 1 / sqrt(value) would only amplify the noise.
