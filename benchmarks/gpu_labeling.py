@@ -11,13 +11,16 @@ and run it there with one command from the repository's root:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site WHEELS/*.whl && \
         PYTHONPATH=/tmp/site python3 benchmarks/gpu_labeling.py
 
-Measured, each in images/s:
-- forward ceiling: the bare forward pass on pre-made pixels already on the GPU;
+Measured, each in images/s, in one run:
+- encode ceiling: the bf16 encoder alone on pre-decoded batches of 256 already on the GPU;
+- decode ceiling: the GPU decode path alone (participant/decode.py: batched torchvision.io.decode_jpeg
+  on the GPU, resize, crop and normalise there);
 - CPU decode ceiling: PIL decoding + the prior's own preprocessing in N worker processes, nothing else;
-- GPU decode ceiling: torchvision.io.decode_jpeg on the GPU, then resize/crop/normalise there;
-- the labeling pipeline (coopt_hub.participant.labeling: CPU decoding on N threads, forward, chunk writes, gather);
-- a GPU-decoding pipeline: decoding on a second CUDA stream, overlapped with the forward pass.
-Goal: each pipeline reaches >= 80% of min(its decode ceiling, forward ceiling).
+- the labeling pipeline (coopt_hub.participant.labeling: read, decode, encode, chunk writes, gather)
+  with CPU decoding in N processes, then with the decode path the library chooses for this device
+  (the GPU's: decoding on a side stream per preparing thread, pinned buffers, a bounded prefetch queue).
+Goal: the pipeline on the chosen path reaches >= 80% of min(its decode ceiling, encode ceiling).
+`--compile` runs the prior through torch.compile.
 
 Without CUDA it says so and exits 0. The last line is `pipeline/ceiling ratio: <x>` for the labeling
 pipeline (`skipped` without CUDA).
@@ -28,9 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import queue
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -41,8 +42,10 @@ import torch
 from labeling import synthetic_jpeg  # benchmarks/labeling.py, next to this file
 
 from coopt_hub.participant.collective import SingleProcess
+from coopt_hub.participant.decode import GpuDecoder, decode_path
+from coopt_hub.participant.job import load_job_prior
 from coopt_hub.participant.labeling import Chunk, ChunkStore, collect_chunks, label_chunks
-from coopt_hub.priors import Preprocessing, PriorSpec, decode_image, load_prior
+from coopt_hub.priors import Preprocessing, PriorSpec, decode_image
 
 UNIQUE_IMAGES = 1024  # generating JPEGs is slow; the measured streams cycle through these
 CHUNK_ROWS = 1024  # rows per chunk, like a storage unit of the source
@@ -82,66 +85,18 @@ def cpu_decode_ceiling(jpegs_path: Path, preprocessing: Preprocessing, images: i
         return done / (time.perf_counter() - started)
 
 
-# GPU decoding ----------------------------------------------------------------------------------
+# GPU decoding: the library's decoder (participant/decode.py) ---------------------------------
 
 
-class GpuPreprocess:
-    """decode_jpeg on the GPU, then the prior's resize ("shortest" side), centre crop and normalisation."""
-
-    def __init__(self, preprocessing: Preprocessing, device: torch.device):
-        from torchvision.transforms import InterpolationMode
-
-        self.size = preprocessing.image_size
-        self.interpolation = InterpolationMode(preprocessing.interpolation)
-        self.mean = torch.tensor(preprocessing.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocessing.std, device=device).view(1, 3, 1, 1)
-        self.device = device
-
-    def __call__(self, jpegs: list[bytes]) -> torch.Tensor:
-        from torchvision.io import decode_jpeg
-        from torchvision.transforms.v2 import functional as F
-
-        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
-        decoded = decode_jpeg(data, device=self.device)
-        batch = torch.stack(decoded)  # the synthetic images share one size
-        batch = F.resize(batch, min(self.size), interpolation=self.interpolation, antialias=True)
-        batch = F.center_crop(batch, list(self.size))
-        return (batch.float() / 255 - self.mean) / self.std
-
-
-def gpu_decode_ceiling(jpegs: list[bytes], prepare: GpuPreprocess, images: int, batch_size: int) -> float:
-    prepare([jpegs[0]] * batch_size)
+def gpu_decode_ceiling(jpegs: list[bytes], decoder: GpuDecoder, images: int, batch_size: int) -> float:
+    """Decode + resize + crop + normalise on the GPU alone, batch after batch."""
+    decoder(jpegs[:batch_size], np.arange(batch_size))
     torch.cuda.synchronize()
     started = time.perf_counter()
     for start in range(0, images, batch_size):
-        prepare([jpegs[i % len(jpegs)] for i in range(start, min(start + batch_size, images))])
+        rows = range(start, min(start + batch_size, images))
+        decoder([jpegs[i % len(jpegs)] for i in rows], np.asarray(rows))
     torch.cuda.synchronize()
-    return images / (time.perf_counter() - started)
-
-
-def gpu_decode_pipeline(prior, jpegs: list[bytes], prepare: GpuPreprocess, images: int, batch_size: int) -> float:
-    """Decode on a side stream in a thread while the forward pass runs on the default stream."""
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    side = torch.cuda.Stream()
-
-    def decode() -> None:
-        with torch.cuda.stream(side):
-            for start in range(0, images, batch_size):
-                pixels = prepare([jpegs[i % len(jpegs)] for i in range(start, min(start + batch_size, images))])
-                done = torch.cuda.Event()
-                done.record(side)
-                ready.put((pixels, done))
-        ready.put(None)
-
-    started = time.perf_counter()
-    worker = threading.Thread(target=decode, daemon=True)
-    worker.start()
-    while (item := ready.get()) is not None:
-        pixels, done = item
-        torch.cuda.current_stream().wait_event(done)
-        pixels.record_stream(torch.cuda.current_stream())
-        prior.encode_batch(pixels)
-    worker.join()
     return images / (time.perf_counter() - started)
 
 
@@ -149,6 +104,7 @@ def gpu_decode_pipeline(prior, jpegs: list[bytes], prepare: GpuPreprocess, image
 
 
 def forward_ceiling(prior, jpegs: list[bytes], device: torch.device, batch_size: int, repeats: int = 8) -> float:
+    """The encoder alone on a pre-decoded batch already on the GPU."""
     pixels = torch.stack([prior.preprocess(decode_image(jpegs[i % len(jpegs)])) for i in range(batch_size)])
     pixels = pixels.to(device)
     prior.encode_batch(pixels)
@@ -159,7 +115,9 @@ def forward_ceiling(prior, jpegs: list[bytes], device: torch.device, batch_size:
     return repeats * batch_size / (time.perf_counter() - started)
 
 
-def labeling_pipeline(prior, jpegs: list[bytes], images: int, batch_size: int, workers: int, directory: Path) -> float:
+def labeling_pipeline(prior, jpegs: list[bytes], images: int, batch_size: int, workers: int, directory: Path,
+                      decode: str) -> float:
+    """coopt_hub's labeling (read, decode by the path `decode`, encode, store chunks, gather) in img/s."""
     cells = [{"bytes": jpegs[i % len(jpegs)], "path": None} for i in range(images)]
     chunks = [
         Chunk(f"unit-{start // CHUNK_ROWS:05d}", np.arange(start, min(start + CHUNK_ROWS, images), dtype=np.int64),
@@ -168,7 +126,7 @@ def labeling_pipeline(prior, jpegs: list[bytes], images: int, batch_size: int, w
     ]
     started = time.perf_counter()
     store = ChunkStore(directory)
-    label_chunks(prior, chunks, store, batch_size=batch_size, workers=workers)
+    label_chunks(prior, chunks, store, batch_size=batch_size, workers=workers, decode=decode)
     collect_chunks(store, [c.name for c in chunks], SingleProcess())
     for chunk in chunks:
         store.read(chunk.name)
@@ -181,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes / threads")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true", help="run the prior through torch.compile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available: this benchmark needs a GPU.")
@@ -188,30 +147,34 @@ def main() -> None:
         return
     device = torch.device(args.device)
 
-    prior = load_prior(PriorSpec(model="ViT-B-32"), device=args.device, precision="bf16")
+    prior = load_job_prior(PriorSpec(model="ViT-B-32"), args.device, "bf16", args.compile)
     jpegs = make_jpegs(UNIQUE_IMAGES)
-    print(f"ViT-B-32 bf16 on {torch.cuda.get_device_name(device)}; {args.images} JPEGs 500x375 "
-          f"(~{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB), batch {args.batch_size}, {args.workers} workers")
+    path = decode_path(prior)
+    print(f"ViT-B-32 bf16{' compiled' if prior.compiled else ''} on {torch.cuda.get_device_name(device)}; "
+          f"{args.images} JPEGs 500x375 (~{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KB), batch "
+          f"{args.batch_size}, {args.workers} workers; decode path chosen: {path}")
     with tempfile.TemporaryDirectory(prefix="coopt-gpu-bench-") as scratch:
         scratch_dir = Path(scratch)
         jpegs_path = scratch_dir / "jpegs.parquet"
         pq.write_table(pa.table({"bytes": pa.array(jpegs, pa.binary())}), jpegs_path)
 
-        forward = forward_ceiling(prior, jpegs, device, args.batch_size)
-        print(f"forward ceiling: {forward:.0f} img/s")
+        encode = forward_ceiling(prior, jpegs, device, args.batch_size)
+        print(f"encode ceiling (bf16 encoder alone, pre-decoded batches of {args.batch_size}): {encode:.0f} img/s")
+        gpu_decode = gpu_decode_ceiling(jpegs, GpuDecoder(prior.preprocessing, device), args.images, args.batch_size)
+        print(f"decode ceiling (decode_jpeg + resize on {device}): {gpu_decode:.0f} img/s")
         cpu_decode = cpu_decode_ceiling(jpegs_path, prior.preprocessing, args.images, args.workers)
-        print(f"CPU decode ceiling ({args.workers} processes): {cpu_decode:.0f} img/s")
-        prepare = GpuPreprocess(prior.preprocessing, device)
-        gpu_decode = gpu_decode_ceiling(jpegs, prepare, args.images, args.batch_size)
-        print(f"GPU decode ceiling (decode_jpeg on {device}): {gpu_decode:.0f} img/s")
+        print(f"CPU decode ceiling (PIL in {args.workers} processes): {cpu_decode:.0f} img/s")
 
-        gpu_pipeline = gpu_decode_pipeline(prior, jpegs, prepare, args.images, args.batch_size)
-        gpu_ratio = gpu_pipeline / min(gpu_decode, forward)
-        print(f"GPU-decoding pipeline: {gpu_pipeline:.0f} img/s = {gpu_ratio:.3f} of min(GPU decode, forward)")
-        pipeline = labeling_pipeline(prior, jpegs, args.images, args.batch_size, args.workers, scratch_dir / "work")
-        ratio = pipeline / min(cpu_decode, forward)
-        print(f"labeling pipeline (CPU decoding, {args.workers} threads): {pipeline:.0f} img/s")
-        print(f"pipeline/ceiling ratio: {ratio:.3f}")
+        processes = labeling_pipeline(prior, jpegs, args.images, args.batch_size, args.workers,
+                                      scratch_dir / "processes", "processes")
+        print(f"labeling pipeline, CPU decoding in {args.workers} processes: {processes:.0f} img/s = "
+              f"{processes / min(cpu_decode, encode):.3f} of min(CPU decode, encode)")
+        pipeline = labeling_pipeline(prior, jpegs, args.images, args.batch_size, args.workers,
+                                     scratch_dir / "default", path)
+        ceiling = min(gpu_decode if path == "gpu" else cpu_decode, encode)
+        print(f"labeling pipeline, decode path {path}: {pipeline:.0f} img/s; ceiling min(decode, encode) "
+              f"{ceiling:.0f} img/s")
+        print(f"pipeline/ceiling ratio: {pipeline / ceiling:.3f}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,11 @@ def run_optimize(repo: str, model: str, workdir: Path, *options: str) -> Optimiz
 def describe_optimize(run: OptimizeRun) -> str:
     timings = ", ".join(f"{name} {value:.1f}s" for name, value in run.report["timings"].items())
     settings = ", ".join(f"{name} {value}" for name, value in run.report["run"].items())
-    return f"{run.seconds:.1f}s for {run.images} images ({settings}; in the job: {timings})"
+    deviation = run.report.get("precision_deviation") or {}
+    precision = run.report.get("precision", "fp32") + (
+        f" (max cosine distance from fp32 {deviation['max_cosine_distance']:.1e} on {deviation['anchors']} anchors)"
+        if deviation else "")
+    return f"{run.seconds:.1f}s for {run.images} images (precision {precision}, {settings}; in the job: {timings})"
 
 
 def measure_end_to_end(args: argparse.Namespace, prior, jpegs: list[bytes], scratch: Path) -> float:

@@ -27,7 +27,7 @@ from coopt_hub.core.layout import PLAN_PATH, TARGETS_FILE, remote_paths, shard_p
 from coopt_hub.core.shardfile import read_shard
 from coopt_hub.errors import BadImageError, ConflictError, PlanError, PriorError, SourceError
 from coopt_hub.hub.repo import read_remote_header
-from coopt_hub.participant.job import OptimizeOptions, optimize_shard
+from coopt_hub.participant.job import DEVIATION_ANCHORS, OptimizeOptions, load_job_prior, optimize_shard
 from coopt_hub.participant.labeling import ChunkStore
 from coopt_hub.participant.workdir import run_directory
 from coopt_hub.platform.status import DONE, collaboration_status
@@ -77,6 +77,18 @@ def quiet(collaboration):
 def clean(hub, quiet, small, tmp_path_factory):
     """Shard 1 of `quiet` labeled by ViT-S-32 in one uninterrupted single-process run."""
     return optimize_shard(hub, quiet.repo, 1, small, workdir=tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture(scope="module")
+def fast() -> Prior:
+    """SMALL as the command line runs it by default: --precision auto (bf16 on a CPU with native bf16)."""
+    return load_job_prior(SMALL, "cpu", "auto")
+
+
+@pytest.fixture(scope="module")
+def clean_fast(hub, quiet, fast, tmp_path_factory):
+    """Shard 1 of `quiet` labeled by `fast` in one uninterrupted single-process run."""
+    return optimize_shard(hub, quiet.repo, 1, fast, workdir=tmp_path_factory.mktemp("clean-fast"))
 
 
 def targets_bytes(result_dir: Path, shard: int) -> bytes:
@@ -147,7 +159,7 @@ def test_push_is_one_commit_aligned_to_the_best_prior_and_not_repeated(hub, hf_a
     assert hub.head(repo, "shard/0") == replaced.commit != first.commit, "--overwrite: the branch did not move"
 
 
-def test_join_then_plain_optimize_then_push(hub, quiet, clean, tmp_path, monkeypatch):
+def test_join_then_plain_optimize_then_push(hub, quiet, clean_fast, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("COOPT_HUB_REPO", raising=False)
     runner = CliRunner()
@@ -162,7 +174,18 @@ def test_join_then_plain_optimize_then_push(hub, quiet, clean, tmp_path, monkeyp
     assert not summary["pushed"], "optimize without --push pushed"
     assert summary["report"]["participant"] == "bob", "optimize: the joined name is not in the report"
     assert Path(summary["directory"]).is_relative_to(tmp_path / "coopt-hub-work"), "optimize: not the default workdir"
-    assert targets_bytes(Path(summary["directory"]), 1) == targets_bytes(clean.directory, 1), "optimize: other targets"
+    assert targets_bytes(Path(summary["directory"]), 1) == targets_bytes(clean_fast.directory, 1), \
+        "optimize: other targets"
+    assert summary["report"]["precision"] == clean_fast.report["precision"], "optimize: not the default precision"
+    deviation = read_shard(Path(summary["directory"]) / shard_prefix(1))[0].header.precision_deviation
+    if summary["report"]["precision"] == "fp32":
+        assert deviation is None, "an fp32 shard records a deviation"
+    else:  # measured on the anchors against an fp32 forward, within what verify accepts
+        assert deviation["anchors"] == min(DEVIATION_ANCHORS, len(quiet.plan.anchor_ids)), "deviation: anchors"
+        assert 0 < deviation["mean_cosine_distance"] <= deviation["max_cosine_distance"] < 0.02, deviation
+    timings = summary["report"]["timings"]
+    assert {"plan_s", "model_load_s", "anchors_fetch_s", "first_batch_s"} <= set(timings), "fixed costs not reported"
+    assert 0 < timings["first_batch_s"] < timings["labeling_s"], "first batch latency out of range"
     assert hub.head(quiet.repo, "shard/1") is None, "optimize without --push made a branch"
 
     pushed = runner.invoke(cli, ["push", "--shard", "1", "--json"])
@@ -187,7 +210,8 @@ main(sys.argv[1:] + ["--workdir", os.path.join({base!r}, "rank" + os.environ["RA
 
 
 @pytest.mark.slow
-def test_two_accelerate_processes_give_the_same_targets_as_one(quiet, clean, small, tmp_path):
+def test_two_accelerate_processes_give_the_same_targets_as_one(quiet, clean_fast, fast, tmp_path):
+    # The command line's default precision ("auto": bf16 on a CPU with native bf16) on both sides.
     script = tmp_path / "job.py"
     script.write_text(ACCELERATE_JOB.format(base=str(tmp_path)))
     accelerate = Path(sys.executable).parent / "accelerate"
@@ -201,11 +225,12 @@ def test_two_accelerate_processes_give_the_same_targets_as_one(quiet, clean, sma
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["report"]["run"]["world_size"] == 2, "the job did not run as 2 processes"
-    assert targets_bytes(Path(summary["directory"]), 1) == targets_bytes(clean.directory, 1), "other targets"
+    assert summary["report"]["precision"] == fast.precision, "the processes ran another precision"
+    assert targets_bytes(Path(summary["directory"]), 1) == targets_bytes(clean_fast.directory, 1), "other targets"
     # Rank 1 kept only its own chunks; rank 0 received the rest over the process group.
-    rank_stores = [ChunkStore(run_directory(tmp_path / f"rank{r}", quiet.repo, 1, quiet.plan, small)) for r in (0, 1)]
+    rank_stores = [ChunkStore(run_directory(tmp_path / f"rank{r}", quiet.repo, 1, quiet.plan, fast)) for r in (0, 1)]
     names = sorted(p.stem for p in rank_stores[0].markers.iterdir())
-    assert names == sorted(p.stem for p in ChunkStore(clean.directory.parent).markers.iterdir()), \
+    assert names == sorted(p.stem for p in ChunkStore(clean_fast.directory.parent).markers.iterdir()), \
         "rank 0 does not hold every chunk"
     in_job_order = [n for n in names if n.startswith("unit-")] + [n for n in names if n.startswith("anchors-")]
     assert sorted(p.stem for p in rank_stores[1].markers.iterdir()) == sorted(in_job_order[1::2]), \
@@ -219,18 +244,19 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from fakes import Slow
 from coopt_hub.hub.client import Hub
-from coopt_hub.participant.job import optimize_shard
-from coopt_hub.priors import PriorSpec, load_prior
+from coopt_hub.participant.job import load_job_prior, optimize_shard
+from coopt_hub.priors import PriorSpec
 
-prior = Slow(load_prior(PriorSpec(model="ViT-S-32", image_size=32)))
+prior = Slow(load_job_prior(PriorSpec(model="ViT-S-32", image_size=32), "cpu", "auto"))
 optimize_shard(Hub(), {repo!r}, 1, prior, workdir=Path({workdir!r}))
 """
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_recomputing_and_matches_a_clean_run(hub, quiet, clean, small, tmp_path):
+def test_killed_run_resumes_without_recomputing_and_matches_a_clean_run(hub, quiet, clean_fast, fast, tmp_path):
+    # At the command line's default precision: a bf16 run resumes to the same bytes as well.
     workdir = tmp_path / "work"
-    store = ChunkStore(run_directory(workdir, quiet.repo, 1, quiet.plan, small))
+    store = ChunkStore(run_directory(workdir, quiet.repo, 1, quiet.plan, fast))
     job = subprocess.Popen([sys.executable, "-c", KILLABLE_JOB.format(tests=str(TESTS), repo=quiet.repo,
                                                                       workdir=str(workdir))],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -243,15 +269,16 @@ def test_killed_run_resumes_without_recomputing_and_matches_a_clean_run(hub, qui
     job.send_signal(signal.SIGKILL)
     job.wait()
     finished = {p.stem: store.data_path(p.stem).stat().st_mtime_ns for p in store.markers.glob("*.json")}
-    total = clean.report["chunks"]["total"]
+    total = clean_fast.report["chunks"]["total"]
     assert 1 <= len(finished) < total, "the job was not killed half-way"
 
-    resumed = optimize_shard(hub, quiet.repo, 1, small, workdir=workdir)
+    resumed = optimize_shard(hub, quiet.repo, 1, fast, workdir=workdir)
     assert resumed.report["chunks"] == {"total": total, "computed": total - len(finished), "reused": len(finished)}, \
         "the rerun did not reuse exactly the finished chunks"
     assert {name: store.data_path(name).stat().st_mtime_ns for name in finished} == finished, \
         "a finished chunk was written again"
-    assert targets_bytes(resumed.directory, 1) == targets_bytes(clean.directory, 1), "other targets than a clean run"
+    assert targets_bytes(resumed.directory, 1) == targets_bytes(clean_fast.directory, 1), \
+        "other targets than a clean run"
 
 
 def test_non_finite_prior_outputs_name_the_ids(hub, quiet, small, tmp_path):

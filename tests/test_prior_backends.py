@@ -22,7 +22,7 @@ from timm.data import create_transform, resolve_data_config
 
 from coopt_hub.core.layout import TARGETS_FILE, shard_prefix
 from coopt_hub.errors import ConfigError, PriorError
-from coopt_hub.participant.job import optimize_shard
+from coopt_hub.participant.job import load_job_prior, optimize_shard
 from coopt_hub.priors import Preprocessing, Prior, PriorSpec, load_prior
 from coopt_hub.priors.base import ModulePrior, fingerprint_weights
 from coopt_hub.priors.registry import (
@@ -419,7 +419,10 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_accelerate_processes_give_the_same_timm_targets_as_one(hub, collab, tiny, tmp_path):
-    single = optimize_shard(hub, collab.repo, 1, tiny, workdir=tmp_path / "single")
+    # At the command line's default precision, with the channels-last layout of a convolutional prior.
+    fast = load_job_prior(TINY, "cpu", "auto")
+    assert fast.channels_last, "a convolutional prior runs channels-last"
+    single = optimize_shard(hub, collab.repo, 1, fast, workdir=tmp_path / "single")
     accelerate = Path(sys.executable).parent / "accelerate"
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
@@ -433,4 +436,5 @@ def test_two_accelerate_processes_give_the_same_timm_targets_as_one(hub, collab,
     summary = json.loads(done.stdout)
     assert summary["report"]["run"]["world_size"] == 2, "the job did not run as 2 processes"
     assert summary["report"]["fingerprint"] == tiny.fingerprint, "the processes loaded other weights"
+    assert summary["report"]["precision"] == fast.precision, "the processes ran another precision"
     assert targets_bytes(Path(summary["directory"]), 1) == targets_bytes(single.directory, 1), "other targets"

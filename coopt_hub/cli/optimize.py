@@ -15,6 +15,7 @@ import click
 
 from coopt_hub.cli.options import (
     batch_size_option,
+    compile_option,
     device_option,
     json_option,
     precision_option,
@@ -24,6 +25,7 @@ from coopt_hub.cli.options import (
     token_option,
     workdir_option,
 )
+from coopt_hub.cli.push import create_pr_option
 
 T = TypeVar("T")
 
@@ -91,20 +93,23 @@ def _launch_state(device: str | None) -> tuple[Any, str]:
 @repo_argument()
 @shard_option("The shard k to label.")
 @prior_options
-@click.option("--push", is_flag=True, help="Commit the result to branch shard/{k} (one commit).")
+@click.option("--push", is_flag=True, help="Commit the result to branch shard/{k} (one commit), or to a pull request "
+              "when the token may not push branches.")
+@create_pr_option
 @click.option("--overwrite", is_flag=True, help="Replace a shard/{k} result made with another prior.")
 @batch_size_option
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Threads decoding and preprocessing ahead of the forward pass.")
 @precision_option
+@compile_option
 @device_option()
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="Undecodable images: stop with their ids, or leave them out and record their ids.")
 @workdir_option("Where chunks and results are kept; a rerun continues from what is there.")
 @token_option
 @json_option
-def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overwrite, batch_size, workers, precision,
-             device, on_bad_image, workdir, token, out):
+def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, create_pr, overwrite, batch_size, workers,
+             precision, compile_prior, device, on_bad_image, workdir, token, out):
     """Label shard K of REPO with a prior model, judge it on the anchors, align it to the best prior.
 
     Resumable: rerun the same command after an interruption and only unfinished chunks are computed.
@@ -113,29 +118,36 @@ def optimize(repo, shard, model, pretrained, checkpoint, image_size, push, overw
     from coopt_hub.errors import CoOptError
     from coopt_hub.hub.client import Hub
     from coopt_hub.participant.config import load_config, resolve_prior
-    from coopt_hub.participant.job import OptimizeOptions, optimize_shard
-    from coopt_hub.priors import load_prior
+    from coopt_hub.participant.job import OptimizeOptions, load_job_prior, optimize_shard
+    from coopt_hub.participant.push import publish_result, published_at
 
     config = load_config()
     spec = resolve_prior(model, pretrained, checkpoint, image_size, config)
     collective, device = _launch_state(device)
-    options = OptimizeOptions(batch_size=batch_size, workers=workers, on_bad_image=on_bad_image, push=push,
-                              overwrite=overwrite, participant=config.name if config else None)
+    # A pull request replaces nobody's branch, so the job's branch checks are not for it: it is opened here.
+    options = OptimizeOptions(batch_size=batch_size, workers=workers, on_bad_image=on_bad_image,
+                              push=push and not create_pr, overwrite=overwrite,
+                              participant=config.name if config else None)
+    hub = Hub(token=token)
     try:
         result = optimize_shard(
-            Hub(token=token), repo, shard, lambda: load_prior(spec, device=device, precision=precision),
+            hub, repo, shard, lambda: load_job_prior(spec, device, precision, compile_prior),
             workdir=workdir, options=options, collective=collective, progress=out,
         )
+        if result is not None and create_pr:
+            result.commit, result.pushed = publish_result(hub, repo, shard, result.directory, progress=out,
+                                                          create_pr=True)
     except CoOptError as err:
         if collective.rank == 0:
             raise
         # Every rank fails with the same error and rank 0 reports it: one message per job, not per process.
         raise click.exceptions.Exit(err.exit_code) from err
     if result is not None:
-        out.result(_summary(result, push, workdir), **result.to_dict())
+        where = published_at(hub, repo, shard, result.commit) if result.commit else None
+        out.result(_summary(result, where, workdir), published_at=where, **result.to_dict())
 
 
-def _summary(result, push: bool, workdir: Path) -> str:
+def _summary(result, where: str | None, workdir: Path) -> str:
     repo, shard, report = result.repo, result.shard, result.report
     reference = report["reference"]
     aligned = "its own reference" if reference is None else f"aligned to shard {reference['shard']}"
@@ -144,8 +156,8 @@ def _summary(result, push: bool, workdir: Path) -> str:
         f"(V = {report['uniformity']:.4f}, {aligned}, residual {report['residual']:.4f}).",
         f"Files: {result.directory}",
     ]
-    if push:
-        lines.append(f"{'Pushed' if result.pushed else 'Already on the branch'}: {report['branch']} @ {result.commit}")
+    if where is not None:
+        lines.append(f"{'Pushed' if result.pushed else 'Already there'}: {where} @ {result.commit}")
     else:
         lines.append(f"Not pushed. Send it with: coopt-hub push {repo} --shard {shard} --workdir {workdir}")
     return "\n".join(lines)

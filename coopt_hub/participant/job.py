@@ -14,6 +14,7 @@ Rank and world size come in through a `Collective`; only the command line reads 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,12 +24,20 @@ from pathlib import Path
 import numpy as np
 
 from coopt_hub import __version__, errors
-from coopt_hub.core.align import fit_pca_basis, uniformity
+from coopt_hub.core.align import fit_pca_basis, normalize, uniformity
 from coopt_hub.core.layout import REPORT_FILE, shard_prefix
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Bar, LogProgress, Progress, Silent
 from coopt_hub.core.quality import common_uniformity, sample_rows
-from coopt_hub.core.shardfile import SCHEMA_VERSION, AnchorOutputs, ShardHeader, ShardResult, project, write_shard
+from coopt_hub.core.shardfile import (
+    PRECISION_TOLERANCE,
+    SCHEMA_VERSION,
+    AnchorOutputs,
+    ShardHeader,
+    ShardResult,
+    project,
+    write_shard,
+)
 from coopt_hub.errors import BadImageError, ConflictError, PriorError, id_list
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import check_source_pin, load_anchors, load_plan
@@ -39,6 +48,7 @@ from coopt_hub.participant.labeling import (
     LabelingStats,
     collect_chunks,
     label_chunks,
+    prepare_pixels,
     rank_chunks,
 )
 from coopt_hub.participant.push import check_branch_owner, publish_result
@@ -51,12 +61,17 @@ from coopt_hub.participant.reference import (
 )
 from coopt_hub.participant.report import RunSummary, build_report, write_report
 from coopt_hub.participant.workdir import OptimizeResult, mark_latest, result_directory, run_directory
-from coopt_hub.priors import Prior
+from coopt_hub.priors import Prior, PriorSpec, load_prior
+from coopt_hub.priors.base import resolve_precision
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 # A "pca" participant fits its basis on at most this many of its shard's rows (a seeded sample):
 # float64 copies of 20,000 x 1,024 outputs take ~0.3 GB, and the leading axes of the rest add little.
 PCA_FIT_ROWS = 20_000
+# Anchors encoded again by an eager fp32 forward to measure a faster forward's deviation from it:
+# ~1.5 s for ViT-S-32 on 2 cores (a fixed cost of every run), and a precision that breaks shows
+# on a few dozen rows already.
+DEVIATION_ANCHORS = 32
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ def optimize_shard(
     if not root:
         return None
     result = _finish(hub, job, labeled, options, notes)
+    result.report["timings"].update(_fixed_costs(job, labeled))
     result.report["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     write_report(result.files[2], result.report)  # last: its presence marks the result as complete
     mark_latest(workdir, repo, shard, job.store.directory)
@@ -132,6 +148,15 @@ class _Notes:
         return self.say.bar(total, description, unit)
 
 
+def load_job_prior(spec: PriorSpec, device: str, precision: str, compiled: bool = False) -> Prior:
+    """The prior of `spec` as a job runs it: at `precision` ("auto": the device's fastest safe one),
+    through torch.compile if `compiled` (a model that cannot compile says why in `compile_fallback`)."""
+    prior = load_prior(spec, device=device, precision=resolve_precision(device, precision))
+    if compiled:
+        prior.compile()
+    return prior
+
+
 # Every rank: agree on the plan and the prior, then label ---------------------------------------
 
 
@@ -145,19 +170,48 @@ class _Job:
     prior: Prior
     store: ChunkStore  # in the run directory of (plan, prior, settings)
     chunks: JobChunks
+    # Seconds of the fixed costs so far: plan_s, model_load_s, anchors_fetch_s once the anchors are read.
+    fixed: dict[str, float] = field(default_factory=dict)
 
 
 def _start(
     hub: Hub, repo: str, shard: int, prior: Prior | Callable[[], Prior], workdir: Path,
     options: OptimizeOptions, collective: Collective, notes: _Notes,
 ) -> _Job:
-    plan = _agree_on_plan(hub, repo, shard, collective, notes)
-    loaded = agreed(collective, lambda: _load_prior(hub, repo, shard, prior, options, collective.rank == 0))
+    fixed: dict[str, float] = {}
+    with _timed(fixed, "plan_s"):
+        plan = _agree_on_plan(hub, repo, shard, collective, notes)
+    with _timed(fixed, "model_load_s"):
+        loaded = agreed(collective, lambda: _load_prior(hub, repo, shard, prior, options, collective.rank == 0))
+    if loaded.compile_fallback:
+        notes.warn(loaded.compile_fallback)
     run_dir = run_directory(workdir, repo, shard, plan, loaded)
-    chunks = job_chunks(plan, shard, cache(lambda: load_anchors(hub, repo, plan)), hub.token)
+
+    @cache
+    def anchors():
+        with _timed(fixed, "anchors_fetch_s"):
+            return load_anchors(hub, repo, plan)
+
+    chunks = job_chunks(plan, shard, anchors, hub.token)
     notes.say.info(f"Shard {shard} of {repo}: {len(plan.shard_ids(shard))} rows + {len(plan.anchor_ids)} anchors "
                    f"in {len(chunks.all)} chunks, {collective.world_size} process(es); work in {run_dir}")
-    return _Job(repo=repo, shard=shard, plan=plan, prior=loaded, store=ChunkStore(run_dir), chunks=chunks)
+    return _Job(repo=repo, shard=shard, plan=plan, prior=loaded, store=ChunkStore(run_dir), chunks=chunks,
+                fixed=fixed)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - started, 3)
+
+
+def _fixed_costs(job: _Job, labeled: _Labeled) -> dict[str, float]:
+    """What rank 0 spent before its first encoded batch: plan, model, anchors (when encoded), first batch."""
+    first = labeled.stats[0].first_batch_s
+    return {**job.fixed, **({} if first is None else {"first_batch_s": round(first, 3)})}
 
 
 def _agree_on_plan(hub: Hub, repo: str, shard: int, collective: Collective, notes: _Notes) -> Plan:
@@ -232,7 +286,8 @@ def _finish(hub: Hub, job: _Job, labeled: _Labeled, options: OptimizeOptions, no
     alignment_seconds = time.perf_counter() - started
     directory = result_directory(job.store.directory)
     files = directory / shard_prefix(job.shard)
-    header = _write_files(files, job, outputs, judged, alignment)
+    deviation = _precision_deviation(job, outputs, notes)
+    header = _write_files(files, job, outputs, judged, alignment, deviation)
     run = RunSummary(participant=options.participant, batch_size=options.batch_size, workers=options.workers,
                      chunks=len(job.chunks.all), stats=labeled.stats, labeling_seconds=labeled.seconds,
                      alignment_seconds=alignment_seconds)
@@ -302,7 +357,31 @@ def _align(job: _Job, judged: _Judged, choice: ReferenceChoice, notes: _Notes) -
     return alignment
 
 
-def _write_files(files: Path, job: _Job, outputs: JobOutputs, judged: _Judged, alignment: Alignment) -> ShardHeader:
+def _precision_deviation(job: _Job, outputs: JobOutputs, notes: _Notes) -> dict | None:
+    """Below fp32: how far the stored anchor outputs are from an eager fp32 forward on the same images
+    decoded by PIL, as verify encodes them (cosine distance over the first DEVIATION_ANCHORS anchors)."""
+    prior = job.prior
+    if prior.precision == "fp32":
+        return None
+    chunk = job.chunks.anchors[0]
+    pixels, ids = prepare_pixels(prior, chunk.load()[:DEVIATION_ANCHORS], chunk.ids[:DEVIATION_ANCHORS])
+    if pixels is None:
+        return None
+    reference = normalize(prior.encode_fp32(pixels).numpy())
+    rows = {int(i): row for row, i in enumerate(outputs.anchors.ids)}
+    stored = outputs.anchors.features[[rows[int(i)] for i in ids]]
+    distance = np.clip(1.0 - np.sum(stored * reference, axis=1, dtype=np.float64), 0.0, 2.0)
+    deviation = {"max_cosine_distance": float(distance.max()), "mean_cosine_distance": float(distance.mean()),
+                 "anchors": int(ids.size)}
+    tolerance = PRECISION_TOLERANCE.get(prior.precision)
+    if tolerance is not None and deviation["max_cosine_distance"] > tolerance:
+        notes.warn(f"At {prior.precision} the prior's anchor outputs are up to {distance.max():.4f} (cosine distance) "
+                   f"from fp32, beyond the {tolerance} verify accepts: rerun with --precision fp32.")
+    return deviation
+
+
+def _write_files(files: Path, job: _Job, outputs: JobOutputs, judged: _Judged, alignment: Alignment,
+                 deviation: dict | None) -> ShardHeader:
     """Write targets and anchors into `files`; the header returned carries their checksums."""
     plan, prior, shard = job.plan, job.prior, outputs.shard
     header = ShardHeader(
@@ -325,6 +404,8 @@ def _write_files(files: Path, job: _Job, outputs: JobOutputs, judged: _Judged, a
         alignment=None if alignment.fit is None else alignment.fit.to_dict(),
         uniformity_native=judged.uniformity_native,
         projection=plan.projection_kind,
+        precision=prior.precision,
+        precision_deviation=deviation,
     )
     (files / REPORT_FILE).unlink(missing_ok=True)  # until the new report is written, no result is complete
     write_shard(files, ShardResult(header=header, ids=shard.ids, raw=judged.raw, aligned=alignment.targets),

@@ -7,8 +7,10 @@ the outputs do not depend on how the job was distributed.
 
 Each finished chunk is written to the ChunkStore, data first and its completion marker after, both
 by atomic rename; a rerun skips chunks that have a marker. Reading, decoding and preprocessing run
-on background threads while the calling thread runs the forward pass, and a writer thread stores
-finished chunks, so the prior is never left waiting on I/O.
+on background threads (decoding there, in worker processes or on the GPU: the decode path of
+participant/decode.py) while the calling thread runs the forward pass, and a writer thread stores
+finished chunks, so the prior is never left waiting on I/O. A bounded queue keeps a few batches
+prepared ahead; for a GPU prior they sit in pinned buffers and travel with non-blocking copies.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import multiprocessing
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,16 @@ from coopt_hub.core import faults
 from coopt_hub.core.align import normalize
 from coopt_hub.core.files import write_bytes_atomically
 from coopt_hub.core.progress import Bar, Progress, Silent
-from coopt_hub.errors import BadImageError, PriorError, ShardFileError, id_list
+from coopt_hub.errors import PriorError, ShardFileError, id_list
 from coopt_hub.participant.collective import Collective
-from coopt_hub.priors import Prior, decode_image
+from coopt_hub.participant.decode import (
+    GpuDecoder,
+    decode_batch,
+    decode_in_worker,
+    decode_path,
+    init_worker,
+)
+from coopt_hub.priors import Prior
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +73,7 @@ class LabelingStats:
     images: int = 0  # images encoded by this call
     seconds: float = 0.0
     bad_ids: list[int] = field(default_factory=list)  # over this rank's finished chunks, reused ones included
+    first_batch_s: float | None = None  # from the start of this call to its first encoded batch
 
 
 class ChunkStore:
@@ -148,8 +159,9 @@ class _PixelBuffers:
     stays bounded by the batches in flight.
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, pinned: bool = False):
         self.batch_size = batch_size
+        self.pinned = pinned  # page-locked, for copies to a GPU that do not hold up the host
         self._free: queue.SimpleQueue = queue.SimpleQueue()
 
     def take(self, image: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,7 @@ class _PixelBuffers:
         except queue.Empty:
             buffer = None
         if buffer is None or buffer.shape[1:] != image.shape or buffer.dtype != image.dtype:
-            buffer = torch.empty((self.batch_size, *image.shape), dtype=image.dtype)
+            buffer = torch.empty((self.batch_size, *image.shape), dtype=image.dtype, pin_memory=self.pinned)
         return buffer
 
     def give_back(self, buffer: torch.Tensor) -> None:
@@ -188,24 +200,43 @@ def _serial_torch_ops() -> None:
         pass
 
 
+def prepare_pixels(prior: Prior, cells: Sequence[Any], ids: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray]:
+    """One batch decoded and preprocessed on this thread: (pixels or None, the ids of its rows)."""
+    tensors, kept, _ = decode_batch(prior.preprocess, cells, ids)
+    return (torch.stack(tensors) if tensors else None), np.asarray(kept, dtype=np.int64)
+
+
 def _prepare(
     prior: Prior, buffers: _PixelBuffers, cells: Sequence[Any], ids: np.ndarray
 ) -> tuple[torch.Tensor | None, np.ndarray, list[int], torch.Tensor | None]:
     """Decode and preprocess one batch; undecodable images are reported, not raised."""
-    tensors, kept, bad = [], [], []
-    for cell, sample_id in zip(cells, ids):
-        try:
-            image = decode_image(cell, int(sample_id))
-        except BadImageError:
-            bad.append(int(sample_id))
-            continue
-        tensors.append(prior.preprocess(image))
-        kept.append(int(sample_id))
+    tensors, kept, bad = decode_batch(prior.preprocess, cells, ids)
+    return _stacked(buffers, tensors, kept, bad)
+
+
+def _stacked(
+    buffers: _PixelBuffers, tensors: Sequence[torch.Tensor], kept: list[int], bad: list[int]
+) -> tuple[torch.Tensor | None, np.ndarray, list[int], torch.Tensor | None]:
     kept_ids = np.asarray(kept, dtype=np.int64)
-    if not tensors:
+    if not len(tensors):
         return None, kept_ids, bad, None
     buffer = buffers.take(tensors[0])
-    return torch.stack(tensors, out=buffer[: len(tensors)]), kept_ids, bad, buffer
+    return torch.stack(list(tensors), out=buffer[: len(tensors)]), kept_ids, bad, buffer
+
+
+def _prepare_in_process(
+    processes: ProcessPoolExecutor, buffers: _PixelBuffers, cells: Sequence[Any], ids: np.ndarray
+) -> tuple[torch.Tensor | None, np.ndarray, list[int], torch.Tensor | None]:
+    """Decode in a worker process; this thread waits, then copies the pixels into a (pinned) buffer."""
+    pixels, kept, bad = processes.submit(decode_in_worker, cells, ids).result()
+    return _stacked(buffers, [] if pixels is None else pixels.unbind(), kept, bad)
+
+
+def _prepare_on_gpu(
+    decoder: GpuDecoder, cells: Sequence[Any], ids: np.ndarray
+) -> tuple[torch.Tensor | None, np.ndarray, list[int], None]:
+    pixels, kept, bad = decoder(cells, ids)
+    return pixels, np.asarray(kept, dtype=np.int64), bad, None
 
 
 def _encode(prior: Prior, pixels: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -234,10 +265,12 @@ def label_chunks(
     stop_on_bad_image: bool = False,
     progress: Progress = Silent(),
     description: str = "Encoding",
+    decode: str | None = None,
 ) -> LabelingStats:
     """Encode every chunk that `store` does not hold yet, and store it.
 
-    `workers` threads decode and preprocess batches ahead of the prior. With `stop_on_bad_image`,
+    `workers` threads (or processes) decode and preprocess batches ahead of the prior, by the decode path
+    `decode` (participant/decode.py; default: the prior's). With `stop_on_bad_image`,
     the first chunk that holds an undecodable image is still stored (nothing is lost) and then no
     further chunk is started, so a broken source is reported early. The pixels handed to
     `prior.encode_batch` are reused for a later batch once it has returned. `progress` draws a bar
@@ -253,10 +286,10 @@ def label_chunks(
     # Exits run in reverse: the reader stops before the writer drains, so a failure does not wait on reads.
     with (
         _ChunkWriter(store) as writer,
-        _Prefetcher(prior, todo, batch_size, workers) as batches,
+        _Prefetcher(prior, todo, batch_size, workers, decode) as batches,
         progress.bar(images, description, unit="img") as bar,
     ):
-        _encode_chunks(prior, batches, writer, bar, stats, stop_on_bad_image)
+        _encode_chunks(prior, batches, writer, bar, stats, stop_on_bad_image, started)
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -298,7 +331,8 @@ class _ChunkParts:
 
 
 def _encode_chunks(
-    prior: Prior, batches: _Prefetcher, writer: _ChunkWriter, bar: Bar, stats: LabelingStats, stop_on_bad_image: bool
+    prior: Prior, batches: _Prefetcher, writer: _ChunkWriter, bar: Bar, stats: LabelingStats, stop_on_bad_image: bool,
+    started: float,
 ) -> None:
     """The forward pass, on the calling thread: prepared batches in, finished chunks handed to the writer."""
     parts = _ChunkParts()
@@ -306,7 +340,10 @@ def _encode_chunks(
         pixels, kept, bad, buffer = batch.prepared.result()
         if pixels is not None:
             parts.features.append(_encode(prior, pixels, kept))
-            batches.release(buffer)
+            if stats.first_batch_s is None:
+                stats.first_batch_s = time.perf_counter() - started
+            if buffer is not None:
+                batches.release(buffer)
             faults.reach("encode")
             parts.ids.append(kept)
             stats.images += len(kept)
@@ -324,20 +361,31 @@ def _encode_chunks(
 
 
 class _Prefetcher:
-    """Reads chunks on a thread and prepares their batches on `workers` threads, ahead of the encoder.
+    """Reads chunks on a thread and prepares their batches ahead of the encoder, by the prior's decode
+    path (participant/decode.py): on `workers` threads, in `workers` processes, or on the GPU.
 
     Iterating yields the batches in order; an error while reading is raised there.
     """
 
-    def __init__(self, prior: Prior, chunks: Sequence[Chunk], batch_size: int, workers: int):
+    def __init__(self, prior: Prior, chunks: Sequence[Chunk], batch_size: int, workers: int,
+                 path: str | None = None):
         self.prior, self.chunks, self.batch_size = prior, chunks, batch_size
+        self.path = path or decode_path(prior)
         self.stop = threading.Event()
         # Room for one batch being encoded and one ready per worker: enough to keep the prior fed,
         # few enough that prefetched pixels stay a small multiple of one batch.
         self.queue: queue.Queue = queue.Queue(maxsize=workers + 1)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="coopt-prepare",
                                        initializer=_serial_torch_ops)
-        self.buffers = _PixelBuffers(batch_size)
+        device = getattr(prior, "device", None)
+        self.buffers = _PixelBuffers(batch_size, pinned=device is not None and device.type == "cuda")
+        self.processes = self.gpu = None
+        if self.path == "processes":
+            # spawn: a forked child of a process that holds CUDA or OpenMP threads can hang.
+            self.processes = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker,
+                                                 (prior.preprocessing.to_dict(),))
+        elif self.path == "gpu":
+            self.gpu = GpuDecoder(prior.preprocessing, device)
         self.reader = threading.Thread(target=self._read, name="coopt-read", daemon=True)
 
     def __enter__(self) -> _Prefetcher:
@@ -348,6 +396,8 @@ class _Prefetcher:
         self.stop.set()
         self.reader.join()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.shutdown(wait=True, cancel_futures=True)
 
     def __iter__(self) -> Iterator[_Batch]:
         while True:
@@ -361,6 +411,13 @@ class _Prefetcher:
     def release(self, buffer: torch.Tensor) -> None:
         """The encoder is done with a batch's pixels: a later batch may reuse them."""
         self.buffers.give_back(buffer)
+
+    def _submit(self, cells: Sequence[Any], ids: np.ndarray) -> Future:
+        if self.processes is not None:
+            return self.pool.submit(_prepare_in_process, self.processes, self.buffers, cells, ids)
+        if self.gpu is not None:
+            return self.pool.submit(_prepare_on_gpu, self.gpu, cells, ids)
+        return self.pool.submit(_prepare, self.prior, self.buffers, cells, ids)
 
     def _offer(self, item: object) -> bool:
         while not self.stop.is_set():
@@ -381,8 +438,7 @@ class _Prefetcher:
                     raise ShardFileError(f"Chunk {chunk.name} loaded {len(cells)} images for {len(chunk.ids)} ids.")
                 for start in range(0, len(chunk.ids), self.batch_size):
                     stop_at = start + self.batch_size
-                    future = self.pool.submit(_prepare, self.prior, self.buffers, cells[start:stop_at],
-                                              chunk.ids[start:stop_at])
+                    future = self._submit(cells[start:stop_at], chunk.ids[start:stop_at])
                     if not self._offer(_Batch(chunk, last=stop_at >= len(chunk.ids), prepared=future)):
                         return
             self._offer(_END)

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from coopt_hub.core.files import write_text_atomically
-from coopt_hub.core.layout import ANCHORS_FILE, REPORT_FILE, TARGETS_FILE, remote_paths, shard_branch, shard_prefix
+from coopt_hub.core.layout import (
+    ANCHORS_FILE,
+    REPORT_FILE,
+    TARGETS_FILE,
+    remote_paths,
+    shard_branch,
+    shard_prefix,
+)
 from coopt_hub.core.plan import Plan
+from coopt_hub.participant.decode import decode_path
 from coopt_hub.priors import Prior
 
 LATEST_FILE = "latest"
@@ -23,9 +31,15 @@ def shard_workdir(workdir: Path, repo: str, shard: int) -> Path:
 
 
 def prior_key(prior: Prior) -> str:
-    """What fixes a prior's outputs: its weights (fingerprint), its preprocessing and its precision."""
+    """What fixes a prior's outputs: its weights (fingerprint), its preprocessing, its precision, and
+    whether it is compiled (fused kernels round differently) and decodes on the GPU (resamples differently)."""
     settings = {"fingerprint": prior.fingerprint, "preprocessing": prior.preprocessing.to_dict(),
                 "precision": prior.precision}
+    # Only when set, so that the runs made before these settings existed keep their directories.
+    if prior.compiled:
+        settings["compiled"] = True
+    if decode_path(prior) == "gpu":
+        settings["decode"] = "gpu"
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
