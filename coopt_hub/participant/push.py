@@ -34,8 +34,8 @@ def check_branch_owner(hub: Hub, repo: str, shard: int, fingerprint: str, head: 
         raise ConflictError(
             f"Branch {shard_branch(shard)} of {repo} already holds shard {shard} labeled by {who} with {model} "
             f"(fingerprint {str(remote.get('fingerprint'))[:12]}), not this prior ({fingerprint[:12]}).",
-            hint="Pick a shard nobody has pushed (`coopt-hub status REPO`), or pass --overwrite to replace it "
-            "(the old result stays in the branch history).",
+            hint="Pick a shard nobody has pushed (`coopt-hub status REPO`), pass --create-pr to offer yours as a "
+            "pull request next to it, or --overwrite to replace it (the old result stays in the branch history).",
         )
 
 
