@@ -75,6 +75,17 @@ def test_importing_the_core_loads_no_hub_client_and_no_torch():
     assert loaded == "", f"importing coopt_hub.core loaded {loaded}"
 
 
+def test_the_platform_commands_load_no_torch_until_a_prior_is_loaded():
+    """status, verify's module and merge run on machines without a GPU stack and within a merge's memory
+    budget: torch (~450 MiB resident) comes in only when a prior is loaded (verify, merge --verify)."""
+    modules = ("coopt_hub.platform.merge.run", "coopt_hub.platform.status", "coopt_hub.platform.verify",
+               "coopt_hub.cli.merge", "coopt_hub.cli.status")
+    code = (f"import sys; import {', '.join(modules)}\n"
+            "print(','.join(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"importing the platform's commands loaded {loaded}"
+
+
 def test_import_linter_contracts_hold():
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
     if lint is None:

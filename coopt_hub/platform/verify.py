@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -60,7 +60,10 @@ from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_anchors, read_reference_anchors
 from coopt_hub.platform.init import rows_by_id
 from coopt_hub.platform.status import collaboration_status, download_shard
-from coopt_hub.priors import Preprocessing, Prior, PriorSpec, decode_image, load_prior
+from coopt_hub.priors.spec import Preprocessing, PriorSpec, decode_image
+
+if TYPE_CHECKING:  # loading a prior needs torch; a merge that verifies nothing never imports it
+    from coopt_hub.priors.base import Prior
 
 PASSED, FAILED, UNVERIFIABLE, SKIPPED, MISSING = "pass", "fail", "cannot verify", "skipped", "missing"
 CHECKS = ("files", "prior", "targets", "anchors", "uniformity", "alignment")
@@ -183,6 +186,8 @@ class PriorLoader:
             while len(self._loaded) >= self.keep:  # before loading, so the memory is free for the new one
                 self._loaded.popitem(last=False)
             try:
+                from coopt_hub.priors.registry import load_prior
+
                 self._loaded[local] = load_prior(local, self.device)
             except PriorError as err:
                 self._failed[local] = err
