@@ -13,11 +13,13 @@ from helpers_hub import Collaboration, FakePrior, skipping
 from coopt_hub.core.align import select_alignment
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
+from coopt_hub.core.shardfile import TensorFile
 from coopt_hub.errors import ConflictError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
+from coopt_hub.platform.merge.targets import to_float16, write_at
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -500,3 +502,49 @@ def test_verify_sample_needs_verify():
 def test_next_tag():
     assert next_tag([]) == "v1"
     assert next_tag(["v1", "v9", "v10", "release", "v2a"]) == "v11"
+
+
+# Writing fast without changing a byte -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spread", ["units", "rows"])
+def test_rows_written_at_their_positions_give_the_bytes_of_a_write_per_row(tmp_path, spread):
+    rows, dim = 40_000, 8
+    rng = np.random.default_rng(0)
+    if spread == "units":  # runs of consecutive positions, as a shard of a plan by storage units
+        positions = np.concatenate([np.arange(start, start + 700) for start in range(0, rows - 700, 2100)])
+    else:  # single rows scattered over the whole file, as a plan with granularity "row"
+        positions = np.flatnonzero(rng.random(rows) < 0.3)
+    values = rng.standard_normal((positions.size, dim)).astype(np.float16)
+    before = rng.standard_normal((rows, dim)).astype(np.float16)  # rows other shards wrote already
+    files = {}
+    for name in ("at", "per-row"):
+        path = tmp_path / f"{name}.safetensors"
+        with TensorFile(path, {"t": (np.dtype(np.float16), (rows, dim))}, metadata={}) as file:
+            file.write_rows("t", 0, before)
+            if name == "at":
+                write_at(file, "t", positions, values)
+            else:
+                for position, row in zip(positions, values):
+                    file.write_rows("t", int(position), row[None])
+        files[name] = path.read_bytes()
+    assert files["at"] == files["per-row"]
+    expected = before.copy()
+    expected[positions] = values
+    assert files["at"].endswith(expected.tobytes())
+
+
+def test_targets_narrowed_to_float16_have_the_bits_of_numpys_cast():
+    rng = np.random.default_rng(2)
+    # Unit scale, values below float16's normal range (re-aligned by a map between unrelated priors),
+    # float32 bit patterns across that boundary (ties included), signed zeros, and the extremes.
+    values = np.concatenate([
+        rng.standard_normal(4096).astype(np.float32),
+        (rng.standard_normal(4096) * 1e-6).astype(np.float32),
+        np.arange(0x37000000, 0x38900000, 101, dtype=np.uint32).view(np.float32),
+        -np.arange(0x37000000, 0x38900000, 103, dtype=np.uint32).view(np.float32),
+        np.array([0.0, -0.0, 1e-45, -1e-45, 65504.0, np.inf, np.nan], np.float32),
+    ])
+    assert np.array_equal(to_float16(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
+    unit = values[:4096]
+    assert np.array_equal(to_float16(unit).view(np.uint16), unit.astype(np.float16).view(np.uint16))
