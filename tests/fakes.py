@@ -149,6 +149,10 @@ class Delegate(Prior):
     def encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.inner.encode_batch(pixels)
 
+    def encode_fp32(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The reference the header's precision deviation is measured against: the inner prior's own.
+        return self.inner.encode_fp32(pixels)
+
 
 class Slow(Delegate):
     """The very prior it wraps, slowed down so that a test can kill its job half-way."""
