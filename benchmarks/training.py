@@ -1,6 +1,8 @@
-"""Training throughput of `--objective coopt` against `--objective supervised`, same backbone and batch.
+"""Training throughput of `--objective coopt` against `--objective supervised`, same backbone and batch;
+and the demo's comparison over 3 seeds, with the speedup of CoOpt over BYOL.
 
     python benchmarks/training.py [--arch resnet18] [--image-size 32] [--batch-size 32] [--steps 6] [--rounds 5]
+                                  [--seeds 3 | --skip-comparison]
 
 Synthetic data: random uint8 images and fp16 targets. The targets go through the real path: a
 safetensors file written in a shuffled id order, read with `read_targets_file` and joined on id.
@@ -13,12 +15,22 @@ The ratio line uses CPU-seconds on a CPU and wall time on a GPU. The defaults ar
 cores; on a GPU raise --batch-size and --steps. Also times reading and joining a targets file of
 CIFAR size (--join-rows x --dim).
 
+The comparison runs `coopt-hub demo`'s whole collaboration (embedded hub, three random-init
+priors, merge) in its own process, then trains the student four ways with --seeds seeds, at equal
+epochs and equal wall-clock with the participants' labelling seconds on CoOpt's clock. It prints
+the table (means with 95% intervals), the verdicts, and `coopt speedup over byol: <x>` (CoOpt's
+time to reach BYOL's final probe accuracy; `never reached` when it does not). It takes about
+--seeds times the demo's training phase (minutes per seed on 2 CPU cores).
+
 The last line is `coopt/supervised training throughput ratio: <x>` (the goal is >= 0.9).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +63,35 @@ def synthetic_data(path: Path, rows: int, dim: int, size: int, rng: np.random.Ge
     )
 
 
+# The demo points the Hub clients at its embedded hub before they are imported, which this process
+# (importing coopt_hub.training) has already done: it runs in a child process.
+DEMO = """
+import json, logging
+from coopt_hub.demo.demo import DemoConfig, run_demo
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+print(json.dumps(run_demo(DemoConfig(seeds={seeds})).to_dict()))
+"""
+
+
+def demo_comparison(seeds: int) -> None:
+    """Run the demo with `seeds` seeds and print its comparison, its findings and the speedup line."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", DEMO.format(seeds=seeds)], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the demo failed (exit {done.returncode}); its log is above")
+    report = json.loads(done.stdout)
+    print(f"demo comparison, {seeds} seed(s), {time.perf_counter() - started:.0f} s:")
+    for row in report["comparison"]:
+        interval = "no interval" if row["interval"] is None else f"± {row['interval']:.3f}"
+        print(f"  {row['objective']:<10} {row['budget']:<6} {row['epochs']:5.2f} epochs {row['seconds']:7.1f} s  "
+              f"probe accuracy {row['accuracy']:.3f} {interval}")
+    for line in report["findings"]:
+        print(f"  {line}")
+    print(f"results: {report['results'].get('markdown')}")
+    speedup = report["speedup"]
+    print(f"coopt speedup over byol: {'never reached' if speedup is None else f'{speedup:.2f}'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet18")
@@ -62,7 +103,11 @@ def main() -> None:
     parser.add_argument("--join-rows", type=int, default=50_000, help="rows of the read+join timing")
     parser.add_argument("--threads", type=int, default=1, help="CPU only: torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the demo comparison")
+    parser.add_argument("--skip-comparison", action="store_true", help="measure throughput only")
     args = parser.parse_args()
+    if not args.skip_comparison:
+        demo_comparison(args.seeds)
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(args.threads)

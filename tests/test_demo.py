@@ -57,3 +57,12 @@ def test_demo_compares_every_objective(report):
 
 def test_demo_explains_its_result(report):
     assert report["explanation"]
+
+
+def test_demo_claims_no_winner_from_one_seed(report):
+    findings = report["findings"]
+    assert findings, "the comparison's findings are in the report"
+    assert not any(" beats " in line for line in findings), findings
+    assert any("no winner" in line and "no interval" in line for line in findings), findings
+    assert any(line.startswith("coopt speedup over byol:") for line in findings), findings
+    assert report["results"]["plot"].endswith(".png")

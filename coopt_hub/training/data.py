@@ -8,6 +8,11 @@ Targets are read from `targets/train.safetensors` (ids, aligned, raw) and joined
 by row position and never from the parquet `target` list column, which is two orders of
 magnitude slower to materialise. The manifest and the targets file come through the Hub client
 (coopt_hub.hub.client); the parquet splits are read by `datasets`, one split's columns at a time.
+
+Which rows: the students train on the plan's split, which the manifest names (a source may have
+other splits, even one called `train`, whose rows have no targets); the linear probe is scored on
+an evaluation split that is never the training split (`choose_eval_split`), and never on a slice
+of it. Everything is read at the one commit the revision named when loading started.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from safetensors import safe_open
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_PATH
 from coopt_hub.core.manifest import SourcePin
 from coopt_hub.core.progress import Progress, Silent
-from coopt_hub.errors import CoOptError
-from coopt_hub.hub.client import Hub
+from coopt_hub.errors import ConfigError, CoOptError
+from coopt_hub.hub.client import REPO_TYPE, Hub
 
 TARGET_KINDS = ("aligned", "raw")
 
@@ -122,6 +127,17 @@ class LabeledImages:
     labels: torch.Tensor  # int64 [N]
 
 
+@dataclass(frozen=True)
+class DatasetOrigin:
+    """Where training data came from: a merged repo read at one commit, and the splits used."""
+
+    repo: str
+    revision: str  # as asked, e.g. v1
+    commit: str  # what it named when read
+    train_split: str  # the plan's split
+    eval_split: str | None  # the probe's; never the training split
+
+
 @dataclass
 class TrainingData:
     """Everything a training run reads, row-aligned: images[i], targets[k][i], labels[i] share ids[i]."""
@@ -130,8 +146,9 @@ class TrainingData:
     images: torch.Tensor  # uint8 [N, 3, S, S]
     targets: dict[str, torch.Tensor]  # "aligned" / "raw" -> float16 [N, dim]
     labels: torch.Tensor | None  # int64 [N]; None when the source has no label column
-    test: LabeledImages | None  # the linear probe's test split
+    test: LabeledImages | None  # the linear probe's evaluation split (never the training split)
     num_classes: int | None
+    origin: DatasetOrigin | None = None  # None: built in memory
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -202,15 +219,17 @@ def prepare_training_data(
     image_source=None,
     image_size: int = 32,
     progress: Progress | None = None,
+    origin: DatasetOrigin | None = None,
 ) -> TrainingData:
     """Build TrainingData from `datasets.Dataset` objects (in memory or loaded from the Hub).
 
     train: rows with an `id` column (and images in `image_column` unless `image_source` is given).
     targets: the targets file's table; joined to `train` on `id`.
-    test: the labeled split for the linear probe, or None.
+    test: the labeled split the linear probe is scored on (never `train`), or None.
     image_source: with `--images reference` merges, the source split at its pinned revision;
         the image of sample `id` is its row `id`.
     progress: bars over the images decoded.
+    origin: where the splits came from, recorded with the data.
     """
     if "id" not in train.column_names:
         raise TrainingDataError(
@@ -243,7 +262,8 @@ def prepare_training_data(
     if joined.raw is not None:
         tensors["raw"] = torch.from_numpy(np.ascontiguousarray(joined.raw))
     return TrainingData(
-        ids=torch.from_numpy(ids), images=images, targets=tensors, labels=labels, test=test_set, num_classes=num_classes
+        ids=torch.from_numpy(ids), images=images, targets=tensors, labels=labels, test=test_set,
+        num_classes=num_classes, origin=origin,
     )
 
 
@@ -263,14 +283,19 @@ def _load_split(files: list[str], columns: list[str] | None, token: str | None):
     return load_dataset("parquet", data_files={"split": files}, split="split", columns=columns, token=token)
 
 
+EVAL_SPLIT_DEFAULTS = ("test", "validation", "valid")
+
+
 @dataclass(frozen=True)
 class _MergedVersion:
-    """What training reads of a merged version on the Hub: its manifest's source pin and modes, and
-    the targets file (downloaded)."""
+    """What training reads of a merged version on the Hub: its commit, its manifest's source pin,
+    modes and split names, and the targets file (downloaded)."""
 
-    source: SourcePin
+    commit: str
+    source: SourcePin  # source.split is the plan's split: the only one with targets
     reference: bool  # images: reference (read from the source at its pinned revision), else copied
     label_column: str | None
+    splits: tuple[str, ...] | None  # the splits the manifest records; None in hand-written manifests
     targets_file: Path
 
 
@@ -279,6 +304,7 @@ class _Splits:
     train: Any
     test: Any | None
     image_source: Any | None  # with reference merges: the source split the images come from
+    eval_split: str | None
 
 
 def load_training_data(
@@ -286,21 +312,32 @@ def load_training_data(
     revision: str | None = None,
     *,
     image_size: int = 32,
-    test_split: str = "test",
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    need_eval: bool = True,
     token: str | None = None,
     progress: Progress | None = None,
 ) -> TrainingData:
     """Load a merged CoOpt dataset from the Hub (HF_ENDPOINT / HF_TOKEN) for training.
 
-    Reads `coopt/manifest.json`, the train split's id/label (and image) columns, the targets file,
-    and the test split; for `images: reference` merges the images (and the test split) come from
-    the source dataset at its pinned revision, joined on id (= row index in the source split).
-    With `images: copy` the merged splits keep the source's image column name. `progress` gets bars
-    over the images decoded.
+    Everything is read at one commit (the one `revision` names when called): `coopt/manifest.json`,
+    the targets file, the id/label (and image) columns of the plan's split, and the probe's
+    evaluation split; for `images: reference` merges the images (and the evaluation split) come
+    from the source dataset at its pinned revision, joined on id (= row index in the source split).
+
+    train_split: the split to train on; only the plan's split (recorded in the manifest) has
+        targets, so any other is refused. Default: the plan's split.
+    eval_split: the labeled split the linear probe is scored on; never the training split.
+        Default: the first of test, validation, valid that exists. When there is none and the
+        dataset has labels, a TrainingDataError names the splits to choose from (`need_eval=False`,
+        for runs without probe evaluations, accepts that there is none).
+    progress: bars over the images decoded.
     """
     revision = revision or "main"
-    merged = _read_merged_version(Hub(token=token), repo, revision)
-    splits = _load_splits(repo, revision, merged, test_split, token)
+    hub = Hub(token=token)
+    merged = _read_merged_version(hub, repo, revision)
+    split = _training_split(repo, revision, merged, train_split)
+    splits = _load_splits(repo, merged, split, eval_split, need_eval, token)
     return prepare_training_data(
         splits.train,
         read_targets_file(merged.targets_file),
@@ -310,14 +347,17 @@ def load_training_data(
         image_source=splits.image_source,
         image_size=image_size,
         progress=progress,
+        origin=DatasetOrigin(repo, revision, merged.commit, split, splits.eval_split),
     )
 
 
 def _read_merged_version(hub: Hub, repo: str, revision: str) -> _MergedVersion:
-    """The manifest and targets file of the merged version at `revision`."""
+    """The manifest and targets file of the merged version at `revision`, pinned to its commit."""
+    commit = hub.with_retries(f"read {repo}@{revision}",
+                              lambda: hub.api.repo_info(repo, revision=revision, repo_type=REPO_TYPE)).sha
     try:
-        manifest_file = hub.download(repo, MANIFEST_PATH, revision)
-        targets_file = hub.download(repo, TARGETS_PATH, revision)
+        manifest_file = hub.download(repo, MANIFEST_PATH, commit)
+        targets_file = hub.download(repo, TARGETS_PATH, commit)
     except RemoteEntryNotFoundError as err:
         raise TrainingDataError(
             f"{repo}@{revision} is not a merged CoOpt dataset: {err.__class__.__name__}",
@@ -332,28 +372,87 @@ def _read_merged_version(hub: Hub, repo: str, revision: str) -> _MergedVersion:
             f"{repo}@{revision}: {MANIFEST_PATH} has no valid source pin ({type(err).__name__}: {err})",
             hint="Train on a revision written by `coopt-hub merge` (e.g. --revision v1).",
         ) from err
+    recorded = manifest.get("splits")
     return _MergedVersion(
+        commit=commit,
         source=source,
         reference=manifest.get("images") == "reference",
         label_column=manifest.get("label_column"),
+        splits=tuple(recorded) if isinstance(recorded, dict) else None,
         targets_file=targets_file,
     )
 
 
-def _load_splits(repo: str, revision: str, merged: _MergedVersion, test_split: str, token: str | None) -> _Splits:
-    """The merged train split's columns, the probe's test split, and the source images of a reference merge."""
+def _training_split(repo: str, revision: str, merged: _MergedVersion, asked: str | None) -> str:
+    """The plan's split, which the manifest names; any other split asked for is refused, because its
+    rows have no targets (labels and targets would come from different rows)."""
+    planned = merged.source.split
+    if asked is not None and asked != planned:
+        raise ConfigError(
+            f"{repo}@{revision} was planned on split {planned!r}: only its rows have targets, not {asked!r}'s",
+            hint=f"Pass --train-split {planned} (or leave it out).",
+        )
+    if merged.splits is not None and planned not in merged.splits:
+        raise TrainingDataError(
+            f"{MANIFEST_PATH} of {repo}@{revision} names the plan's split {planned!r} but records only "
+            f"{list(merged.splits)}",
+            hint="The manifest was edited by hand or damaged; train on a vN tag written by `coopt-hub merge`.",
+        )
+    return planned
+
+
+def choose_eval_split(available: Iterable[str], train_split: str, asked: str | None) -> str | None:
+    """The probe's evaluation split among `available`: `asked`, else the first of test, validation,
+    valid; never `train_split`. None when there is no default candidate; a ConfigError for a bad ask."""
+    choices = sorted(name for name in available if name != train_split)
+    if asked is not None:
+        if asked == train_split:
+            raise ConfigError(
+                f"the evaluation split {asked!r} is the training split: the probe would score rows the student "
+                "trained on",
+                hint=f"Pass another --eval-split: {', '.join(choices) or 'this dataset has no other split'}.",
+            )
+        if asked not in choices:
+            raise ConfigError(
+                f"no split {asked!r} to evaluate on; the splits other than the training split are {choices}",
+                hint=f"Pass --eval-split with one of: {', '.join(choices) or '(none)'}.",
+            )
+        return asked
+    return next((name for name in EVAL_SPLIT_DEFAULTS if name in choices), None)
+
+
+def _load_splits(
+    repo: str, merged: _MergedVersion, split: str, eval_split: str | None, need_eval: bool, token: str | None
+) -> _Splits:
+    """The merged training split's columns, the probe's evaluation split, and the source images of a
+    reference merge."""
     image_column, label_column = merged.source.image_column, merged.label_column
-    merged_splits = _split_files(repo, revision, token)
-    if "train" not in merged_splits:
-        raise TrainingDataError(f"{repo}@{revision} has no train split", hint="Rerun `coopt-hub merge`.")
+    merged_splits = _split_files(repo, merged.commit, token)
+    if split not in merged_splits:
+        raise TrainingDataError(
+            f"{repo}@{merged.commit[:12]} has no split {split!r} (the plan's split); it has {sorted(merged_splits)}",
+            hint="Rerun `coopt-hub merge`.",
+        )
     columns = ["id"] + ([] if merged.reference else [image_column]) + ([label_column] if label_column else [])
-    train = _load_split(merged_splits["train"], columns, token)
+    train = _load_split(merged_splits[split], columns, token)
     image_source = None
-    labeled_splits = merged_splits  # where the probe's test split is: with the images
+    labeled_splits = merged_splits  # where the probe's evaluation split is: with the images
     if merged.reference:
         labeled_splits = _split_files(merged.source.repo, merged.source.revision, token)
         image_source = _load_split(labeled_splits[merged.source.split], [image_column], token)
-    test = None
-    if label_column and test_split in labeled_splits:
-        test = _load_split(labeled_splits[test_split], [image_column, label_column], token)
-    return _Splits(train, test, image_source)
+    if not label_column:
+        if eval_split is not None:
+            raise ConfigError("--eval-split needs labels, and this dataset has no label column",
+                              hint="Leave --eval-split out: without labels there is no probe.")
+        return _Splits(train, None, image_source, None)
+    chosen = choose_eval_split(labeled_splits, split, eval_split)
+    if chosen is None and need_eval:
+        others = sorted(name for name in labeled_splits if name != split)
+        raise TrainingDataError(
+            f"no split to evaluate the probe on: none of {', '.join(EVAL_SPLIT_DEFAULTS)} among the splits other "
+            f"than the training split {split!r}: {others}",
+            hint=(f"Pass --eval-split with one of: {', '.join(others)}." if others else
+                  "Publish a labeled test split with the source, or pass --eval-points 0 to train without a probe."),
+        )
+    test = None if chosen is None else _load_split(labeled_splits[chosen], [image_column, label_column], token)
+    return _Splits(train, test, image_source, chosen)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from coopt_hub.errors import ConfigError
+from coopt_hub.priors.timm import pretrained_overlay
 
 # At or below this input size the ImageNet stem (stride 4 before the first stage) leaves too few
 # pixels: a resnet18 at 32 px would end in a 1x1 map. The CIFAR convention shrinks the stem.
@@ -24,7 +25,7 @@ class BackboneConfig:
     # max-pool; other CNNs get stride 1 in their first strided conv; fixed-size models (ViTs) get
     # img_size=image_size and, unless kwargs set it, patches of image_size // 8 (an 8x8 token grid).
     small_stem: bool | None = None
-    pretrained: bool = False
+    pretrained: bool = False  # timm's published weights for `arch` (ARCH or ARCH.TAG), from the weights endpoint
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
     @property
@@ -68,6 +69,10 @@ def build_backbone(config: BackboneConfig) -> tuple[nn.Module, int]:
         kwargs.setdefault("img_size", config.image_size)
         if config.uses_small_stem:
             kwargs.setdefault("patch_size", max(config.image_size // 8, 1))
+    if config.pretrained:
+        # From the weights endpoint (huggingface.co, or --weights-endpoint), never from HF_ENDPOINT:
+        # that is the hub of the dataset, which holds no model repos. A failure names the URL.
+        kwargs.setdefault("pretrained_cfg_overlay", pretrained_overlay(config.arch))
     try:
         model = timm.create_model(config.arch, pretrained=config.pretrained, num_classes=0, **kwargs)
     except TypeError as err:

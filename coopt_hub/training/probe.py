@@ -28,26 +28,25 @@ class ProbeConfig:
     batch_size: int = 256
     weight_decay: float = 0.0
     feature_batch_size: int = 512
-    # Without a test split, this fraction of the labeled train rows (a seeded draw) is held out.
-    holdout: float = 0.2
 
 
-def probe_splits(data: TrainingData, config: ProbeConfig, seed: int) -> tuple[LabeledImages, LabeledImages]:
-    """(probe train, probe test): the train split and the test split, or a held-out part of train."""
+def probe_splits(data: TrainingData) -> tuple[LabeledImages, LabeledImages]:
+    """(probe train, probe test): the training split and the evaluation split.
+
+    Never a slice of the training split: the student saw those rows (the supervised one their
+    labels), so a probe scored there would overstate what it learned.
+    """
     if data.labels is None:
         raise ConfigError(
             "the linear probe needs labels and this dataset has none",
             hint="Evaluate on a dataset with a label column, or train without evaluation points.",
         )
-    if data.test is not None:
-        return LabeledImages(data.images, data.labels), data.test
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    cut = int(round(len(data) * (1 - config.holdout)))
-    train, test = order[:cut], order[cut:]
-    return (
-        LabeledImages(data.images[train], data.labels[train]),
-        LabeledImages(data.images[test], data.labels[test]),
-    )
+    if data.test is None:
+        raise ConfigError(
+            "the linear probe needs an evaluation split, and this data has none",
+            hint="Load the data with an evaluation split (--eval-split NAME), or pass --eval-points 0.",
+        )
+    return LabeledImages(data.images, data.labels), data.test
 
 
 @torch.no_grad()
@@ -117,7 +116,7 @@ def evaluate_probe(
     progress: Progress | None = None,
 ) -> float:
     """Linear-probe test accuracy of the frozen `backbone` on `data` (`progress`: a bar over the probe's epochs)."""
-    probe_train, probe_test = probe_splits(data, config, seed)
+    probe_train, probe_test = probe_splits(data)
     extract = dict(batch_size=config.feature_batch_size, device=device, augment=augment)
     train_x = extract_features(backbone, probe_train.images, **extract)
     test_x = extract_features(backbone, probe_test.images, **extract)

@@ -1,6 +1,7 @@
 """The training loop shared by every objective: AdamW, two views per sample, probe evaluations.
 
-Run length is a number of epochs, a wall-clock budget in seconds, or both (whichever ends first).
+Run length is a number of epochs, a wall-clock budget in seconds, a number of steps, or several of
+them (whichever ends first).
 "seconds" everywhere means training time: probe evaluations and checkpoint writes are excluded,
 so time-to-accuracy and samples/s measure the objective, not the bookkeeping.
 
@@ -29,11 +30,12 @@ from torch import nn
 
 from coopt_hub.core.progress import Bar, LogProgress, Progress, Silent, terminal_bar
 from coopt_hub.errors import ConfigError
-from coopt_hub.training.augment import AugmentConfig, two_views
+from coopt_hub.training.augment import ViewPair, normalize, two_views
 from coopt_hub.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from coopt_hub.training.data import TARGET_KINDS, TrainingData
+from coopt_hub.training.export import StudentFacts, check_exportable, save_student
 from coopt_hub.training.models import BackboneConfig, build_backbone
-from coopt_hub.training.objectives import OBJECTIVES, ByolConfig, Objective, build_objective
+from coopt_hub.training.objectives import OBJECTIVES, ByolConfig, Objective, build_objective, views_for
 from coopt_hub.training.probe import ProbeConfig, evaluate_probe
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -46,6 +48,7 @@ class TrainConfig:
     targets: str = "aligned"  # which targets the coopt objective trains on: aligned | raw
     epochs: int | None = None
     time_budget: float | None = None  # seconds of training
+    max_steps: int | None = None
     batch_size: int = 128  # per process
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -56,11 +59,13 @@ class TrainConfig:
     checkpoint_every: int | None = None  # in steps; None: at the end of every epoch
     keep_checkpoints: int = 2
     resume: bool = False
+    student_dir: str | None = None  # the trained backbone goes here in timm's Hub format (training/export.py)
+    student_name: str | None = None  # the ORG/NAME it will be pushed to, named in its model card
     log_every: int = 50  # steps between progress log lines
     small_stem: bool | None = None  # see BackboneConfig
     pretrained: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    views: ViewPair | None = None  # None: the objective's own (objectives.views_for)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     byol: ByolConfig = field(default_factory=ByolConfig)
 
@@ -71,19 +76,26 @@ class TrainConfig:
             raise ConfigError(f"unknown targets {self.targets!r}", hint=f"Choose one of {', '.join(TARGET_KINDS)}.")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}", hint=f"Choose one of {', '.join(PRECISIONS)}.")
-        if self.epochs is None and self.time_budget is None:
+        if self.epochs is None and self.time_budget is None and self.max_steps is None:
             raise ConfigError("no run length given", hint="Pass --epochs E or --time-budget SECONDS (or both).")
-        if (self.epochs is not None and self.epochs <= 0) or (self.time_budget is not None and self.time_budget <= 0):
-            raise ConfigError("--epochs and --time-budget must be positive", hint="Pass a positive number.")
+        if any(length is not None and length <= 0 for length in (self.epochs, self.time_budget, self.max_steps)):
+            raise ConfigError("--epochs, --time-budget and --max-steps must be positive", hint="Pass a positive number.")
         if self.resume and not self.output_dir:
             raise ConfigError("--resume needs the --output directory of the run to continue", hint="Pass --output DIR.")
+
+    @property
+    def resolved_views(self) -> ViewPair:
+        return self.views or views_for(self.objective)
+
+    def backbone(self, image_size: int) -> BackboneConfig:
+        return BackboneConfig(self.arch, image_size, self.small_stem, self.pretrained, self.model_kwargs)
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a checkpoint must share with the run that resumes it (not the run length)."""
         fixed = ("arch", "objective", "targets", "batch_size", "lr", "weight_decay", "seed", "small_stem",
                  "pretrained", "model_kwargs")
         return {name: getattr(self, name) for name in fixed} | {
-            "augment": dataclasses.asdict(self.augment),
+            "views": dataclasses.asdict(self.resolved_views),
             "byol": dataclasses.asdict(self.byol),
         }
 
@@ -102,6 +114,9 @@ class TrainResult:
     objective: str
     targets: str | None  # aligned/raw for coopt, None for the others
     arch: str
+    seed: int
+    views: dict[str, Any]  # the augmentations trained with (augment.ViewPair as a dict)
+    byol: dict[str, Any] | None  # the BYOL heads and momentum; None for the other objectives
     steps: int
     epochs: float
     seconds: float
@@ -110,7 +125,8 @@ class TrainResult:
     accuracy: float | None  # the last probe evaluation
     evals: list[EvalPoint]
     epoch_losses: list[float]  # mean training loss of each (complete or final partial) epoch
-    checkpoint: str | None
+    checkpoint: str | None  # the last resume checkpoint's directory
+    student: str | None = None  # the exported student's directory (timm format)
 
     def time_to_accuracy(self, threshold: float) -> float | None:
         """Training seconds at the first evaluation reaching `threshold`, or None."""
@@ -175,11 +191,13 @@ def train(
     """
     accelerator = accelerator or make_accelerator(config.precision)
     say = (progress or LogOnly()) if accelerator.is_main_process else Silent()
-    run, state = _setup(config, data, accelerator, say)
-    loop = _Loop.start(state, run)
-    _train_steps(run, loop, say)
-    _finish(run, loop, say)
-    accelerator.free_memory()
+    try:
+        run, state = _setup(config, data, accelerator, say)
+        loop = _Loop.start(state, run)
+        _train_steps(run, loop, say)
+        _finish(run, loop, say)
+    finally:
+        accelerator.free_memory()  # the next run on this accelerator must not checkpoint this one's model
     return _result(run, loop)
 
 
@@ -247,10 +265,12 @@ def _setup(config: TrainConfig, data: TrainingData, accelerator, say: Progress) 
     when resuming, then hand both to the accelerator and move the data to its device."""
     coopt_targets = _coopt_targets(config, data)
     schedule = _schedule(config, data, accelerator.num_processes)
+    if config.student_dir:  # before hours of training, not after
+        check_exportable(config.backbone(data.image_size), config.resolved_views.first)
     device = accelerator.device
     objective, optimizer = _build(config, data, coopt_targets, device)
-    state = _restore(config, objective, optimizer, say)
     model, optimizer = accelerator.prepare(objective, optimizer)
+    state = _restore(config, accelerator, say)
     run = _Run(
         config=config, data=data, accelerator=accelerator, schedule=schedule, model=model,
         objective=accelerator.unwrap_model(model), optimizer=optimizer,
@@ -280,12 +300,22 @@ def _schedule(config: TrainConfig, data: TrainingData, world: int) -> Schedule:
             f"{len(data)} training rows cannot fill one batch of {config.batch_size} x {world} process(es)",
             hint="Lower --batch-size.",
         )
+    can_probe = config.eval_points > 0 and data.labels is not None and data.num_classes is not None
+    if can_probe and data.test is None:
+        raise ConfigError(
+            "probe evaluations need an evaluation split, and this data has none (the training split is never "
+            "scored: the student trained on it)",
+            hint="Load the data with an evaluation split (--eval-split NAME), or pass --eval-points 0.",
+        )
+    lengths = [config.epochs * steps_per_epoch] if config.epochs is not None else []
+    if config.max_steps is not None:
+        lengths.append(config.max_steps)
     return Schedule(
         global_batch=global_batch,
         steps_per_epoch=steps_per_epoch,
-        total_steps=config.epochs * steps_per_epoch if config.epochs is not None else None,
+        total_steps=min(lengths) if lengths else None,
         checkpoint_every=config.checkpoint_every or steps_per_epoch,
-        can_probe=config.eval_points > 0 and data.labels is not None and data.num_classes is not None,
+        can_probe=can_probe,
     )
 
 
@@ -293,9 +323,7 @@ def _build(
     config: TrainConfig, data: TrainingData, coopt_targets: torch.Tensor | None, device: torch.device
 ) -> tuple[Objective, torch.optim.Optimizer]:
     torch.manual_seed(config.seed)
-    backbone, width = build_backbone(
-        BackboneConfig(config.arch, data.image_size, config.small_stem, config.pretrained, config.model_kwargs)
-    )
+    backbone, width = build_backbone(config.backbone(data.image_size))
     objective = build_objective(
         config.objective, backbone, width, targets=coopt_targets, num_classes=data.num_classes, byol=config.byol
     ).to(device)
@@ -310,10 +338,8 @@ def _build(
     return objective, optimizer
 
 
-def _restore(
-    config: TrainConfig, objective: Objective, optimizer: torch.optim.Optimizer, say: Progress
-) -> LoopState:
-    """The loop state of the last checkpoint (model and optimizer restored in place), or a fresh one."""
+def _restore(config: TrainConfig, accelerator, say: Progress) -> LoopState:
+    """The loop state of the last checkpoint (the prepared model, optimizer and RNGs restored), or a fresh one."""
     if not config.resume:
         return LoopState()
     output = Path(config.output_dir)
@@ -321,7 +347,7 @@ def _restore(
     if not found:
         say.info(f"no checkpoint in {output} yet; starting at step 0")
         return LoopState()
-    state = LoopState.from_checkpoint(load_checkpoint(found[-1], objective, optimizer, config.run_identity()))
+    state = LoopState.from_checkpoint(load_checkpoint(accelerator, found[-1], config.run_identity()))
     say.info(f"resumed from {found[-1]} at step {state.step}")
     return state
 
@@ -340,6 +366,7 @@ class _Loop:
     order: torch.Tensor | None = None  # the sample order of epoch `order_epoch`
     order_epoch: int = -1
     checkpoint: Path | None = None
+    student: Path | None = None
 
     @classmethod
     def start(cls, state: LoopState, run: _Run) -> _Loop:
@@ -441,7 +468,8 @@ def _train_step(run: _Run, loop: _Loop) -> torch.Tensor:
     start = within * schedule.global_batch + rank * config.batch_size
     rows = loop.order[start : start + config.batch_size]
     generator = torch.Generator().manual_seed(_key(config.seed, loop.step, rank))
-    views = two_views(run.images[rows], generator, config.augment)
+    pair = config.resolved_views
+    views = two_views(run.images[rows], generator, pair.first, pair.second)
     if run.device.type == "cuda":
         views = views.contiguous(memory_format=torch.channels_last)
     targets = run.targets[rows] if run.targets is not None else None
@@ -503,8 +531,8 @@ def _evaluate(run: _Run, loop: _Loop, say: Progress) -> EvalPoint:
     if run.accelerator.is_main_process:
         with run.accelerator.autocast():
             accuracy = evaluate_probe(
-                run.objective.backbone, run.data, device=run.device, config=config.probe, augment=config.augment,
-                seed=config.seed, progress=say,
+                run.objective.backbone, run.data, device=run.device, config=config.probe,
+                augment=config.resolved_views.first, seed=config.seed, progress=say,
             )
         point = EvalPoint(loop.step, loop.step / schedule.steps_per_epoch, loop.clock.total,
                           loop.step * schedule.global_batch, accuracy)
@@ -514,15 +542,11 @@ def _evaluate(run: _Run, loop: _Loop, say: Progress) -> EvalPoint:
     return broadcast_object_list([point], from_process=0)[0]
 
 
-def _save(run: _Run, loop: _Loop) -> Path | None:
-    """Write a checkpoint from the main process (its path there, None on the others)."""
-    path = None
-    if run.accelerator.is_main_process:
-        config = run.config
-        path = save_checkpoint(run.output, loop.step, run.objective, run.optimizer, dataclasses.asdict(loop.state()),
-                               config.run_identity(), config.keep_checkpoints)
-    run.accelerator.wait_for_everyone()
-    return path
+def _save(run: _Run, loop: _Loop) -> Path:
+    """Write a checkpoint; every process takes part (each saves its RNG state, FSDP its shards)."""
+    config = run.config
+    return save_checkpoint(run.accelerator, run.output, loop.step, dataclasses.asdict(loop.state()),
+                           config.run_identity(), config.keep_checkpoints)
 
 
 def _finish(run: _Run, loop: _Loop, say: Progress) -> None:
@@ -533,6 +557,22 @@ def _finish(run: _Run, loop: _Loop, say: Progress) -> None:
         loop.checkpoint = _save(run, loop)  # keeps a partial epoch's running loss, so a resume completes it
     if loop.loss_count:
         loop.close_epoch()
+    if run.config.student_dir and run.accelerator.is_main_process:
+        loop.student = _export(run, loop)
+    run.accelerator.wait_for_everyone()
+
+
+def _export(run: _Run, loop: _Loop) -> Path:
+    """The trained backbone in timm's format, checked to load back with the features it has here."""
+    config, views = run.config, run.config.resolved_views
+    facts = StudentFacts(
+        arch=config.arch, objective=config.objective, targets=config.targets if config.objective == "coopt" else None,
+        seeds=(config.seed,), epochs=loop.step / run.schedule.steps_per_epoch, image_size=run.data.image_size,
+        views=views.name, accuracy=loop.evals[-1].accuracy if loop.evals else None, origin=run.data.origin,
+        hub_name=config.student_name,
+    )
+    sample = normalize(run.data.images[:8], views.first)
+    return save_student(run.objective.backbone, Path(config.student_dir), facts, views.first, sample)
 
 
 def _result(run: _Run, loop: _Loop) -> TrainResult:
@@ -543,6 +583,9 @@ def _result(run: _Run, loop: _Loop) -> TrainResult:
         objective=config.objective,
         targets=config.targets if config.objective == "coopt" else None,
         arch=config.arch,
+        seed=config.seed,
+        views=dataclasses.asdict(config.resolved_views),
+        byol=dataclasses.asdict(config.byol) if config.objective == "byol" else None,
         steps=loop.step,
         epochs=loop.step / schedule.steps_per_epoch,
         seconds=seconds,
@@ -552,4 +595,5 @@ def _result(run: _Run, loop: _Loop) -> TrainResult:
         evals=loop.evals,
         epoch_losses=loop.epoch_losses,
         checkpoint=str(loop.checkpoint) if loop.checkpoint else None,
+        student=str(loop.student) if loop.student else None,
     )
