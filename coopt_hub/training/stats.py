@@ -74,7 +74,7 @@ def verdict(budget: str, first: str, a: Interval, second: str, b: Interval) -> V
         winner, loser = (first, second) if a.mean > b.mean else (second, first)
         return Verdict(budget, first, second, winner, f"{winner} beats {loser} {where}: {figures} (95% intervals)")
     if a.half_width is None or b.half_width is None:
-        reason = "one seed per objective gives no interval (3 seeds or more do)"
+        reason = "one seed per objective gives no interval (run --seeds 2 or more; 3+ give useful ones)"
     else:
         reason = "the 95% intervals overlap"
     return Verdict(budget, first, second, None, f"no winner {where} between {first} and {second}: {reason} ({figures})")
