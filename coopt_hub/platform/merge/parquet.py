@@ -4,6 +4,7 @@ split, row group by row group.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,17 @@ def merged_features(source_features, image_column: str, dim: int, images: str):
     return datasets.Features(columns)
 
 
+def _release_freed_heap() -> None:
+    """Return the C heap's free pages to the system. glibc keeps memory freed in the middle of its
+    heaps (numpy's temporaries of the targets' merge, of the last row group) resident until it is
+    trimmed, and that would count on top of the row group being written."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim this way
+        return
+    libc.malloc_trim(0)
+
+
 class _SplitWriter:
     """Parquet files of one split, closed at about FILE_BYTES; named `-of-N` once N is known."""
 
@@ -131,6 +143,10 @@ class _SplitWriter:
             self.files.append(self.workdir / f"{self.split}-{len(self.files)}.parquet")
             self._writer = pq.ParquetWriter(self.files[-1], self.schema)
         self._writer.write_table(table, row_group_size=table.num_rows)
+        # The encoder's buffers (levels, pages: about the row group's size again) go back to the
+        # system now, not whenever the allocator decides, which would be after the next row group is built.
+        pa.default_memory_pool().release_unused()
+        _release_freed_heap()
         self.num_rows += table.num_rows
         self.num_bytes += table.nbytes
         self._bytes += table.nbytes
@@ -154,6 +170,7 @@ def write_splits(
 ) -> tuple[list[tuple[Path, str]], dict[str, SplitRecord]]:
     """The merged split with its `targets`, and every other split of the source with empty targets."""
     merged_split = targets.plan.split
+    _release_freed_heap()
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
     for split in [merged_split, *sorted(s for s in source.layout.splits if s != merged_split)]:
@@ -177,6 +194,7 @@ def _write_split(
     with progress.bar(source_rows, f"Writing split {split}", unit="rows") as bar:
         for table in _split_tables(source, files, join, token, bar):
             writer.write(table)
+            del table  # a row group's targets (~64 MiB) are freed before the next row group is read
     if join is not None and writer.num_rows != join.ids.num_rows:
         raise SourceError(
             f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {writer.num_rows} merged rows, "
@@ -190,25 +208,34 @@ def _split_tables(
     source: MergeSource, files: tuple[str, ...], join: MergedTargets | None, token: str | None, bar: Bar
 ) -> Iterator[pa.Table]:
     """Row groups of one split in id order: the source's rows joined with their targets (`join`),
-    or with empty targets; `bar` counts the source rows read."""
-    layout, schema, source_columns = source.layout, source.features.arrow_schema, source.source_columns
-    target_type = schema.field("target").type
-    target_bytes = 4 * target_type.list_size if join is not None else 0
-    for first, batch in iter_source_batches(layout.repo, layout.revision, files, source_columns, token):
+    or with empty targets; `bar` counts the source rows read. No row group outlives its yield here:
+    each is built in `_joined` and handed on without a name that would keep it while the next is built."""
+    layout = source.layout
+    target_bytes = 4 * source.features.arrow_schema.field("target").type.list_size if join is not None else 0
+    for first, batch in iter_source_batches(layout.repo, layout.revision, files, source.source_columns, token):
         row_bytes = batch.nbytes / max(batch.num_rows, 1) + target_bytes
         chunk = max(1, int(ROW_GROUP_BYTES // max(row_bytes, 1)))
         for offset in range(0, batch.num_rows, chunk):
-            part = batch.slice(offset, chunk)
-            sample_ids = np.arange(first + offset, first + offset + part.num_rows, dtype=np.int64)
-            if join is None:
-                target, shard = pa.nulls(part.num_rows, target_type), pa.nulls(part.num_rows, pa.int32())
-            else:
-                keep, target, shard = join.rows_for(sample_ids)
-                if not keep.all():
-                    part, sample_ids = part.filter(pa.array(keep)), sample_ids[keep]
-            if part.num_rows == 0:
-                continue
-            columns = {"id": pa.array(sample_ids), "target": target, "shard": shard}
-            columns.update({name: part.column(name) for name in source_columns})
-            yield pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+            if (table := _joined(source, batch.slice(offset, chunk), first + offset, join)) is not None:
+                yield table
+                del table
         bar.update(batch.num_rows)
+
+
+def _joined(source: MergeSource, part: pa.RecordBatch, first: int, join: MergedTargets | None) -> pa.Table | None:
+    """The source rows `part`, whose first id is `first`, with their targets (`join`) or empty targets,
+    in the merged schema; None when none of its rows was merged."""
+    schema = source.features.arrow_schema
+    target_type = schema.field("target").type
+    sample_ids = np.arange(first, first + part.num_rows, dtype=np.int64)
+    if join is None:
+        target, shard = pa.nulls(part.num_rows, target_type), pa.nulls(part.num_rows, pa.int32())
+    else:
+        keep, target, shard = join.rows_for(sample_ids)
+        if not keep.all():
+            part, sample_ids = part.filter(pa.array(keep)), sample_ids[keep]
+    if part.num_rows == 0:
+        return None
+    columns = {"id": pa.array(sample_ids), "target": target, "shard": shard}
+    columns.update({name: part.column(name) for name in source.source_columns})
+    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
