@@ -15,17 +15,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_run import run_main
 from command_lines import check_line, package_mentions, readme_mentions
 from network_faults import free_port
 
-from coopt_hub.cli import main
 from coopt_hub.cli.runner import INTERRUPTED
 from coopt_hub.core.layout import TARGETS_FILE, shard_prefix
 from coopt_hub.errors import describe_error
@@ -35,24 +33,6 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 BIN = Path(sys.executable).parent
 SMALL_ARGS = ["--model", "ViT-S-32", "--image-size", "32"]
-
-
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_main(argv: list[str]) -> Outcome:
-    """`coopt-hub ARGV` in this process, through the console script's error handling."""
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Outcome(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 @pytest.fixture(scope="module")

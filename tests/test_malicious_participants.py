@@ -13,17 +13,15 @@ from __future__ import annotations
 import copy
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_run import run_main
 from fakes import PIXEL_MODEL, FakePrior
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from coopt_hub.cli import main
 from coopt_hub.core.align import select_alignment
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE, remote_paths
 from coopt_hub.core.manifest import Manifest
@@ -258,23 +256,6 @@ def test_plain_text_and_prior_labels_carry_no_markup(text):
 
 
 # End to end, through the command line ------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    code: int
-    output: str
-
-
-def run_main(argv: list[str]) -> Outcome:
-    """`coopt-hub ARGV` in this process, through the console script's error handling."""
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Outcome(code, out.getvalue().decode() + err.getvalue().decode())
 
 
 @pytest.fixture(scope="module")

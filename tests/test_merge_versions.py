@@ -6,10 +6,9 @@ and merge says which version already holds it."""
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
+from cli_run import run_main
 from fakes import FakePrior
 
-from coopt_hub.cli import main
 from coopt_hub.core.layout import shard_branch
 from coopt_hub.platform.merge import merge
 from coopt_hub.platform.status import collaboration_status
@@ -42,9 +41,8 @@ def test_an_unrelated_commit_on_a_shard_branch_publishes_no_new_version(collab):
     collab.hub.commit(collab.repo, shard_branch(0), lambda head: [CommitOperationAdd("notes.md", b"# notes\n")],
                       message="notes")
     assert merge_again(collab) == ("v1", False), "a notes file made a new version"
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, _, _):
-        main(["merge", collab.repo, "--images", "reference", "--no-evaluate"])
-    assert "already holds this merge as v1" in out.getvalue().decode(), out.getvalue()
+    outcome = run_main(["merge", collab.repo, "--images", "reference", "--no-evaluate"])
+    assert outcome.code == 0 and "already holds this merge as v1" in outcome.stdout, outcome.output
     assert tags(collab) == {"v1"}, "a version tag was added"
     shard = collaboration_status(collab.hub, collab.repo).shards[0]
     assert shard.merged, "status shows a shard main's merge holds as not merged after a notes commit"
@@ -71,9 +69,7 @@ def test_a_prior_the_card_would_name_differently_is_a_new_version(collab):
 @pytest.mark.parametrize("tag", ["x/", "v1..2", "-v2", "a b", "0" * 40])
 def test_a_tag_the_hub_would_refuse_is_refused_before_main_changes(collab, tag):
     main_before = collab.hub.head(collab.repo, "main")
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, err, _):
-        with pytest.raises(SystemExit) as exit_:
-            main(["merge", collab.repo, "--images", "reference", "--no-evaluate", "--tag", tag])
-    text = out.getvalue().decode() + err.getvalue().decode()
-    assert exit_.value.code != 0 and "is not a usable version tag; nothing was written" in text, text
+    outcome = run_main(["merge", collab.repo, "--images", "reference", "--no-evaluate", "--tag", tag])
+    assert outcome.code != 0 and "is not a usable version tag; nothing was written" in outcome.output, \
+        outcome.output
     assert collab.hub.head(collab.repo, "main") == main_before, "main changed before the tag was refused"
