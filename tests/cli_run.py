@@ -21,8 +21,9 @@ class Outcome:
         return self.stdout + self.stderr
 
 
-def run_main(argv: list[str]) -> Outcome:
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None}) as (out, err, _):
+def run_main(argv: list[str], env: dict[str, str | None] | None = None) -> Outcome:
+    """`env` adds to (or with None, removes from) the environment for the run; it is put back after."""
+    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None, **(env or {})}) as (out, err, _):
         try:
             main(argv)
             code = 0

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import reliability
-from click.testing import CliRunner
+from cli_run import Outcome, run_main
 from fakes import PIXEL_MODEL, FakePrior, NanPixelPrior, PixelPrior
 from helpers_hub import publish_digit_rows
 
@@ -344,24 +344,6 @@ CLI_CASES = [
          "hub token add --help", ("hub", "serve", "--root", "{tmp}/root", "--token-file", "{tmp}/tokens.txt"),
          setup=token_file_with_an_unknown_role),
 ]
-
-
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_main(argv: list[str], env: dict[str, str | None] | None = None) -> Outcome:
-    """`coopt-hub ARGV` in this process, through the same error handling as the console script."""
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None, **(env or {})}) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Outcome(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def fill(parts: tuple[str, ...], world: World, tmp: Path) -> list[str]:

@@ -12,10 +12,10 @@ import json
 import re
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_run import Outcome, run_main
 from click.testing import CliRunner
 from fakes import FakePrior
 
@@ -32,22 +32,8 @@ LONG = FakePrior("hf-hub:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", output_dim=4
 OTHER_LONG = FakePrior("hf-hub:timm/vit_so400m_patch14_siglip_384.webli", output_dim=20, rank=6)
 
 
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
 def run(argv: list[str], **env: str | None) -> Outcome:
-    """`coopt-hub ARGV` in this process, through the console script's error handling."""
-    with CliRunner().isolation(env={"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None, **env}) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Outcome(code, out.getvalue().decode(), err.getvalue().decode())
+    return run_main(argv, env)
 
 
 def error_line(outcome: Outcome) -> str:

@@ -23,13 +23,13 @@ import open_clip
 import timm
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_run import Outcome
+from cli_run import run_main as run_cli
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.hf_api import RepoFile
 from network_faults import free_port
 from safetensors.torch import save_file
 
-from coopt_hub.cli import main
 from coopt_hub.priors import PriorSpec, load_prior
 from coopt_hub.priors.base import fingerprint_weights
 from coopt_hub.priors.weights import WEIGHTS_ENDPOINT_ENV
@@ -48,25 +48,9 @@ TINY_CLIP = {
 }
 
 
-@dataclass
-class Outcome:
-    code: int
-    stdout: str
-    stderr: str
-
-
 def run_main(argv: list[str]) -> Outcome:
-    """`coopt-hub ARGV` in this process, through the console script's error handling; the weights
-    endpoint that --weights-endpoint sets for the process is put back afterwards."""
-    env = {"COOPT_HUB_DEBUG": None, "COOPT_HUB_REPO": None, WEIGHTS_ENDPOINT_ENV: None,
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    with CliRunner().isolation(env=env) as (out, err, _):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return Outcome(code, out.getvalue().decode(), err.getvalue().decode())
+    """The weights endpoint that --weights-endpoint sets for the process is put back afterwards."""
+    return run_cli(argv, {WEIGHTS_ENDPOINT_ENV: None, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
 
 
 @dataclass(frozen=True)
