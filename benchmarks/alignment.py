@@ -6,12 +6,13 @@ the cross-validated choice of its alignment T, as a participant or merge runs th
 Steps timed, each printed before the last line:
   uniformity         V of the prior on the anchors (coopt_hub.core.align.uniformity, float32; row
                      blocks on every core)
-  select_alignment   the whole selection with its defaults (5 seeded folds, methods "auto"): fold
-                     sums X_k^T X_k, X_k^T Y_k in one pass; per fold one eigendecomposition of the
-                     downdated training Gram that scores every ridge strength on the grid (and the
-                     other methods when compared), the folds on every core; the refit on every
-                     anchor; in-sample residual; held-out cosine
-Not timed: drawing the random data. The last line is `uniformity+alignment seconds: <x>`, the sum of
+  select_alignment   the whole selection with its defaults (5 seeded folds, methods "auto"): the
+                     float64 copies of both inputs; fold sums X_k^T X_k, X_k^T Y_k (float64) in one
+                     pass; per fold one eigendecomposition of the downdated training Gram that
+                     scores every ridge strength on the grid (and the other methods when compared),
+                     in the anchors' float32, the folds on every core; the float64 refit on every
+                     anchor with its in-sample residual, beside the held-out cosines
+Not timed: drawing the random data (float32, as participants' and merge's anchor outputs are). The last line is `uniformity+alignment seconds: <x>`, the sum of
 both (the goal is <= 3 s on 2 CPU cores). CPU seconds, the BLAS threads and the load average are
 printed too: on a shared machine wall time includes waiting for the other processes.
 """
@@ -47,8 +48,10 @@ def main() -> None:
 
     rng = np.random.default_rng(args.seed)
     source = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
-    target = source @ rng.standard_normal((args.dim, args.dim), dtype=np.float32) / np.sqrt(args.dim)
-    target += 0.1 * rng.standard_normal(target.shape, dtype=np.float32)
+    # float32 like the anchor outputs participants and merge align (model outputs, shard files).
+    target = source @ (rng.standard_normal((args.dim, args.dim), dtype=np.float32) / np.float32(np.sqrt(args.dim)))
+    target += np.float32(0.1) * rng.standard_normal(target.shape, dtype=np.float32)
+    assert source.dtype == target.dtype == np.float32
 
     times: dict[str, tuple[float, float]] = {}
     with _step("uniformity", times):

@@ -89,6 +89,40 @@ def test_exact_linear_map_gets_a_weak_ridge_and_no_held_out_error():
     assert fit.cv_residual < 1e-3 and fit.cv_cosine > 0.999
 
 
+def uneven_features(rows, dims, decay, noise, seed):
+    """float32 features whose variance falls as 1 / j^(2 decay) over dimensions j, and a noisy linear map of them."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, dims)) * np.arange(1, dims + 1) ** -decay).astype(np.float32)
+    y = (x @ rng.standard_normal((dims, dims)) + noise * rng.standard_normal((rows, dims))).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("rows, dims, decay, noise", [(600, 64, 1.0, 0.3), (600, 64, 2.0, 0.05), (3000, 128, 3.0, 0.3)])
+def test_float32_anchors_are_scored_in_float32_and_choose_as_float64_does(rows, dims, decay, noise):
+    x, y = uneven_features(rows, dims, decay, noise, seed=rows + dims)
+    narrow = select_alignment(x, y)
+    wide = select_alignment(x.astype(np.float64), y.astype(np.float64))
+    assert narrow.params == wide.params, "the same strength from the same (float32) values"
+    assert narrow.cv_residual == pytest.approx(wide.cv_residual, rel=1e-4)
+    assert narrow.cv_cosine == pytest.approx(wide.cv_cosine, rel=1e-4)
+    assert narrow.transform.dtype == np.float64, "the refit stays float64"
+    np.testing.assert_allclose(narrow.transform, wide.transform, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_scoring_offers_no_strength_below_its_resolution():
+    """A near-exact map of very uneven features: float64 picks a strength float32 cannot resolve."""
+    x, y = uneven_features(2000, 256, decay=1.5, noise=0.01, seed=7)
+    narrow = select_alignment(x, y)
+    wide = select_alignment(x.astype(np.float64), y.astype(np.float64))
+    largest = np.linalg.eigvalsh(x.astype(np.float64).T @ x.astype(np.float64))[-1]
+    assert wide.params["ridge"] < np.finfo(np.float32).eps * largest, "the case needs a strength float32 cannot see"
+    assert narrow.params["ridge"] >= np.finfo(np.float32).eps * largest * 0.8 - 1e-12  # (a fold's Gram is ~0.8 of it)
+    # Its held-out residual is what refitting every fold in float64 at that strength gives, and near float64's best.
+    assert narrow.cv_residual == pytest.approx(
+        brute_force_cv_residual(x.astype(np.float64), y.astype(np.float64), "ridge", narrow.params), rel=1e-3)
+    assert narrow.cv_residual < 1.1 * wide.cv_residual
+
+
 def test_cv_ridge_generalises_where_the_fixed_rule_breaks_at_anchors_equal_to_dims():
     """256 anchors for 256 dims: the old rule's ridge drops 1000x right there (issue 11)."""
     first, second = shared_latent_priors(256 + 2000)

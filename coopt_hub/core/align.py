@@ -52,6 +52,13 @@ METHODS = ("ridge", "procrustes", "reduced_rank")
 # determined default) to 1e3, where the map shrinks to ~0 and the held-out residual tends to 1,
 # the right answer for unrelated priors. Half-decade steps; each costs O(m^2) per fold.
 RIDGE_GRID = tuple(10.0 ** (e / 2) for e in range(-12, 7))
+# A strength is a candidate only from RESOLUTION_MARGIN x the scoring precision's rounding x the
+# fold Gram's largest eigenvalue (_ridge_errors): below it, adding the strength leaves the Gram
+# unchanged in that precision, so the fold cannot tell it from no ridge. In float64 it never binds;
+# in float32 it does only for near-exact maps of very uneven features (measured: CV ridge at 2,000
+# x 256 with eigenvalues ~ 1/j^3, noise 0.01: float64 picks 1e-5 with held-out residual 0.0095,
+# float32 3.2e-5 with 0.0097; at noise 0.3 both the same strength and residual to 6 digits).
+RESOLUTION_MARGIN = 1
 # cv_cosine is the mean over at most this many held-out rows (a seeded sample spread over the
 # folds): its standard error is ~0.01 at worst, and every row at |S| = 10,000, d = 1024 would add
 # 2 n d (d_in + d_out) flops, ~0.7 CPU-s, to a selection that must stay under ~2 s.
@@ -85,12 +92,13 @@ def normalize(x) -> np.ndarray:
     return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-def uniformity(features, t: float = 2.0, block: int = 2048) -> float:
+def uniformity(features, t: float = 2.0, block: int = 1024) -> float:
     """V = log mean_{i<j} exp(-t ||f_i - f_j||^2) over L2-normalised rows; lower is more uniform.
 
     Pairs are visited in row blocks against the rows after them, so memory is O(rows * block) per
     core rather than O(rows^2), and the mean is accumulated as a log-sum-exp, so large t cannot
-    underflow it to log(0).
+    underflow it to log(0). Each block's product includes its own leading square, half of it
+    wasted: at 10,000 x 1024 on 2 cores blocks of 1024 took 0.53 s, of 2048 0.60-0.78 s (measured).
     """
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"The uniformity temperature must be positive, got {t}.")
@@ -276,26 +284,37 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
     summed held-out error; the method with the lowest held-out error is refitted on every anchor.
     methods: "auto" (AUTO_METHODS: ridge, and Procrustes when d_in == d_out and there are fewer than
     AUTO_CONSTRAINED_MAX_ANCHORS_PER_DIM anchors per source dimension) or names from METHODS.
-    Deterministic for a given seed; float64 throughout. Cost per fold: one eigendecomposition of
-    the training Gram (d_in x d_in, a downdate of the total) or, with fewer training rows than d_in,
-    of the kernel (rows x rows), shared by every ridge strength and rank; Procrustes adds an SVD
-    (d_in x d_out), reduced rank an eigendecomposition (d_out x d_out).
+    Deterministic for a given seed. Sums, the refit and every reported figure are float64; the
+    folds' eigendecompositions and products run in the anchors' own precision (_scoring_precision).
+    Cost per fold: one eigendecomposition of the training Gram (d_in x d_in, a downdate of the
+    total) or, with fewer training rows than d_in, of the kernel (rows x rows), shared by every
+    ridge strength and rank; Procrustes adds an SVD (d_in x d_out), reduced rank an
+    eigendecomposition (d_out x d_out).
     """
+    precision = _scoring_precision(source, target)
     x, y, target_norm = _paired(source, target)
     names = _methods(methods, x.shape[0], x.shape[1], y.shape[1])
-    split = _Split.of(x.shape[0], folds, seed)
+    split = _Split.of(x.shape[0], folds, seed, precision)
     # One BLAS thread per core: the folds run side by side (_on_cores); the rest is small next to them.
     with _one_blas_thread():
         moments = _Moments.of(x, y, split)
         scored = _cross_validate(x, split, moments, names)
         best = min(scored, key=lambda s: s.error)  # the first of equals: METHODS order puts ridge first
-        transform, params = _fit(x, y, best.method, best.params, moments.totals)
+
+        def refit() -> tuple[np.ndarray, dict, float]:
+            transform, params = _fit(x, y, best.method, best.params, moments.totals)
+            return transform, params, _residual(x, y, transform, moments.totals) / target_norm
+
+        # The refit on every anchor (a d_in^3 solve) beside the held-out cosines (small products per
+        # fold): one job list, so neither waits for the other's cores.
+        jobs = [refit] + [functools.partial(_held_out_cosines, x, y, split, s.predictors[k], k)
+                          for s in scored for k in range(split.folds)]
+        (transform, params, residual), *cosines = _on_cores(lambda job: job(), jobs, split.workers)
         candidates = tuple(
             Candidate(s.method, params if s is best else s.params, math.sqrt(s.error) / target_norm,
-                      _cv_cosine(x, y, split, s.predictors))
-            for s in scored
+                      float(np.concatenate(cosines[i * split.folds:(i + 1) * split.folds]).mean()))
+            for i, s in enumerate(scored)
         )
-        residual = _residual(x, y, transform, moments.totals) / target_norm
     chosen = candidates[scored.index(best)]
     return AlignmentFit(method=best.method, params=params, transform=transform, residual=residual,
                         cv_residual=chosen.cv_residual, cv_cosine=chosen.cv_cosine, anchors=x.shape[0],
@@ -338,14 +357,15 @@ def _methods(methods: str | Sequence[str], rows: int, d_in: int, d_out: int) -> 
 class _Split:
     """Seeded folds: fold k holds order[k::folds]. The cosine sample, order[:COSINE_ROWS], is thus a
     seeded uniform sample spread evenly over the folds. workers: the threads per-fold work is spread
-    over, as many as BLAS may use (_on_cores)."""
+    over, as many as BLAS may use (_on_cores); precision: the dtype folds are scored in."""
 
     order: np.ndarray
     folds: int
     workers: int
+    precision: type = np.float64
 
     @classmethod
-    def of(cls, rows: int, folds: int, seed: int) -> _Split:
+    def of(cls, rows: int, folds: int, seed: int, precision: type = np.float64) -> _Split:
         if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
             raise ConfigError(f"Cross-validation needs an integer number of folds >= 2, got {folds!r}.",
                               hint="Use the default of 5 folds.")
@@ -353,7 +373,7 @@ class _Split:
             raise PlanError(f"{rows} anchor rows are too few for {folds}-fold cross-validation of the alignment "
                             f"(at least {2 * folds}).",
                             hint="Use more anchors (coopt-hub init --anchors) or fewer folds.")
-        return cls(np.random.default_rng(seed).permutation(rows), int(folds), _blas_threads())
+        return cls(np.random.default_rng(seed).permutation(rows), int(folds), _blas_threads(), precision)
 
     def test(self, k: int) -> np.ndarray:
         return np.sort(self.order[k::self.folds])
@@ -419,15 +439,16 @@ class _Fold:
 def _fold(x: np.ndarray, split: _Split, moments: _Moments, k: int) -> _Fold:
     held, totals = moments.folds[k], moments.totals
     if held.gram is not None:
-        values, axes = _eig_desc(totals.gram - held.gram)
-        held_gram = axes.T @ (held.gram @ axes)
-    else:
+        values, axes = _spectrum((totals.gram - held.gram).astype(split.precision))
+        held_gram = axes.T @ (held.gram.astype(split.precision) @ axes)
+    else:  # fewer training rows than d_in: a rows x rows problem, small enough for float64
         test = split.test(k)
         axes, values = _principal_axes(np.delete(x, test, axis=0))
         projected = x[test] @ axes
         held_gram = projected.T @ projected
-    coef = axes.T @ (totals.cross - held.cross)
-    return _Fold(axes, values, coef, held_gram, held_gram * (coef @ coef.T), axes.T @ held.cross, held.yy)
+    coef = axes.T @ (totals.cross - held.cross).astype(axes.dtype)
+    return _Fold(axes, values, coef, held_gram, held_gram * (coef @ coef.T), axes.T @ held.cross.astype(axes.dtype),
+                 held.yy)
 
 
 @dataclass(frozen=True)
@@ -462,9 +483,13 @@ def _ridge_errors(fold: _Fold, ridges: np.ndarray) -> np.ndarray:
     ||Y_h - X_h V diag(f) B||^2 = ||Y_h||^2 - 2 f.r + f^T (H * B B^T) f with f = 1 / (s + l),
     r_j = sum_o R_jo B_jo."""
     shrink = 1.0 / (fold.values[None, :] + ridges[:, None])
-    agreement = np.einsum("jo,jo->j", fold.held_cross, fold.coef)
-    errors = fold.yy - 2.0 * shrink @ agreement + np.einsum("lj,lj->l", shrink @ fold.spread, shrink)
-    return np.maximum(errors, 0.0)  # rounding can take an exact fit's error just below zero
+    # float64 sums whatever the fold's precision (d_out and d_in terms each).
+    agreement = np.einsum("jo,jo->j", fold.held_cross, fold.coef, dtype=np.float64)
+    errors = fold.yy - 2.0 * shrink @ agreement + np.einsum("lj,lj->l", shrink @ fold.spread.astype(np.float64), shrink)
+    errors = np.maximum(errors, 0.0)  # rounding can take an exact fit's error just below zero
+    # A strength below the fold's resolution (RESOLUTION_MARGIN) is not told apart from zero there.
+    resolution = RESOLUTION_MARGIN * np.finfo(fold.axes.dtype).eps * (fold.values[0] if fold.values.size else 0.0)
+    return np.where(ridges >= resolution, errors, np.inf)
 
 
 def _score_ridge(folds: list[_Fold], scale: float) -> _Scored:
@@ -558,19 +583,27 @@ def _residual(x: np.ndarray, y: np.ndarray, transform: np.ndarray, totals: _Tota
     return math.sqrt(max(float(squared), 0.0))
 
 
-def _cv_cosine(x: np.ndarray, y: np.ndarray, split: _Split,
-               predictors: list[tuple[np.ndarray, np.ndarray | None]]) -> float:
-    def held_out(k: int) -> np.ndarray:
-        (left, right), rows = predictors[k], split.sample(k)
-        predicted = x[rows] @ left
-        return _row_cosines(predicted if right is None else predicted @ right, y[rows])
-
-    return float(np.concatenate(_on_cores(held_out, range(split.folds), split.workers)).mean())
+def _held_out_cosines(x: np.ndarray, y: np.ndarray, split: _Split,
+                      predictor: tuple[np.ndarray, np.ndarray | None], k: int) -> np.ndarray:
+    """Cosines between fold k's sampled rows (_Split.sample) and their prediction by the fold's map."""
+    (left, right), rows = predictor, split.sample(k)
+    predicted = x[rows] @ left
+    return _row_cosines(predicted if right is None else predicted @ right, y[rows])
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.einsum("ij,ij->i", a, b) / np.where(norms > 0, norms, 1.0)  # a zero row counts as cosine 0
+
+
+def _spectrum(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every eigenvalue (float64, rounding below zero set to zero), largest first, and the
+    eigenvectors (columns, in the matrix's dtype), for the ridge: with a strength l > 0 added no
+    direction needs cutting off, and the folds' maps keep the same directions as the refit's solve.
+    numpy's, not scipy's: scipy.linalg.eigh holds the GIL (two on two threads took twice as long as
+    one, measured), numpy's releases it, so the folds' decompositions run side by side."""
+    values, vectors = _lapack(np.linalg.eigh, symmetric)
+    return np.maximum(values[::-1].astype(np.float64), 0.0), np.ascontiguousarray(vectors[:, ::-1])
 
 
 def _eig_desc(symmetric: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -665,15 +698,25 @@ def fit_pca_basis(features, dim: int, *, standardize: bool = True, center: bool 
     return PcaBasis(mean.astype(np.float32), scale.astype(np.float32), components.astype(np.float32), explained)
 
 
+def _scoring_precision(source, target) -> type:
+    """The dtype the folds are scored in: float32 when both inputs are float32 or narrower (model
+    outputs, fp16 shard files), else float64. The decompositions then err by about the inputs' own
+    rounding relative to the largest eigenvalue, and take half the time (at 10,000 x 1024 on 2 cores
+    select_alignment 2.3 -> 1.4 s, measured); strengths below that resolution are not candidates
+    (_ridge_errors), and the sums, refit and reported residuals stay float64."""
+    dtypes = [np.asarray(value).dtype for value in (source, target)]
+    narrow = all(np.issubdtype(dtype, np.floating) and dtype.itemsize <= 4 for dtype in dtypes)
+    return np.float32 if narrow else np.float64
+
+
 def _paired(source, target) -> tuple[np.ndarray, np.ndarray, float]:
     """Anchor features of two priors as float64, checked to pair row for row; and ||target||_F."""
-    x = _matrix(source, "source").astype(np.float64)
-    y = _matrix(target, "target").astype(np.float64)
+    x, y = _matrix(source, "source"), _matrix(target, "target")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"source and target must have the same rows (the anchors), "
                          f"got {x.shape[0]} and {y.shape[0]}.")
-    _require_finite(x, "source")
-    _require_finite(y, "target")
+    # The two conversions are memory-bound passes (0.14 s at 10,000 x 1024 each way): one per core.
+    x, y = _on_cores(lambda named: _finite_float64(*named), [(x, "source"), (y, "target")], _blas_threads())
     target_norm = float(np.linalg.norm(y))
     if target_norm == 0:
         raise ValueError("The alignment target is all zeros.")
@@ -686,6 +729,12 @@ def _matrix(value, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D [rows, dims] array, got shape {array.shape}.")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}.")
+    return array
+
+
+def _finite_float64(array: np.ndarray, name: str) -> np.ndarray:
+    array = array.astype(np.float64)
+    _require_finite(array, name)
     return array
 
 
