@@ -23,9 +23,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from coopt_hub.core.align import select_alignment
-from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE, remote_paths
+from coopt_hub.core.layout import (
+    ANCHORS_FILE,
+    MANIFEST_PATH,
+    PLAN_PATH,
+    TARGETS_FILE,
+    remote_paths,
+)
 from coopt_hub.core.manifest import Manifest
-from coopt_hub.core.plan import Unit, make_plan
+from coopt_hub.core.plan import Plan, Unit, make_plan
 from coopt_hub.core.shardfile import (
     HEADER_KEY,
     MAX_COOPT_HEADER_BYTES,
@@ -35,11 +41,13 @@ from coopt_hub.core.shardfile import (
     header_from_file_header,
     header_from_metadata,
     header_problems,
+    parse_json,
     plain_text,
     read_shard,
 )
 from coopt_hub.errors import ShardFileError
-from coopt_hub.hub.repo import read_remote_header
+from coopt_hub.hub.client import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH
+from coopt_hub.hub.repo import load_plan, read_remote_header
 from coopt_hub.platform.card import render_card
 from coopt_hub.priors.spec import prior_label
 
@@ -174,6 +182,12 @@ def test_deeply_nested_json_is_refused_before_it_is_parsed(where):
         outer = b'{"__metadata__": {}, "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"
     with pytest.raises(HeaderError, match=r"nests \d+ levels deep, more than the 8 allowed"):
         header_from_file_header(outer)
+
+
+# Brackets inside strings, after escaped quotes and escaped backslashes: none of them nest.
+@pytest.mark.parametrize("text", ['{"a": "[[[[", "b": [1]}', r'["\\", "[[{{"]', r'["\"[[[[", ["\\\"]]]", "\\"]]'])
+def test_brackets_in_strings_are_no_nesting(text):
+    assert parse_json(text, "it", 1000, max_depth=2) == json.loads(text)
 
 
 def test_oversized_headers_are_refused_before_they_are_parsed():
@@ -391,3 +405,49 @@ def test_a_deeply_nested_participant_report_is_a_shard_file_error_not_a_crash(co
                     repo_type="dataset", revision=branch, commit_message="a report nested to exhaust recursion")
     with pytest.raises(ShardFileError, match=f"{path} at .* is not usable JSON"):
         hub.read_json(collab.repo, path, branch)
+
+
+# Participant JSON documents read through the Hub client --------------------------------------------
+
+
+def published(hf_api, repo: str, files: dict[str, bytes]) -> str:
+    """A new repo holding `files` in one commit; the commit's id."""
+    from huggingface_hub import CommitOperationAdd
+
+    hf_api.create_repo(repo, repo_type="dataset")
+    return hf_api.create_commit(repo, [CommitOperationAdd(path, data) for path, data in files.items()],
+                                commit_message="documents a participant wrote", repo_type="dataset").oid
+
+
+@pytest.mark.parametrize("path", [remote_paths(1).report, MANIFEST_PATH])
+def test_a_deeply_nested_document_is_refused_before_it_is_parsed(hub, hf_api, repo_id, monkeypatch, path):
+    commit = published(hf_api, repo_id, {path: ("[" * DEEP + "]" * DEEP).encode()})
+    downloads = []
+    download = hub.download
+    monkeypatch.setattr(hub, "download", lambda *args: downloads.append(args) or download(*args))
+    with pytest.raises(ShardFileError, match=f"{path} at {commit[:12]} of {repo_id} is not usable JSON: "
+                       f"it nests {DEEP} levels deep, more than the {MAX_DOCUMENT_DEPTH} allowed") as raised:
+        hub.read_json(repo_id, path, commit)
+    assert raised.value.hint and "push it again" in raised.value.hint, raised.value.hint
+    assert len(downloads) == 1, downloads
+
+
+def test_an_oversized_document_is_refused_before_it_is_read(hub, hf_api, repo_id):
+    size = MAX_DOCUMENT_BYTES + 1
+    commit = published(hf_api, repo_id, {MANIFEST_PATH: b'"' + b"a" * (size - 2) + b'"'})
+    with pytest.raises(ShardFileError, match=f"{MANIFEST_PATH} at {commit[:12]} of {repo_id} is not usable JSON: "
+                       f"it takes {size} bytes, more than the {MAX_DOCUMENT_BYTES} allowed"):
+        hub.read_json(repo_id, MANIFEST_PATH, commit)
+
+
+def test_a_plan_of_100k_row_groups_and_100k_anchors_reads(hub, hf_api, repo_id):
+    units = tuple(Unit(file=f"data/train-{i // 10:05d}-of-10000.parquet", row_group=i % 10, start=i * 1000,
+                       num_rows=1000) for i in range(100_000))
+    plan = Plan(source_repo="org/large-source", source_revision="a" * 40, split="train", image_column="image",
+                num_rows=10**8, num_shards=64, seed=0, dim=512, temperature=0.07, granularity="row_group",
+                units=units, unit_shards=tuple(i % 64 for i in range(len(units))),
+                anchor_ids=tuple(range(0, 10**8, 1000)))
+    text = plan.to_json().encode()
+    assert len(text) > 13_000_000, len(text)
+    commit = published(hf_api, repo_id, {PLAN_PATH: text})
+    assert load_plan(hub, repo_id, commit) == plan

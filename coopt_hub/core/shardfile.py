@@ -133,27 +133,52 @@ def public_prior(prior: dict) -> dict:
     return public
 
 
-def parse_json(raw: bytes | str, what: str, limit: int) -> Any:
-    """JSON of at most `limit` bytes and MAX_JSON_DEPTH levels, checked before json.loads, whose
+def parse_json(raw: bytes | str, what: str, limit: int, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON of at most `limit` bytes and `max_depth` levels, checked before json.loads, whose
     recursion a deeply nested document would exhaust. HeaderError names `what` otherwise."""
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
-    if len(data) > limit:
-        raise HeaderError(f"{what} takes {len(data)} bytes, more than the {limit} allowed")
+    _check_size(len(data), what, limit)
     depth = _json_depth(data)
-    if depth > MAX_JSON_DEPTH:
-        raise HeaderError(f"{what} nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    if depth > max_depth:
+        raise HeaderError(f"{what} nests {depth} levels deep, more than the {max_depth} allowed")
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise HeaderError(f"{what} is not valid JSON ({err})") from err
 
 
+def parse_json_file(path: Path, what: str, limit: int, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """parse_json of a file's content, refused by its size before any of it is read into memory."""
+    _check_size(path.stat().st_size, what, limit)
+    return parse_json(path.read_bytes(), what, limit, max_depth=max_depth)
+
+
+def _check_size(size: int, what: str, limit: int) -> None:
+    if size > limit:
+        raise HeaderError(f"{what} takes {size} bytes, more than the {limit} allowed")
+
+
+# +1 for [ and {, -1 for ] and }, by byte value.
+_NESTING = np.zeros(256, dtype=np.int8)
+_NESTING[list(b"[{")] = 1
+_NESTING[list(b"]}")] = -1
+# Bytes scanned at a time: the scan holds a few int64 copies of a slice, never of the whole document.
+_DEPTH_SLICE = 1 << 20
+
+
 def _json_depth(data: bytes) -> int:
-    """The deepest nesting of [ and { outside strings (an upper bound on invalid JSON, which fails later)."""
-    outside = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', data)
-    steps = np.frombuffer(outside, dtype=np.uint8)
-    change = np.isin(steps, (ord("["), ord("{"))).astype(np.int64) - np.isin(steps, (ord("]"), ord("}")))
-    return int(np.cumsum(change).max(initial=0))
+    """The deepest nesting of [ and { outside strings (an upper bound on invalid JSON, which fails later).
+
+    Escaped backslashes, then escaped quotes, are dropped first, so every quote left opens or closes a
+    string. No regular expression: matching `"(?:[^"\\]|\\.)*"` took 7.5 GiB and 10 s on one 60 MiB string."""
+    plain = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b""), dtype=np.uint8)
+    deepest = level = quotes = 0
+    for start in range(0, plain.size, _DEPTH_SLICE):
+        part = plain[start:start + _DEPTH_SLICE]
+        seen = np.cumsum(part == ord('"'), dtype=np.int64) + quotes
+        levels = np.cumsum(np.where(seen % 2 == 1, 0, _NESTING[part]), dtype=np.int64) + level
+        deepest, level, quotes = max(deepest, int(levels.max())), int(levels[-1]), int(seen[-1])
+    return deepest
 
 
 # Field checkers: each takes (value, field name) and raises HeaderError naming the field.

@@ -13,7 +13,6 @@ up within seconds, naming its URL (huggingface_hub alone retries a refused downl
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -35,6 +34,7 @@ from huggingface_hub.errors import (
 )
 
 from coopt_hub.core import faults
+from coopt_hub.core.shardfile import HeaderError, parse_json_file
 from coopt_hub.errors import ConfigError, ConflictError, ShardFileError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,14 @@ T = TypeVar("T")
 
 # A HEAD of the endpoint is answered at once by any hub worth working with.
 FIRST_CONTACT_TIMEOUT = httpx2.Timeout(10.0)
+
+# The JSON documents read_json reads (plan, manifest, participant reports, prepare records) may be
+# written by a participant, so they are bounded before json.loads. The plan is the largest: ~112 bytes
+# per storage unit and ~12 per anchor id, 13.6 MB for 100k row groups and 100k anchors; 64 MiB is ~5x
+# that. The deepest is the manifest, 7 levels (shards -> [i] -> alignment -> candidates -> [j]
+# -> params); 32 is ~4x that.
+MAX_DOCUMENT_BYTES = 64 << 20
+MAX_DOCUMENT_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -301,10 +309,9 @@ class Hub:
         except (RemoteEntryNotFoundError, RevisionNotFoundError):
             return None
         try:
-            return json.loads(local.read_bytes())
-        except (ValueError, RecursionError) as err:  # a participant's file: malformed or nested to exhaust recursion
-            raise ShardFileError(f"{path} at {revision[:12]} of {repo_id} is not usable JSON "
-                                 f"({type(err).__name__}: {str(err)[:200]}).",
+            return parse_json_file(local, "it", MAX_DOCUMENT_BYTES, max_depth=MAX_DOCUMENT_DEPTH)
+        except HeaderError as err:  # a participant's file: malformed, too large or nested to exhaust recursion
+            raise ShardFileError(f"{path} at {revision[:12]} of {repo_id} is not usable JSON: {str(err)[:200]}.",
                                  hint="Whoever pushed it must push it again; leave that contribution out meanwhile.") from err
 
     def open(self, repo_id: str, revision: str, path: str, block_size: int | None = None):
