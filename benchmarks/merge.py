@@ -1,6 +1,7 @@
 """Time and memory of `coopt-hub merge --images reference` on synthetic targets at scale.
 
     python benchmarks/merge.py [--rows 1000000] [--dim 512] [--shards 8] [--no-evaluate] [--workdir DIR]
+                               [--profile FILE]
 
 Starts its own embedded Hub over a temp dir, publishes a source split of --rows rows (a label column
 and a placeholder image column, in row groups), the plan, and --shards shard branches whose
@@ -150,6 +151,12 @@ def record():
         out.write(kib)
 
 atexit.register(record)
+profile = os.environ.get("COOPT_BENCH_PROFILE")
+if profile:
+    import cProfile
+    profiler = cProfile.Profile()
+    atexit.register(lambda: profiler.dump_stats(profile))  # before record (atexit runs last-in first)
+    profiler.enable()
 main(sys.argv[1:])
 """
 
@@ -162,14 +169,16 @@ class MergeRun:
     summary: dict  # merge --json
 
 
-def run_merge(repo: str, env: dict[str, str], scratch: Path, evaluate: bool) -> MergeRun:
+def run_merge(repo: str, env: dict[str, str], scratch: Path, evaluate: bool, profile: Path | None = None) -> MergeRun:
     """`coopt-hub merge` in its own process: its wall and CPU time, peak RSS and --json summary."""
     hwm_file = scratch / "merge-hwm-kib"
     command = [sys.executable, "-c", _MERGE_WITH_HWM, "merge", repo, "--images", "reference", "--json"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     completed = subprocess.run(command + ([] if evaluate else ["--no-evaluate"]), check=False,
-                               env={**env, "COOPT_BENCH_HWM_FILE": str(hwm_file)}, stdout=subprocess.PIPE)
+                               env={**env, "COOPT_BENCH_HWM_FILE": str(hwm_file),
+                                    **({"COOPT_BENCH_PROFILE": str(profile)} if profile else {})},
+                               stdout=subprocess.PIPE)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the only child process is the merge
     if completed.returncode != 0:
@@ -188,6 +197,8 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where the hub and scratch files go (default: a temp dir)"
     )
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write the merge process's cProfile stats here (python -m pstats FILE); slows it")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="coopt-merge-bench-", dir=args.workdir))
@@ -216,7 +227,8 @@ def main() -> None:
         print(f"setup: {args.rows:,} rows x {args.dim} in {args.shards} shards ({plan.granularity} units), "
               f"{time.perf_counter() - started:.1f} s", flush=True)
 
-        merged = run_merge("bench/coopt", env, scratch, evaluate=not args.no_evaluate)
+        merged = run_merge("bench/coopt", env, scratch, evaluate=not args.no_evaluate,
+                           profile=args.profile and args.profile.resolve())
         summary = merged.summary
         print(f"merged {summary['rows']:,} rows as {summary['tag']} (re-aligned shards {summary['realigned']}), "
               f"images={summary['images']}, target-quality evaluation {'off' if args.no_evaluate else 'on'}")

@@ -548,3 +548,14 @@ def test_targets_narrowed_to_float16_have_the_bits_of_numpys_cast():
     assert np.array_equal(to_float16(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
     unit = values[:4096]
     assert np.array_equal(to_float16(unit).view(np.uint16), unit.astype(np.float16).view(np.uint16))
+
+
+def test_float16_narrowing_matches_numpys_cast_on_every_kind_of_float32():
+    """Random bit patterns over the whole float32 range (NaN payloads, infinities, overflow to
+    infinity, subnormals of both formats), in an array larger than one conversion block."""
+    patterns = np.random.default_rng(3).integers(0, 2**32, size=300_000, dtype=np.uint64).astype(np.uint32)
+    values = patterns.view(np.float32).reshape(-1, 100)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        expected = values.astype(np.float16)
+    assert np.array_equal(to_float16(values).view(np.uint16), expected.view(np.uint16))
+    assert to_float16(values[:0]).shape == (0, 100)

@@ -300,3 +300,31 @@ def test_bad_skipped_ids_are_refused_on_write_and_read(tmp_path: Path, skipped, 
     rewrite(tmp_path / ANCHORS_FILE, header_changes={"skipped_ids": header["skipped_ids"]})
     with pytest.raises(ShardFileError, match=words):
         read_shard(tmp_path)
+
+
+def test_ranges_without_the_aligned_tensor_leave_it_unread_and_still_check_the_rest(shard_dir: Path):
+    """A merge that re-aligns a shard reads only ids and raw: damage there is still found, damage to
+    the aligned tensor it never uses is not its concern."""
+    result, _ = make_pair()
+    with ShardReader(shard_dir, verify=True) as shard:
+        ranges = list(shard.chunks(5, aligned=False))
+    assert all(r.aligned is None for r in ranges)
+    assert np.array_equal(np.concatenate([r.raw for r in ranges]), result.raw.astype(np.float16))
+    assert np.array_equal(np.concatenate([r.ids for r in ranges]), result.ids)
+
+    path = shard_dir / TARGETS_FILE
+    with safe_open(str(path), framework="numpy") as stored:
+        aligned_bytes, raw_bytes = stored.get_tensor("aligned").tobytes(), stored.get_tensor("raw").tobytes()
+    data = bytearray(path.read_bytes())
+    data[data.find(aligned_bytes) + 1] ^= 0x01  # a finite value still
+    path.write_bytes(bytes(data))
+    with ShardReader(shard_dir, verify=True) as shard:
+        assert len(list(shard.chunks(5, aligned=False))) == len(ranges)
+    with pytest.raises(ShardFileError, match="'aligned' does not match its checksum"), \
+            ShardReader(shard_dir, verify=True) as shard:
+        list(shard.chunks(5))
+    data[data.find(raw_bytes) + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardFileError, match="'raw' does not match its checksum"), \
+            ShardReader(shard_dir, verify=True) as shard:
+        list(shard.chunks(5, aligned=False))

@@ -502,7 +502,7 @@ class ShardRows:
     start: int
     ids: np.ndarray  # int64
     raw: np.ndarray  # fp16 [rows, dim]
-    aligned: np.ndarray  # fp16 [rows, dim]
+    aligned: np.ndarray | None  # fp16 [rows, dim]; None when the reader was asked to leave it (chunks)
 
 
 class ShardReader:
@@ -558,8 +558,10 @@ class ShardReader:
             _check_checksums(str(self.targets_path), self.header, "targets", dict.fromkeys(_TARGET_TENSORS))
         return _anchor_outputs(tensors)
 
-    def chunks(self, rows: int = CHUNK_ROWS) -> Iterator[ShardRows]:
-        """The targets in consecutive ranges of `rows` rows (an empty shard gives one empty range).
+    def chunks(self, rows: int = CHUNK_ROWS, aligned: bool = True) -> Iterator[ShardRows]:
+        """The targets in consecutive ranges of `rows` rows (an empty shard gives one empty range);
+        without `aligned`, the aligned tensor is neither read nor checked (for a caller that makes
+        its own, as a merge re-aligning the shard does) and ShardRows.aligned is None.
 
         With `verify`, each range is checked for NaN/inf and for ids that keep rising across ranges,
         and each tensor's sha256 is fed as the ranges pass; the checksums are compared after the
@@ -571,12 +573,13 @@ class ShardReader:
         if rows < 1:
             raise ValueError(f"A range holds at least one row, got {rows}.")
         path = str(self.targets_path)
-        digests = {name: hashlib.sha256() for name in _TARGET_TENSORS}
+        names = [name for name in _TARGET_TENSORS if aligned or name != "aligned"]
+        digests = {name: hashlib.sha256() for name in names}
         problem: ShardFileError | None = None
         last_id = -1  # ids must be non-negative and rise from one range to the next
         for start in range(0, max(self.num_rows, 1), rows):
             stop = min(start + rows, self.num_rows)
-            tensors = {name: self._targets.read(name, start, stop) for name in _TARGET_TENSORS}
+            tensors = {name: self._targets.read(name, start, stop) for name in names}
             if self.verify:
                 for name, array in tensors.items():
                     digests[name].update(array.reshape(-1).view(np.uint8))
@@ -589,7 +592,7 @@ class ShardReader:
                     if stop > start:
                         last_id = int(tensors["ids"][-1])
             if problem is None:
-                yield ShardRows(start, **tensors)
+                yield ShardRows(start, **{"aligned": None, **tensors})
         if self.verify:
             _check_checksums(path, self.header, "targets", {name: d.hexdigest() for name, d in digests.items()})
         if problem is not None:
