@@ -177,6 +177,21 @@ def test_the_merge_streams(published):
     assert first["image"].mode == "RGB"
 
 
+def test_a_large_split_is_written_in_parts_side_by_side_with_the_same_rows(hub, collab, published, v1_train,
+                                                                          monkeypatch):
+    """Parts (made here for a small split) are read, joined and encoded on threads of their own;
+    the dataset reads back row for row as the one-part merge of the same shards."""
+    monkeypatch.setattr(merge_module, "PART_MIN_BYTES", 0)
+    push_all(collab)
+    result = merge(hub, collab.repo)
+    train_files = result.manifest.splits["train"].files
+    assert len(train_files) == merge_module.PARTS, train_files
+    assert train_files == tuple(f"data/train-{i:05d}-of-{len(train_files):05d}.parquet" for i in range(len(train_files)))
+    train = load(collab.repo, result.tag)["train"].with_format("numpy")[:]
+    for column in ("id", "shard", "label", "target"):
+        assert np.array_equal(train[column], v1_train[column]), column
+
+
 def test_a_rerun_changes_nothing_and_an_existing_tag_is_refused_before_writing(hub, published):
     repo = published.collab.repo
     head = hub.head(repo)

@@ -961,19 +961,29 @@ class TensorFile:
     def __exit__(self, *exc) -> None:
         self._file.close()
 
-    def _seek(self, name: str, row: int) -> tuple[np.dtype, int]:
+    def flush(self) -> None:
+        """Everything written so far in the file itself, for readers of its path (an upload, say)."""
+        self._file.flush()
+
+    def _position(self, name: str, row: int) -> tuple[np.dtype, int]:
         dtype, shape, offset = self._tensors[name]
-        row_items = int(np.prod(shape[1:]))
-        self._file.seek(self._data_start + offset + row * row_items * dtype.itemsize)
-        return dtype, row_items
+        return dtype, self._data_start + offset + row * int(np.prod(shape[1:])) * dtype.itemsize
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
-        dtype, _ = self._seek(name, start)
+        dtype, position = self._position(name, start)
+        self._file.seek(position)
         self._file.write(np.ascontiguousarray(rows, dtype=dtype).data)
 
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        dtype, row_items = self._seek(name, start)
-        shape = self._tensors[name][1]
-        out = np.empty((stop - start, *shape[1:]), dtype=dtype)
-        self._file.readinto(out.data)
+        """Rows start..stop-1 of tensor `name`. Positioned reads, with no file offset shared: readers
+        on several threads at once (a merge writes its parquet parts side by side) do not race."""
+        dtype, position = self._position(name, start)
+        out = np.empty((stop - start, *self._tensors[name][1][1:]), dtype=dtype)
+        self._file.flush()  # what write_rows left in the buffer
+        view, done = memoryview(out).cast("B"), 0
+        while done < view.nbytes:
+            count = os.preadv(self._file.fileno(), [view[done:]], position + done)
+            if count == 0:
+                raise ShardFileError(f"{self._file.name} ends before row {stop} of tensor '{name}'.")
+            done += count
         return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2
-from huggingface_hub import CommitOperation, HfApi, HfFileSystem, constants, get_session, hf_hub_download
+from huggingface_hub import CommitOperation, CommitOperationAdd, HfApi, HfFileSystem, constants, get_session, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -365,6 +365,18 @@ class Hub:
             return info.oid
 
         return self.with_retries(f"commit to {repo_id}@{branch}", attempt)
+
+    def preupload(self, repo_id: str, branch: str, files: Sequence[tuple[Path, str]]) -> list[CommitOperationAdd]:
+        """Upload big files (local file, path in the repo) ahead of the commit that will add them
+        (huggingface_hub's preupload_lfs_files); pass the operations returned to that commit, which
+        then sends only their pointers. Files small enough to travel inside a commit are left to it."""
+        operations = [CommitOperationAdd(path, str(local)) for local, path in files]
+        self.with_retries(
+            f"upload {len(operations)} file(s) to {repo_id}",
+            lambda: self.api.preupload_lfs_files(repo_id, additions=operations, repo_type=REPO_TYPE, revision=branch,
+                                                 free_memory=False),
+        )
+        return operations
 
     def open_pull_request(self, repo_id: str, operations: Sequence[CommitOperation], title: str,
                           description: str) -> tuple[int, str]:

@@ -9,6 +9,7 @@ indices of the split at the pinned commit, in file order, so they never change.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,22 @@ def iter_source_batches(
             parquet = pq.ParquetFile(handle)
             for group in range(parquet.metadata.num_row_groups):
                 for batch in parquet.read_row_group(group, columns=columns).to_batches():
+                    if batch.num_rows:
+                        yield start, batch
+                        start += batch.num_rows
+
+
+def iter_unit_batches(
+    repo: str, revision: str, units: list[Unit], columns: list[str] | None = None, token: str | None = None
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first id, batch) over consecutive row-group `units` (parquet_units), in id order, each file
+    opened once: iter_source_batches from any unit on, so that parts of a split can be read side by side."""
+    for file, group in itertools.groupby(units, key=lambda unit: unit.file):
+        with open_remote(repo, revision, file, token) as handle:
+            parquet = pq.ParquetFile(handle)
+            for unit in group:
+                start = unit.start
+                for batch in parquet.read_row_group(unit.row_group, columns=columns).to_batches():
                     if batch.num_rows:
                         yield start, batch
                         start += batch.num_rows

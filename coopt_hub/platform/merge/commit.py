@@ -5,8 +5,9 @@ safe against concurrent merges.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huggingface_hub import CommitOperation, CommitOperationAdd, CommitOperationDelete
@@ -17,7 +18,7 @@ from coopt_hub.core.manifest import Manifest, next_tag
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
 from coopt_hub.core.shardfile import plain_text
-from coopt_hub.errors import ConfigError, ConflictError
+from coopt_hub.errors import ConfigError, ConflictError, describe_error
 from coopt_hub.hub.client import Hub
 from coopt_hub.hub.repo import load_plan, read_manifest
 
@@ -41,9 +42,44 @@ class Publication:
     draft: Manifest  # the manifest but for its tag
     card_for: Callable[[Manifest], str]
     message: str
+    uploaded: dict[str, CommitOperationAdd] = field(default_factory=dict)  # path -> uploaded ahead (EarlyUpload)
 
     def manifest(self, tag: str) -> Manifest:
         return replace(self.draft, tag=tag)
+
+    def addition(self, local: Path, path: str) -> CommitOperationAdd:
+        """The operation adding `local` as `path`: the one uploaded ahead, once (huggingface_hub's
+        operations are not to be reused across commits), else a new one."""
+        early = self.uploaded.pop(path, None)
+        return early if early is not None else CommitOperationAdd(path, str(local))
+
+
+class EarlyUpload:
+    """Big files uploaded on a thread while the merge goes on (Hub.preupload), so that its commit
+    adds them without uploading them then. If the upload fails, the commit uploads them itself."""
+
+    def __init__(self, hub: Hub, repo: str, files: list[tuple[Path, str]]):
+        self.files = files
+        self._result: list[CommitOperationAdd] | Exception | None = None
+        # A daemon: a merge that fails meanwhile exits without waiting for the upload.
+        self._thread = threading.Thread(target=self._upload, args=(hub, repo), name="coopt-merge-upload", daemon=True)
+        self._thread.start()
+
+    def _upload(self, hub: Hub, repo: str) -> None:
+        try:
+            self._result = hub.preupload(repo, "main", self.files)
+        except Exception as err:  # noqa: BLE001 -- reported by operations(); the commit uploads the files
+            self._result = err
+
+    def operations(self, progress: Progress) -> dict[str, CommitOperationAdd]:
+        """Once the upload has ended: path in the repo -> its operation (none if it failed)."""
+        self._thread.join()
+        if isinstance(self._result, Exception):
+            _, message, _ = describe_error(self._result)
+            progress.warn(f"Uploading {', '.join(path for _, path in self.files)} ahead of the commit failed "
+                          f"({message}); the commit uploads it.")
+            return {}
+        return {operation.path_in_repo: operation for operation in self._result or []}
 
 
 # A version tag: what huggingface.co and the embedded hub both take as a tag and a `revision=`, and
@@ -138,7 +174,7 @@ class _MainCommit:
         stale = [path for path in self.hub.list_files(self.repo, head) if path.startswith(MERGED_FOLDERS)]
         return [
             *(CommitOperationDelete(path) for path in stale if path not in uploaded_paths),
-            *(CommitOperationAdd(path, str(local)) for local, path in uploads),
+            *(self.publication.addition(local, path) for local, path in uploads),
             CommitOperationAdd(MANIFEST_PATH, manifest.to_json().encode()),
             CommitOperationAdd("README.md", card.encode()),
         ]

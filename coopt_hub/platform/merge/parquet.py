@@ -5,6 +5,7 @@ split, row group by row group.
 from __future__ import annotations
 
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,11 @@ import pyarrow.parquet as pq
 from coopt_hub.core.ahead import ahead
 from coopt_hub.core.layout import DATA_DIR
 from coopt_hub.core.manifest import SplitRecord
-from coopt_hub.core.plan import Plan
+from coopt_hub.core.plan import Plan, Unit
 from coopt_hub.core.progress import Bar, Progress
 from coopt_hub.errors import SourceError
 from coopt_hub.hub.client import Hub, open_remote
-from coopt_hub.hub.source import SourceLayout, iter_source_batches, parquet_units, resolve_source
+from coopt_hub.hub.source import SourceLayout, iter_unit_batches, parquet_units, resolve_source
 from coopt_hub.platform.merge.targets import MergedTargets
 
 if TYPE_CHECKING:
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
 # RSS at 1M x 512 (benchmarks/merge.py) was 599 MiB with 64 MiB row groups, 451 MiB with 32.
 ROW_GROUP_BYTES = 32 << 20
 FILE_BYTES = 1 << 30
+# Parts of a split written side by side (_write_split): pyarrow's encoder, most of the parquet
+# stage, runs on one core per row group; at 1M x 512 on 2 cores this stage took 16.5 s in one part.
+# Only a split whose targets take PART_MIN_BYTES or more is cut (each part makes its own files):
+# a small one stays one file.
+PARTS = 2
+PART_MIN_BYTES = 256 << 20
 # The columns a merge adds in front of the source's own.
 ADDED_COLUMNS = ("id", "target", "shard")
 
@@ -131,10 +138,10 @@ def _release_freed_heap() -> None:
 
 
 class _SplitWriter:
-    """Parquet files of one split, closed at about FILE_BYTES; named `-of-N` once N is known."""
+    """Parquet files of one part of a split (the row groups `part` numbers), closed at about FILE_BYTES."""
 
-    def __init__(self, workdir: Path, split: str, schema: pa.Schema):
-        self.split, self.schema, self.workdir = split, schema, workdir
+    def __init__(self, workdir: Path, split: str, part: int, schema: pa.Schema):
+        self.split, self.part, self.schema, self.workdir = split, part, schema, workdir
         self.files: list[Path] = []
         self.num_rows = 0
         self.num_bytes = 0  # in memory (Arrow), as `datasets` counts a split's size
@@ -143,7 +150,7 @@ class _SplitWriter:
 
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
-            self.files.append(self.workdir / f"{self.split}-{len(self.files)}.parquet")
+            self.files.append(self.workdir / f"{self.split}-{self.part}-{len(self.files)}.parquet")
             self._writer = pq.ParquetWriter(self.files[-1], self.schema)
         self._writer.write_table(table, row_group_size=table.num_rows)
         # The encoder's buffers (levels, pages: about the row group's size again) go back to the
@@ -161,11 +168,15 @@ class _SplitWriter:
             self._writer.close()
             self._writer, self._bytes = None, 0
 
-    def finish(self) -> list[tuple[Path, str]]:
-        """(local file, path in the repo) of every file written."""
+    def finish(self) -> list[Path]:
+        """Every file written, in row order."""
         self._close_file()
-        total = len(self.files)
-        return [(path, f"{DATA_DIR}/{self.split}-{i:05d}-of-{total:05d}.parquet") for i, path in enumerate(self.files)]
+        return self.files
+
+
+def _repo_paths(split: str, files: list[Path]) -> list[tuple[Path, str]]:
+    """(local file, path in the repo) of a split's files in row order, named `-of-N` as `datasets` expects."""
+    return [(path, f"{DATA_DIR}/{split}-{i:05d}-of-{len(files):05d}.parquet") for i, path in enumerate(files)]
 
 
 def write_splits(
@@ -177,46 +188,67 @@ def write_splits(
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
     for split in [merged_split, *sorted(s for s in source.layout.splits if s != merged_split)]:
-        writer = _write_split(source, split, targets if split == merged_split else None, workdir, token, progress)
-        written = writer.finish()
+        writers = _write_split(source, split, targets if split == merged_split else None, workdir, token, progress)
+        written = _repo_paths(split, [path for writer in writers for path in writer.finish()])
         if written:
             uploads.extend(written)
-            splits[split] = SplitRecord(tuple(path for _, path in written), writer.num_rows, writer.num_bytes,
+            splits[split] = SplitRecord(tuple(path for _, path in written), sum(w.num_rows for w in writers),
+                                        sum(w.num_bytes for w in writers),
                                         sum(local.stat().st_size for local, _ in written))
     return uploads, splits
 
 
 def _write_split(
     source: MergeSource, split: str, join: MergedTargets | None, workdir: Path, token: str | None, progress: Progress
-) -> _SplitWriter:
-    """One split's parquet files, joined with the merged targets (`join`) or with empty targets."""
+) -> list[_SplitWriter]:
+    """One split's parquet files, joined with the merged targets (`join`) or with empty targets: in
+    PARTS contiguous parts side by side, each read, joined and encoded on a thread of its own."""
     layout = source.layout
-    files = layout.splits[split]
-    source_rows = sum(unit.num_rows for unit in parquet_units(layout.repo, layout.revision, files, token))
-    writer = _SplitWriter(workdir, split, source.features.arrow_schema)
-    with progress.bar(source_rows, f"Writing split {split}", unit="rows") as bar:
-        # The next row group is read and joined with its targets while this one is encoded.
-        for table in ahead(_split_tables(source, files, join, token, bar), name="coopt-merge-join"):
-            writer.write(table)
-            del table  # a row group's targets (~64 MiB) are freed before the next row group is read
-    if join is not None and writer.num_rows != join.ids.num_rows:
+    units = parquet_units(layout.repo, layout.revision, layout.splits[split], token)
+    target_bytes = join.ids.num_rows * 4 * join.plan.dim if join is not None else 0
+    parts = _contiguous_parts(units, PARTS if target_bytes >= PART_MIN_BYTES else 1)
+    writers = [_SplitWriter(workdir, split, k, source.features.arrow_schema) for k in range(len(parts))]
+
+    def write_part(k: int) -> None:
+        tables = _split_tables(source, parts[k], join, token, bar)
+        if len(parts) == 1:  # one part: the next row group is joined ahead while this one is encoded
+            tables = ahead(tables, name="coopt-merge-join")
+        for table in tables:
+            writers[k].write(table)
+            del table  # a row group's targets are freed before the next row group is read
+
+    with progress.bar(sum(unit.num_rows for unit in units), f"Writing split {split}", unit="rows") as bar:
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="coopt-merge-parquet") as pool:
+            for done in [pool.submit(write_part, k) for k in range(len(parts))]:
+                done.result()  # the first part's error first; the pool waits for the others
+    rows = sum(writer.num_rows for writer in writers)
+    if join is not None and rows != join.ids.num_rows:
         raise SourceError(
-            f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {writer.num_rows} merged rows, "
+            f"Split {split} of {layout.repo}@{layout.revision[:12]} gave {rows} merged rows, "
             f"the shards hold {join.ids.num_rows}.",
             hint="The pinned source reads differently than when the plan was made; report this.",
         )
-    return writer
+    return writers
+
+
+def _contiguous_parts(units: list[Unit], parts: int) -> list[list[Unit]]:
+    """`units` cut into at most `parts` runs of about equal rows, in order (never an empty run)."""
+    total = sum(unit.num_rows for unit in units)
+    cuts: list[list[Unit]] = [[] for _ in range(max(1, min(parts, len(units))))]
+    for unit in units:
+        cuts[min(len(cuts) - 1, unit.start * len(cuts) // max(total, 1))].append(unit)
+    return [cut for cut in cuts if cut]
 
 
 def _split_tables(
-    source: MergeSource, files: tuple[str, ...], join: MergedTargets | None, token: str | None, bar: Bar
+    source: MergeSource, units: list[Unit], join: MergedTargets | None, token: str | None, bar: Bar
 ) -> Iterator[pa.Table]:
     """Row groups of one split in id order: the source's rows joined with their targets (`join`),
     or with empty targets; `bar` counts the source rows read. No row group outlives its yield here:
     each is built in `_joined` and handed on without a name that would keep it while the next is built."""
     layout = source.layout
     target_bytes = 4 * source.features.arrow_schema.field("target").type.list_size if join is not None else 0
-    for first, batch in iter_source_batches(layout.repo, layout.revision, files, source.source_columns, token):
+    for first, batch in iter_unit_batches(layout.repo, layout.revision, units, source.source_columns, token):
         row_bytes = batch.nbytes / max(batch.num_rows, 1) + target_bytes
         chunk = max(1, int(ROW_GROUP_BYTES // max(row_bytes, 1)))
         for offset in range(0, batch.num_rows, chunk):

@@ -39,7 +39,14 @@ from coopt_hub.hub.repo import read_manifest
 from coopt_hub.platform.card import render_card
 from coopt_hub.platform.contributions import report_failed_verification, settle_pull_requests
 from coopt_hub.platform.evaluate import measure_quality, read_target_sample
-from coopt_hub.platform.merge.commit import MergeResult, Publication, check_tag_free, claim_tag, publish_merge
+from coopt_hub.platform.merge.commit import (
+    EarlyUpload,
+    MergeResult,
+    Publication,
+    check_tag_free,
+    claim_tag,
+    publish_merge,
+)
 from coopt_hub.platform.merge.parquet import MergeSource, read_merge_source, write_splits
 from coopt_hub.platform.merge.reference import ReferenceChoice, choose_reference
 from coopt_hub.platform.merge.targets import MergedTargets, merge_targets
@@ -100,6 +107,7 @@ def merge(
                                        source_card=source.card, repo=repo),
             message=(f"coopt-hub merge: {len(files.shards)} shards aligned to {reference.branch} "
                      f"({reference.header.prior.get('model')})"),
+            uploaded=files.early.operations(progress),
         )
         result = publish_merge(hub, repo, publication, tag, progress)
     settle_pull_requests(hub, repo, selection.status, result.manifest, progress)
@@ -128,6 +136,7 @@ class _MergedFiles:
     shards: tuple[MergedShard, ...]
     splits: dict[str, SplitRecord]
     split: str  # the merged one
+    early: EarlyUpload  # the targets file, uploading since it was written
 
     @property
     def uploads(self) -> list[tuple[Path, str]]:
@@ -195,7 +204,8 @@ def _write_files(
     verification: MergeVerifier | None,
     progress: Progress,
 ) -> _MergedFiles:
-    """The merged targets file in `workdir`, then the parquet files joined with it."""
+    """The merged targets file in `workdir`, then the parquet files joined with it; the targets file
+    uploads meanwhile (the parquet stage only reads it)."""
     path = workdir / "targets.safetensors"
     with MergedTargets(path, selection.plan, selection.done, choice.reference) as targets:
         try:
@@ -204,9 +214,11 @@ def _write_files(
             if verification is not None:
                 report_failed_verification(hub, repo, selection.status, verification.results, progress)
             raise
-        progress.info("Writing parquet files.")
+        targets.file.flush()
+        early = EarlyUpload(hub, repo, [(path, TARGETS_PATH)])
+        progress.info("Writing parquet files (the targets file uploads meanwhile).")
         data_files, splits = write_splits(source, targets, workdir, hub.token, progress)
-    return _MergedFiles(data_files, path, shards, splits, selection.plan.split)
+    return _MergedFiles(data_files, path, shards, splits, selection.plan.split, early)
 
 
 def _measure(files: _MergedFiles, choice: ReferenceChoice, source: MergeSource, progress: Progress) -> dict:
