@@ -149,3 +149,17 @@ def test_leave_one_group_out_sees_what_a_mixed_probe_hides():
     assert same_space.accuracy == 1.0
     with pytest.raises(ConfigError, match="two groups"):
         leave_one_group_out_probe(x, y, np.zeros(y.size))
+
+
+def test_knn_accuracy_agrees_with_scikit_learns_classifier_in_blocks_of_any_size():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 24)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + 2 * (rng.random(700) < 0.3)  # 4 classes, partly predictable
+    reference = KNeighborsClassifier(n_neighbors=7, metric="cosine", algorithm="brute").fit(x[:500], y[:500])
+    expected = float(np.mean(reference.predict(x[500:]) == y[500:]))
+    for block in (1, 64, 1000):
+        assert knn_accuracy(x[:500], y[:500], x[500:], y[500:], k=7, block=block) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="k must lie"):
+        knn_accuracy(x[:5], y[:5], x[5:9], y[5:9], k=6)

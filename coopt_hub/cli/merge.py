@@ -47,11 +47,15 @@ def merge(ctx, repo, tag, images, allow_partial, verify, verify_sample, no_evalu
     Nothing is written unless every check passes; main changes in one commit, which is tagged.
     Running it again without new shards does nothing.
     """
+    from coopt_hub.core.memory import bound_heap
     from coopt_hub.hub.client import Hub
     from coopt_hub.platform.merge.run import merge as merge_shards
 
     if not verify and ctx.get_parameter_source("verify_sample") is not ParameterSource.DEFAULT:
         raise click.UsageError("--verify-sample is the sample of --verify; pass --verify too.")
+    # This process's merge reads, uploads and encodes on several threads and frees large arrays all
+    # along: bounded, the heap keeps the merge's memory goal (benchmarks/merge.py).
+    bound_heap()
     result = merge_shards(
         Hub(token=token), repo, tag=tag, images=images, allow_partial=allow_partial, verify=verify,
         verify_sample=verify_sample, no_evaluate=no_evaluate, progress=out,

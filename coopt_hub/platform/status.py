@@ -15,6 +15,7 @@ full before using them.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,9 @@ def _is_merged(status: ShardStatus, merged: set[tuple[int, str]], manifest: Mani
     return status.header is not None and held.get(status.shard) == status.header.checksums
 
 
+STATUS_THREADS = 8
+
+
 def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     """Read the plan on main and, of every shard, the headers of its contributions (branch, open pull
     requests, main's latest merge): the newest that is done counts, else the newest."""
@@ -198,9 +202,14 @@ def collaboration_status(hub: Hub, repo: str) -> CollaborationStatus:
     branches, _ = hub.refs(repo)
     found = find_contributions(hub, repo, plan.num_shards, dict(merged), branches)
     shards, anchors = [], {}
-    for k in range(plan.num_shards):
-        status, anchors[k] = _choose(hub, repo, plan, k, found.get(k, []), branches.get(shard_branch(k)))
-        shards.append(replace(status, merged=_is_merged(status, merged, manifest)))
+    # Each shard's reads (two headers, its anchors) wait on the Hub: shards are read side by side
+    # (8 shards of a 1M-row merge benchmark: 2.6 s one after another).
+    with ThreadPoolExecutor(min(STATUS_THREADS, max(plan.num_shards, 1)), thread_name_prefix="coopt-status") as pool:
+        chosen = pool.map(lambda k: _choose(hub, repo, plan, k, found.get(k, []), branches.get(shard_branch(k))),
+                          range(plan.num_shards))
+        for k, (status, outputs) in enumerate(chosen):
+            anchors[k] = outputs
+            shards.append(replace(status, merged=_is_merged(status, merged, manifest)))
     ranking = _rank(plan, {k: outputs for k, outputs in anchors.items() if outputs is not None})
     if ranking is not None:
         scores = {score.name: score for score in ranking.scores}

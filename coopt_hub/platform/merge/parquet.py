@@ -4,7 +4,6 @@ split, row group by row group.
 
 from __future__ import annotations
 
-import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 
 from coopt_hub.core.ahead import ahead
 from coopt_hub.core.layout import DATA_DIR
+from coopt_hub.core.memory import trim_heap
 from coopt_hub.core.manifest import SplitRecord
 from coopt_hub.core.plan import Plan, Unit
 from coopt_hub.core.progress import Bar, Progress
@@ -126,17 +126,6 @@ def merged_features(source_features, image_column: str, dim: int, images: str):
     return datasets.Features(columns)
 
 
-def _release_freed_heap() -> None:
-    """Return the C heap's free pages to the system. glibc keeps memory freed in the middle of its
-    heaps (numpy's temporaries of the targets' merge, of the last row group) resident until it is
-    trimmed, and that would count on top of the row group being written."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim this way
-        return
-    libc.malloc_trim(0)
-
-
 class _SplitWriter:
     """Parquet files of one part of a split (the row groups `part` numbers), closed at about FILE_BYTES."""
 
@@ -156,7 +145,7 @@ class _SplitWriter:
         # The encoder's buffers (levels, pages: about the row group's size again) go back to the
         # system now, not whenever the allocator decides, which would be after the next row group is built.
         pa.default_memory_pool().release_unused()
-        _release_freed_heap()
+        trim_heap()
         self.num_rows += table.num_rows
         self.num_bytes += table.nbytes
         self._bytes += table.nbytes
@@ -184,7 +173,7 @@ def write_splits(
 ) -> tuple[list[tuple[Path, str]], dict[str, SplitRecord]]:
     """The merged split with its `targets`, and every other split of the source with empty targets."""
     merged_split = targets.plan.split
-    _release_freed_heap()
+    trim_heap()
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
     for split in [merged_split, *sorted(s for s in source.layout.splits if s != merged_split)]:
@@ -195,6 +184,8 @@ def write_splits(
             splits[split] = SplitRecord(tuple(path for _, path in written), sum(w.num_rows for w in writers),
                                         sum(w.num_bytes for w in writers),
                                         sum(local.stat().st_size for local, _ in written))
+    pa.default_memory_pool().release_unused()  # what the row groups left, before the evaluation's reads
+    trim_heap()
     return uploads, splits
 
 
