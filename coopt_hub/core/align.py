@@ -702,7 +702,7 @@ def _scoring_precision(source, target) -> type:
     """The dtype the folds are scored in: float32 when both inputs are float32 or narrower (model
     outputs, fp16 shard files), else float64. The decompositions then err by about the inputs' own
     rounding relative to the largest eigenvalue, and take half the time (at 10,000 x 1024 on 2 cores
-    select_alignment 2.3 -> 1.4 s, measured); strengths below that resolution are not candidates
+    select_alignment 2.2-2.5 -> 1.8-1.9 s, measured); strengths below that resolution are not candidates
     (_ridge_errors), and the sums, refit and reported residuals stay float64."""
     dtypes = [np.asarray(value).dtype for value in (source, target)]
     narrow = all(np.issubdtype(dtype, np.floating) and dtype.itemsize <= 4 for dtype in dtypes)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a part of either.
+"""Atomic file writes: a reader sees the old file or the new one, never a part of either. And
+positioned reads (read_at), which share no file offset between threads.
 
 The new content goes to a temporary file beside the target (unique per process and thread, so
 ranks sharing a work directory never write the same one), is flushed to disk, then renamed over
@@ -38,3 +39,16 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     write_bytes_atomically(path, text.encode())
+
+
+def read_at(fileno: int, buffer: memoryview, offset: int) -> int:
+    """Fill `buffer` (bytes) from `offset` of the open file `fileno` with positioned reads, which move
+    no file offset, so several threads may read one file at once; returns the bytes read, fewer
+    than asked only where the file ends."""
+    done = 0
+    while done < buffer.nbytes:
+        count = os.preadv(fileno, [buffer[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    return done

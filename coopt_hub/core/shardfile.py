@@ -37,7 +37,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from coopt_hub.core.align import METHODS, PcaBasis
-from coopt_hub.core.files import atomic_path
+from coopt_hub.core.files import atomic_path, read_at
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE
 from coopt_hub.core.plan import PROJECTIONS, Plan
 from coopt_hub.errors import ShardFileError
@@ -980,10 +980,7 @@ class TensorFile:
         dtype, position = self._position(name, start)
         out = np.empty((stop - start, *self._tensors[name][1][1:]), dtype=dtype)
         self._file.flush()  # what write_rows left in the buffer
-        view, done = memoryview(out).cast("B"), 0
-        while done < view.nbytes:
-            count = os.preadv(self._file.fileno(), [view[done:]], position + done)
-            if count == 0:
-                raise ShardFileError(f"{self._file.name} ends before row {stop} of tensor '{name}'.")
-            done += count
+        view = memoryview(out).cast("B")
+        if read_at(self._file.fileno(), view, position) != view.nbytes:
+            raise ShardFileError(f"{self._file.name} ends before row {stop} of tensor '{name}'.")
         return out

@@ -169,26 +169,11 @@ def read_plan_unit(plan: Plan, unit: Unit, columns: list[str] | None = None, tok
     return read_unit(plan.source_repo, plan.source_revision, unit, columns, token)
 
 
-def iter_source_batches(
-    repo: str, revision: str, files: tuple[str, ...] | list[str], columns: list[str] | None = None, token: str | None = None
-) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first id, batch) over the given files in id order, one row group at a time."""
-    start = 0
-    for file in files:
-        with open_remote(repo, revision, file, token) as handle:
-            parquet = pq.ParquetFile(handle)
-            for group in range(parquet.metadata.num_row_groups):
-                for batch in parquet.read_row_group(group, columns=columns).to_batches():
-                    if batch.num_rows:
-                        yield start, batch
-                        start += batch.num_rows
-
-
 def iter_unit_batches(
     repo: str, revision: str, units: list[Unit], columns: list[str] | None = None, token: str | None = None
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first id, batch) over consecutive row-group `units` (parquet_units), in id order, each file
-    opened once: iter_source_batches from any unit on, so that parts of a split can be read side by side."""
+    """(first id, batch) over consecutive row-group `units` (parquet_units), in id order, one row group
+    at a time and each file opened once; any run of units, so that parts of a split can be read side by side."""
     for file, group in itertools.groupby(units, key=lambda unit: unit.file):
         with open_remote(repo, revision, file, token) as handle:
             parquet = pq.ParquetFile(handle)

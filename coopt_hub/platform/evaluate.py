@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coopt_hub.core.align import AlignmentFit, fit_transform, normalize, select_alignment
+from coopt_hub.core.files import read_at
 from coopt_hub.core.layout import TARGETS_PATH
 from coopt_hub.core.memory import trim_heap
 from coopt_hub.core.progress import LogProgress, Progress
@@ -131,7 +131,7 @@ def _read_rows(path: Path, start: int, entry: dict, positions: np.ndarray) -> np
         for first, stop in zip(np.r_[0, breaks], np.r_[breaks, positions.size]):
             offset = start + entry["data_offsets"][0] + int(positions[first]) * row_bytes
             wanted = view[int(first) * row_bytes:int(stop) * row_bytes]
-            if os.preadv(handle.fileno(), [wanted], offset) != wanted.nbytes:
+            if read_at(handle.fileno(), wanted, offset) != wanted.nbytes:
                 raise VerificationError(f"{path.name} ends before row {int(positions[stop - 1])}.",
                                         hint="The version's targets file is damaged; merge again.")
     return out

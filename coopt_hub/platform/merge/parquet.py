@@ -4,8 +4,8 @@ split, row group by row group.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from coopt_hub.core.ahead import ahead
 from coopt_hub.core.layout import DATA_DIR
-from coopt_hub.core.memory import trim_heap
 from coopt_hub.core.manifest import SplitRecord
+from coopt_hub.core.memory import trim_heap
 from coopt_hub.core.plan import Plan, Unit
 from coopt_hub.core.progress import Bar, Progress
 from coopt_hub.errors import SourceError
@@ -144,8 +144,7 @@ class _SplitWriter:
         self._writer.write_table(table, row_group_size=table.num_rows)
         # The encoder's buffers (levels, pages: about the row group's size again) go back to the
         # system now, not whenever the allocator decides, which would be after the next row group is built.
-        pa.default_memory_pool().release_unused()
-        trim_heap()
+        _release_memory()
         self.num_rows += table.num_rows
         self.num_bytes += table.nbytes
         self._bytes += table.nbytes
@@ -184,9 +183,14 @@ def write_splits(
             splits[split] = SplitRecord(tuple(path for _, path in written), sum(w.num_rows for w in writers),
                                         sum(w.num_bytes for w in writers),
                                         sum(local.stat().st_size for local, _ in written))
-    pa.default_memory_pool().release_unused()  # what the row groups left, before the evaluation's reads
-    trim_heap()
+    _release_memory()  # what the row groups left, before the evaluation's reads
     return uploads, splits
+
+
+def _release_memory() -> None:
+    """Freed memory back to the system: Arrow's pool, then the C heap."""
+    pa.default_memory_pool().release_unused()
+    trim_heap()
 
 
 def _write_split(
