@@ -166,6 +166,7 @@ main(sys.argv[1:])
 class MergeRun:
     seconds: float
     cpu_seconds: float  # the merge process's user + system time
+    system_seconds: float  # of which system (page faults, copies in and out of the kernel)
     server_cpu_seconds: float  # this process's meanwhile: the embedded hub serving the merge
     peak_mib: float
     summary: dict  # merge --json
@@ -187,8 +188,9 @@ def run_merge(repo: str, env: dict[str, str], scratch: Path, evaluate: bool, pro
     if completed.returncode != 0:
         sys.exit(f"merge failed with exit code {completed.returncode}")
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    system = after.ru_stime - before.ru_stime
     server = (server_after.ru_utime - server_before.ru_utime + server_after.ru_stime - server_before.ru_stime)
-    return MergeRun(seconds, cpu, server, int(hwm_file.read_text()) / 1024, json.loads(completed.stdout))
+    return MergeRun(seconds, cpu, system, server, int(hwm_file.read_text()) / 1024, json.loads(completed.stdout))
 
 
 def main() -> None:
@@ -236,8 +238,8 @@ def main() -> None:
         summary = merged.summary
         print(f"merged {summary['rows']:,} rows as {summary['tag']} (re-aligned shards {summary['realigned']}), "
               f"images={summary['images']}, target-quality evaluation {'off' if args.no_evaluate else 'on'}")
-        print(f"merge CPU seconds: {merged.cpu_seconds:.1f}, the embedded hub's meanwhile "
-              f"{merged.server_cpu_seconds:.1f} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        print(f"merge CPU seconds: {merged.cpu_seconds:.1f} ({merged.system_seconds:.1f} system), "
+              f"the embedded hub's meanwhile {merged.server_cpu_seconds:.1f} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         print(f"merge seconds: {merged.seconds:.1f}")
         print(f"peak RSS MiB: {merged.peak_mib:.0f}")
         server.stop()

@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -8,7 +9,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE, remote_paths, shard_branch, shard_prefix
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardReader, ShardResult, read_shard, write_shard
+from coopt_hub.core.shardfile import (
+    AnchorOutputs,
+    RemoteFile,
+    ShardHeader,
+    ShardReader,
+    ShardResult,
+    read_shard,
+    write_shard,
+)
 from coopt_hub.errors import ShardFileError
 
 ROWS, DIM, OUTPUT_DIM, ANCHORS = 12, 8, 6, 4
@@ -327,4 +336,61 @@ def test_ranges_without_the_aligned_tensor_leave_it_unread_and_still_check_the_r
     path.write_bytes(bytes(data))
     with pytest.raises(ShardFileError, match="'raw' does not match its checksum"), \
             ShardReader(shard_dir, verify=True) as shard:
+        list(shard.chunks(5, aligned=False))
+
+
+class _RecordedFile(io.BytesIO):
+    """A file's bytes that remembers every byte range read from it (as a remote file would fetch)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.ranges: list[tuple[int, int]] = []
+        self.closed_by_reader = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self.tell()
+        data = super().read(size)
+        self.ranges.append((start, start + len(data)))
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(memoryview(buffer).nbytes)
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.closed_by_reader = True
+        super().close()
+
+
+def test_a_targets_file_read_where_it_lies_fetches_only_the_ranges_asked_for(shard_dir: Path):
+    """ShardReader(targets=RemoteFile) reads the targets from another file object (a merge's range
+    requests): the same rows and checks as from disk, and a re-aligned shard's aligned tensor never read."""
+    result, _ = make_pair()
+    path = shard_dir / TARGETS_FILE
+    data = path.read_bytes()
+    with safe_open(str(path), framework="numpy") as stored:
+        aligned_bytes = stored.get_tensor("aligned").tobytes()
+    aligned_start = data.find(aligned_bytes)
+    opened: list[_RecordedFile] = []
+
+    def opener() -> _RecordedFile:
+        opened.append(_RecordedFile(data))
+        return opened[-1]
+
+    remote = RemoteFile("shard/0@abc/targets.safetensors", opener)
+    with ShardReader(shard_dir, verify=True, targets=remote) as shard:
+        ranges = list(shard.chunks(5, aligned=False))
+    assert np.array_equal(np.concatenate([r.raw for r in ranges]), result.raw.astype(np.float16))
+    assert np.array_equal(np.concatenate([r.ids for r in ranges]), result.ids)
+    (file,) = opened
+    assert file.closed_by_reader
+    read = [r for r in file.ranges if r[1] > r[0]]
+    assert read and not [r for r in read if r[0] < aligned_start + len(aligned_bytes) and r[1] > aligned_start]
+
+    damaged = bytearray(data)
+    damaged[data.find(result.raw.astype(np.float16).tobytes()) + 1] ^= 0x01
+    remote = RemoteFile("shard/0@abc/targets.safetensors", lambda: _RecordedFile(bytes(damaged)))
+    with pytest.raises(ShardFileError, match=r"shard/0@abc/targets.safetensors.*'raw' does not match its checksum"), \
+            ShardReader(shard_dir, verify=True, targets=remote) as shard:
         list(shard.chunks(5, aligned=False))

@@ -28,10 +28,10 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -505,6 +505,15 @@ class ShardRows:
     aligned: np.ndarray | None  # fp16 [rows, dim]; None when the reader was asked to leave it (chunks)
 
 
+@dataclass(frozen=True)
+class RemoteFile:
+    """A targets file read where it lies rather than from `directory`: `open()` gives a seekable
+    binary file (a Hub file read by range requests), `name` says where it is in messages."""
+
+    name: str
+    open: Callable[[], BinaryIO]
+
+
 class ShardReader:
     """A shard's pair of files, open, with read_shard's checks and the targets read in row ranges.
 
@@ -518,11 +527,16 @@ class ShardReader:
                 ...  # keep nothing made from `rows` as good until the loop has ended
     """
 
-    def __init__(self, directory: Path, verify: bool = True):
+    def __init__(self, directory: Path, verify: bool = True, targets: RemoteFile | None = None):
         directory = Path(directory)
         self.verify = verify
-        self.targets_path, self.anchors_path = directory / TARGETS_FILE, directory / ANCHORS_FILE
-        self._targets, self.header = _open(self.targets_path, _TARGET_TENSORS)
+        self.anchors_path = directory / ANCHORS_FILE
+        if targets is None:
+            self.targets_path: Path | str = directory / TARGETS_FILE
+            self._targets, self.header = _open(self.targets_path, _TARGET_TENSORS)
+        else:
+            self.targets_path = targets.name
+            self._targets, self.header = _open_file(targets.name, targets.open(), _TARGET_TENSORS)
         try:
             self.anchors = self._read_anchors()
         except BaseException:
@@ -631,9 +645,10 @@ class _SafetensorsFile:
     """One safetensors file, open, read with plain reads: a memory map's pages would count as this
     process's memory for as long as the map lives, and a shard's targets are the bulk of a merge."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str, file: BinaryIO):
+        """`file`, open for reading and seekable, is `path`'s content; this closes it."""
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file = file
         try:
             self.metadata, self.tensors = self._parse_header()
         except ValueError as err:  # json's errors and UnicodeDecodeError are ValueErrors too
@@ -654,7 +669,8 @@ class _SafetensorsFile:
         self._file.close()
 
     def _parse_header(self) -> tuple[dict[str, str], dict[str, _StoredTensor]]:
-        size = os.fstat(self._file.fileno()).st_size
+        size = self._file.seek(0, os.SEEK_END)
+        self._file.seek(0)
         prefix = self._file.read(8)
         if len(prefix) < 8:
             raise ValueError(f"{size} bytes cannot hold the 8-byte header length")
@@ -769,7 +785,12 @@ def _open(path: Path, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardH
     """One of a shard's files, open, with its coopt header, once its tensors' names and dtypes are right."""
     if not path.is_file():
         raise ShardFileError(f"{path} is missing.", hint=_REFRESH_HINT)
-    stored = _SafetensorsFile(path)
+    return _open_file(path, open(path, "rb"), dtypes)  # noqa: SIM115 - closed by the _SafetensorsFile
+
+
+def _open_file(path: Path | str, file: BinaryIO, dtypes: dict[str, type]) -> tuple[_SafetensorsFile, ShardHeader]:
+    """_open on a file already open (`path` names it in messages); closes it on any error."""
+    stored = _SafetensorsFile(path, file)
     try:
         _check_present(stored, dtypes)
         if HEADER_KEY not in stored.metadata:

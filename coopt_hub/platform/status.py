@@ -18,7 +18,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
@@ -26,9 +26,9 @@ from coopt_hub.core.layout import remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.manifest import Manifest
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.quality import PriorRanking, PriorScore
-from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, header_problems
+from coopt_hub.core.shardfile import AnchorOutputs, RemoteFile, ShardHeader, header_problems
 from coopt_hub.errors import PlanError, ShardFileError
-from coopt_hub.hub.client import Hub
+from coopt_hub.hub.client import Hub, open_remote
 from coopt_hub.hub.contributions import Contribution, find_contributions
 from coopt_hub.hub.repo import load_plan, read_manifest, read_remote_header, read_shard_anchors
 from coopt_hub.participant.reference import rank_stored_anchors
@@ -284,14 +284,16 @@ def shard_status(hub: Hub, repo: str, plan: Plan, k: int, commit: str | None) ->
     return ShardStatus(k, branch, STALE if problems else DONE, expected, commit, header, tuple(problems))
 
 
-def download_shard(hub: Hub, repo: str, shard: int, commit: str, directory: Path) -> Path:
+def download_shard(hub: Hub, repo: str, shard: int, commit: str, directory: Path, targets: bool = True) -> Path:
     """Shard `shard`'s pair of files as pushed at `commit` (not its branch, which may move on), into
-    `directory`; returns the folder a ShardReader opens.
+    `directory`; returns the folder a ShardReader opens. Without `targets`, only the anchors file:
+    for a reader given the targets as a RemoteFile (remote_targets).
 
     RemoteEntryNotFoundError when no targets were pushed; ShardFileError when the anchors are missing.
     """
     paths = remote_paths(shard)
-    hub.download(repo, paths.targets, commit, local_dir=directory)
+    if targets:
+        hub.download(repo, paths.targets, commit, local_dir=directory)
     try:
         hub.download(repo, paths.anchors, commit, local_dir=directory)
     except RemoteEntryNotFoundError as err:
@@ -300,3 +302,20 @@ def download_shard(hub: Hub, repo: str, shard: int, commit: str, directory: Path
             hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
         ) from err
     return directory / shard_prefix(shard)
+
+
+def remote_targets(hub: Hub, repo: str, shard: int, commit: str) -> RemoteFile:
+    """Shard `shard`'s targets file as pushed at `commit`, to be read where it lies by range requests
+    (ShardReader's `targets`): only the ranges read are fetched, and nothing lands on disk."""
+    path = remote_paths(shard).targets
+
+    def opened() -> BinaryIO:
+        try:
+            return open_remote(repo, commit, path, hub.token, hub.endpoint)
+        except FileNotFoundError as err:
+            raise ShardFileError(
+                f"{path} is missing from {shard_branch(shard)}@{commit[:12]}.",
+                hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
+            ) from err
+
+    return RemoteFile(f"{shard_branch(shard)}@{commit[:12]}/{path}", opened)

@@ -18,12 +18,12 @@ from coopt_hub.core.align import AlignmentFit, select_alignment
 from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
-from coopt_hub.core.shardfile import ShardHeader, ShardReader, ShardRows, TensorFile, expected_ids
+from coopt_hub.core.shardfile import RemoteFile, ShardHeader, ShardReader, ShardRows, TensorFile, expected_ids
 from coopt_hub.errors import ShardFileError, SourceError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge.reference import ReferenceChoice
 from coopt_hub.platform.merge.verification import MergeVerifier
-from coopt_hub.platform.status import ShardStatus, download_shard
+from coopt_hub.platform.status import ShardStatus, download_shard, remote_targets
 from coopt_hub.platform.verify import ALIGN_CHUNK_ROWS
 
 # Below this many rows per run of consecutive positions on average, rows are written window by window
@@ -169,15 +169,20 @@ def merge_targets(
     the next shard downloads while one merges (at most two on disk besides it).
     With `verification`, every shard is verified before the refusal that names each one that did not pass."""
 
+    # Verification re-encodes rows picked at random, so it needs the targets on disk; otherwise they
+    # are read where they lie, range by range, and a re-aligned shard's aligned tensor is never fetched.
+    on_disk = verification is not None
+
     def downloads() -> Iterator[tuple[ShardStatus, Path, Path]]:
         for status in sorted(targets.done, key=lambda s: s.shard):
             local = workdir / f"shard-{status.shard}"
-            yield status, local, download_shard(hub, repo, status.shard, status.commit, local)
+            yield status, local, download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
 
     merged = []
     for status, local, directory in ahead(downloads(), name="coopt-merge-download"):
         progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
-        merged.append(_merge_shard(status, directory, targets, choice, verification, progress))
+        remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
+        merged.append(_merge_shard(status, directory, remote, targets, choice, verification, progress))
         shutil.rmtree(local)
         faults.reach("merge-shard")
     if verification is not None:
@@ -188,14 +193,16 @@ def merge_targets(
 def _merge_shard(
     status: ShardStatus,
     directory: Path,
+    remote: RemoteFile | None,
     targets: MergedTargets,
     choice: ReferenceChoice,
     verification: MergeVerifier | None,
     progress: Progress,
 ) -> MergedShard:
-    """Check one downloaded shard and write its raw and aligned rows, a range at a time; return its manifest entry."""
+    """Check one shard (its anchors in `directory`, its targets there too or `remote`) and write its
+    raw and aligned rows, a range at a time; return its manifest entry."""
     try:
-        with ShardReader(directory, verify=True) as shard:
+        with ShardReader(directory, verify=True, targets=remote) as shard:
             _check_shard(status, shard.header)
             realignment = _realignment(status, shard.header, choice, progress)
             _stream_rows(status, shard, realignment, targets, progress)
