@@ -239,7 +239,8 @@ def main() -> None:
         print(f"merged {summary['rows']:,} rows as {summary['tag']} (re-aligned shards {summary['realigned']}), "
               f"images={summary['images']}, target-quality evaluation {'off' if args.no_evaluate else 'on'}")
         print(f"merge CPU seconds: {merged.cpu_seconds:.1f} ({merged.system_seconds:.1f} system), "
-              f"the embedded hub's meanwhile {merged.server_cpu_seconds:.1f} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+              f"the embedded hub's meanwhile {merged.server_cpu_seconds:.1f} "
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         print(f"merge seconds: {merged.seconds:.1f}")
         print(f"peak RSS MiB: {merged.peak_mib:.0f}")
         server.stop()

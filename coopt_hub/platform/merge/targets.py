@@ -311,7 +311,8 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     re-aligned values that small)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     halves = np.empty(values.shape, np.float16)
-    _HalfBits(max(1, min(values.size, _HALF_BLOCK_VALUES))).convert(values.reshape(-1), halves.reshape(-1).view(np.uint16))
+    block = max(1, min(values.size, _HALF_BLOCK_VALUES))
+    _HalfBits(block).convert(values.reshape(-1), halves.reshape(-1).view(np.uint16))
     return halves
 
 
