@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from helpers_hub import Collaboration, FakePrior, skipping
 
 from coopt_hub.core.align import select_alignment
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
-from coopt_hub.core.shardfile import TensorFile
+from coopt_hub.core.shardfile import ShardRows, TensorFile
 from coopt_hub.errors import ConflictError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.merge.targets import to_float16, write_at
+from coopt_hub.platform.merge.targets import _aligned, _Realignment, to_float16, write_at
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -105,6 +107,21 @@ def test_the_train_split_holds_every_row_with_its_image_and_target(published, v1
     assert train[0]["image"].size == (16, 16)
     assert v1_train["target"].dtype == np.float32
     assert v1_train["target"].shape == (plan.num_rows, plan.dim)
+
+
+def test_targets_are_stored_as_dictionary_indices_without_a_codec_and_the_rest_with_snappy(hub, published):
+    """The target column's pages are dictionary indices (its float32 values are float16s), which a
+    codec barely shrinks: stored uncompressed; every other column keeps pyarrow's default, snappy."""
+    from huggingface_hub import hf_hub_download
+
+    repo, manifest = published.collab.repo, published.result.manifest
+    path = hf_hub_download(repo, manifest.splits["train"].files[0], repo_type="dataset", revision=manifest.tag)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema.split(".")[0]: group.column(i) for i in range(group.num_columns)}
+    assert columns["target"].compression == "UNCOMPRESSED"
+    assert "RLE_DICTIONARY" in columns["target"].encodings
+    assert {name: c.compression for name, c in columns.items() if name != "target"} == \
+        dict.fromkeys(set(columns) - {"target"}, "SNAPPY")
 
 
 def test_rows_keep_their_ids_shards_and_labels(published, digits_source, v1_train):
@@ -574,3 +591,29 @@ def test_float16_narrowing_matches_numpys_cast_on_every_kind_of_float32():
         expected = values.astype(np.float16)
     assert np.array_equal(to_float16(values).view(np.uint16), expected.view(np.uint16))
     assert to_float16(values[:0]).shape == (0, 100)
+
+
+def test_re_aligned_targets_that_overflow_float16_are_refused_not_written():
+    """A map that takes a shard's targets past float16's range (from 65520 up, which rounds to
+    infinity) is refused with the shard named; one that stays just below (65504) is kept, bit for bit."""
+    rng = np.random.default_rng(4)
+    raw = rng.standard_normal((64, 8)).astype(np.float16)
+    fit = select_alignment(raw.astype(np.float32), raw.astype(np.float32) @ rng.standard_normal((8, 8)))
+    rows = ShardRows(0, np.arange(64), raw, None)
+    status = SimpleNamespace(shard=3)
+
+    def aligned(transform: np.ndarray) -> np.ndarray:
+        return _aligned(status, rows, _Realignment(realigned=True, fit=replace(fit, transform=transform)))
+
+    expected = (raw.astype(np.float32) @ fit.transform.astype(np.float32)).astype(np.float16)
+    assert np.array_equal(aligned(fit.transform).view(np.uint16), expected.view(np.uint16))
+    # One value scaled to exactly 65504 is finite; the same row scaled past 65520 is not.
+    row, column = np.unravel_index(np.abs(raw.astype(np.float32)).argmax(), raw.shape)
+    onto_one = np.zeros((8, 8))
+    onto_one[column, 0] = 65504.0 / float(raw[row, column])
+    kept = aligned(onto_one).astype(np.float32)
+    assert np.isfinite(kept).all() and np.abs(kept).max() == 65504
+    with pytest.raises(VerificationError, match=r"Shard 3: re-aligned targets overflow float16"):
+        aligned(onto_one * 1.001)
+    with pytest.raises(VerificationError, match="overflow float16"):
+        aligned(np.full((8, 8), np.nan))

@@ -15,6 +15,7 @@ from coopt_hub.core.shardfile import (
     ShardHeader,
     ShardReader,
     ShardResult,
+    all_finite,
     read_shard,
     write_shard,
 )
@@ -394,3 +395,24 @@ def test_a_targets_file_read_where_it_lies_fetches_only_the_ranges_asked_for(sha
     with pytest.raises(ShardFileError, match=r"shard/0@abc/targets.safetensors.*'raw' does not match its checksum"), \
             ShardReader(shard_dir, verify=True, targets=remote) as shard:
         list(shard.chunks(5, aligned=False))
+
+
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4", ">f4", "<f8", ">f8"])
+def test_all_finite_reads_the_bits_as_isfinite_does(dtype: str):
+    """all_finite (the shard and merge checks) against numpy's isfinite: random bit patterns of every
+    float width and byte order (NaN payloads, infinities, subnormals, both zeros), one bad value at a
+    time in an otherwise finite array, and arrays that are not floats or are empty."""
+    rng = np.random.default_rng(0)
+    width = np.dtype(dtype).itemsize
+    patterns = rng.integers(0, 256, size=(4096, width), dtype=np.uint8).view(dtype).reshape(-1)
+    assert not np.isfinite(patterns).all()
+    finite = patterns[np.isfinite(patterns)]
+    assert all_finite(finite)
+    for bad in (np.inf, -np.inf, np.nan, patterns[~np.isfinite(patterns)][0]):
+        for where in (0, finite.size // 2, finite.size - 1):
+            spoiled = finite.copy()
+            spoiled[where] = bad
+            assert not all_finite(spoiled)
+    largest = np.array([np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal, -0.0], dtype)
+    assert all_finite(largest) and all_finite(largest[::2])  # a strided view too
+    assert all_finite(np.arange(5)) and all_finite(np.zeros(0, dtype))
