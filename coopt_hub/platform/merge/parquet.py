@@ -4,6 +4,7 @@ split, row group by row group.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class _SplitWriter:
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
             self.files.append(self.workdir / f"{self.split}-{self.part}-{len(self.files)}.parquet")
-            self._writer = pq.ParquetWriter(self.files[-1], self.schema)
+            self._writer = pq.ParquetWriter(self.files[-1], self.schema, compression=_compression(self.schema))
         self._writer.write_table(table, row_group_size=table.num_rows)
         # The encoder's buffers (levels, pages: about the row group's size again) go back to the
         # system now, not whenever the allocator decides, which would be after the next row group is built.
@@ -160,6 +161,19 @@ class _SplitWriter:
         """Every file written, in row order."""
         self._close_file()
         return self.files
+
+
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    """pyarrow's default codec (snappy) for every column but the targets, stored uncompressed: their
+    pages are dictionary indices (float16 values take at most 65536 distinct float32s) that snappy
+    shrank by 1% for ~7% of the encoding time (1M x 512: 0.91 GiB either way). pyarrow takes codecs
+    by the parquet paths of the leaf columns (target.list.element, image.bytes), read here from the
+    parquet schema of an empty file."""
+    empty = io.BytesIO()
+    pq.write_table(schema.empty_table(), empty)
+    leaves = pq.ParquetFile(io.BytesIO(empty.getvalue())).schema
+    paths = [leaves.column(i).path for i in range(len(leaves))]
+    return {path: "none" if path.split(".")[0] == "target" else "snappy" for path in paths}
 
 
 def _repo_paths(split: str, files: list[Path]) -> list[tuple[Path, str]]:
