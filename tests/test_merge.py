@@ -13,6 +13,7 @@ import pytest
 from helpers_hub import Collaboration, FakePrior, skipping
 
 from coopt_hub.core.align import select_alignment
+from coopt_hub.core.halves import to_float16, to_float32
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
 from coopt_hub.core.shardfile import ShardRows, TensorFile
@@ -21,7 +22,7 @@ from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.merge.targets import _aligned, _Realignment, to_float16, write_at
+from coopt_hub.platform.merge.targets import _aligned, _Realignment, write_at
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -617,3 +618,18 @@ def test_re_aligned_targets_that_overflow_float16_are_refused_not_written():
         aligned(onto_one * 1.001)
     with pytest.raises(VerificationError, match="overflow float16"):
         aligned(np.full((8, 8), np.nan))
+
+
+def test_float16_widening_matches_numpys_cast_on_every_bit_pattern():
+    """Every float16 bit pattern (subnormals, both zeros, infinities, NaN payloads), shuffled into an
+    array larger than one lookup block, in a non-contiguous view and in big-endian order."""
+    patterns = np.random.default_rng(5).permutation(np.tile(np.arange(1 << 16, dtype=np.uint32), 3)).astype(np.uint16)
+    halves = patterns.view(np.float16).reshape(-1, 96)
+    with np.errstate(all="ignore"):
+        expected = halves.astype(np.float32)
+    widened = to_float32(halves)
+    assert widened.shape == halves.shape and widened.dtype == np.float32
+    assert np.array_equal(widened.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(to_float32(halves[:, ::3]).view(np.uint32), expected[:, ::3].view(np.uint32))
+    assert np.array_equal(to_float32(halves.astype(">f2")).view(np.uint32), expected.view(np.uint32))
+    assert to_float32(halves[:0]).shape == (0, 96)

@@ -41,6 +41,7 @@ from typing import TypeVar
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from coopt_hub.core.halves import to_float32
 from coopt_hub.errors import ConfigError, PlanError
 
 # Under-determined fits: ridge as a fraction of the mean eigenvalue of source^T source.
@@ -222,7 +223,8 @@ def apply_alignment(x, T) -> np.ndarray:
     transform = _matrix(T, "alignment")
     if x.shape[1] != transform.shape[0]:
         raise ValueError(f"Features have {x.shape[1]} dimensions but the alignment expects {transform.shape[0]}.")
-    return x.astype(np.float32) @ transform.astype(np.float32)
+    wide = to_float32(x) if x.dtype == np.float16 else x.astype(np.float32)  # shards store float16
+    return wide @ transform.astype(np.float32)
 
 
 # Selecting the alignment by cross-validation on the anchors -----------------------------------
