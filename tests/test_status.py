@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -60,6 +61,15 @@ def test_status_counts_what_is_done(hub, mixed):
     assert status.best.shard == 0, "the best prior's shard"
     assert status.merged_tag is None, "a merge, though none was made"
     assert status.rows_done == len(plan.shard_ids(0)) + len(plan.shard_ids(1)), "rows done"
+
+
+def test_status_without_ranking_reads_the_same_shards_and_scores_none(hub, mixed):
+    """A merge asks for the status unranked (it ranks the shards it takes): the same states, headers
+    and problems, no ranking and no scores."""
+    ranked, unranked = collaboration_status(hub, mixed.repo), collaboration_status(hub, mixed.repo, rank=False)
+    assert ranked.ranking is not None and ranked.shards[0].score is not None
+    assert unranked.ranking is None and all(s.score is None for s in unranked.shards)
+    assert [replace(s, score=None) for s in ranked.shards] == list(unranked.shards)
 
 
 def test_status_json(mixed):

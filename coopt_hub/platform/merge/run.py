@@ -151,7 +151,7 @@ class _MergedFiles:
 
 def _select(hub: Hub, repo: str, tag: str | None, allow_partial: bool) -> _Selection:
     """What to merge, from the collaboration's status; refused when a shard cannot be merged or `tag` is taken."""
-    status = collaboration_status(hub, repo)
+    status = collaboration_status(hub, repo, rank=False)  # choose_reference ranks the shards merged
     if tag is not None:
         _, tags = hub.refs(repo)
         check_tag_free(repo, tag, tags)
