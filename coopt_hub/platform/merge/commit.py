@@ -4,9 +4,11 @@ safe against concurrent merges.
 
 from __future__ import annotations
 
+import copy
+import queue
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,44 +44,70 @@ class Publication:
     draft: Manifest  # the manifest but for its tag
     card_for: Callable[[Manifest], str]
     message: str
-    uploaded: dict[str, CommitOperationAdd] = field(default_factory=dict)  # path -> uploaded ahead (EarlyUpload)
+    uploaded: dict[Path, CommitOperationAdd] = field(default_factory=dict)  # local file -> uploaded ahead
 
     def manifest(self, tag: str) -> Manifest:
         return replace(self.draft, tag=tag)
 
     def addition(self, local: Path, path: str) -> CommitOperationAdd:
         """The operation adding `local` as `path`: the one uploaded ahead, once (huggingface_hub's
-        operations are not to be reused across commits), else a new one."""
-        early = self.uploaded.pop(path, None)
-        return early if early is not None else CommitOperationAdd(path, str(local))
+        operations are not to be reused across commits), else a new one. A file uploaded ahead
+        under a provisional name (a parquet file, named `-of-N` once all are written) is committed
+        as `path`: the upload is of its content, which the name does not change."""
+        early = self.uploaded.pop(local, None)
+        if early is None:
+            return CommitOperationAdd(path, str(local))
+        if early.path_in_repo != path:
+            early = copy.copy(early)  # keeps the upload's sha256 and state; its constructor would hash again
+            early.path_in_repo = path
+        return early
 
 
 class EarlyUpload:
-    """Big files uploaded on a thread while the merge goes on (Hub.preupload), so that its commit
-    adds them without uploading them then. If the upload fails, the commit uploads them itself."""
+    """Big files uploaded one after another on a thread while the merge goes on (Hub.preupload),
+    each as soon as it is `add`ed, so that the commit adds them without uploading them then. If an
+    upload fails, the files not uploaded yet are left to the commit, which uploads them itself."""
 
-    def __init__(self, hub: Hub, repo: str, files: list[tuple[Path, str]]):
-        self.files = files
-        self._result: list[CommitOperationAdd] | Exception | None = None
+    def __init__(self, hub: Hub, repo: str, files: Iterable[tuple[Path, str]] = ()):
+        self._queue: queue.SimpleQueue[tuple[Path, str] | None] = queue.SimpleQueue()
+        self._uploaded: dict[Path, CommitOperationAdd] = {}
+        self._failure: tuple[list[str], Exception] | None = None
+        self._closed = False
         # A daemon: a merge that fails meanwhile exits without waiting for the upload.
         self._thread = threading.Thread(target=self._upload, args=(hub, repo), name="coopt-merge-upload", daemon=True)
         self._thread.start()
+        for local, path in files:
+            self.add(local, path)
+
+    def add(self, local: Path, path: str) -> None:
+        """Upload `local` (complete: it must not change from now on) as if at `path`; Publication
+        commits it under its final name."""
+        self._queue.put((local, path))
 
     def _upload(self, hub: Hub, repo: str) -> None:
-        try:
-            self._result = hub.preupload(repo, "main", self.files)
-        except Exception as err:  # noqa: BLE001 -- reported by operations(); the commit uploads the files
-            self._result = err
+        while (item := self._queue.get()) is not None:
+            if self._failure is not None:
+                self._failure[0].append(item[1])
+                continue
+            try:
+                (operation,) = hub.preupload(repo, "main", [item])
+                self._uploaded[item[0]] = operation
+            except Exception as err:  # noqa: BLE001 -- reported by operations(); the commit uploads the files
+                self._failure = ([item[1]], err)
 
-    def operations(self, progress: Progress) -> dict[str, CommitOperationAdd]:
-        """Once the upload has ended: path in the repo -> its operation (none if it failed)."""
+    def operations(self, progress: Progress) -> dict[Path, CommitOperationAdd]:
+        """Once every file added has been tried: local file -> its uploaded operation (none for a
+        file whose upload failed, or came after one that did)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
         self._thread.join()
-        if isinstance(self._result, Exception):
-            _, message, _ = describe_error(self._result)
-            progress.warn(f"Uploading {', '.join(path for _, path in self.files)} ahead of the commit failed "
-                          f"({message}); the commit uploads it.")
-            return {}
-        return {operation.path_in_repo: operation for operation in self._result or []}
+        if self._failure is not None:
+            paths, error = self._failure
+            _, message, _ = describe_error(error)
+            progress.warn(f"Uploading {', '.join(paths)} ahead of the commit failed ({message}); "
+                          "the commit uploads it.")
+        return dict(self._uploaded)
 
 
 # A version tag: what huggingface.co and the embedded hub both take as a tag and a `revision=`, and

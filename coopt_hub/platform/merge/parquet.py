@@ -5,7 +5,7 @@ split, row group by row group.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 # streaming reader fetches reasonable ranges and no file grows past what the Hub handles comfortably.
 # Up to three row groups are alive while the next is joined ahead of the encoder: the merge's peak
 # RSS at 1M x 512 (benchmarks/merge.py) was 599 MiB with 64 MiB row groups, 451 MiB with 32.
+# A closed file starts uploading while the next is written (`on_file`): at 256 MiB (in Arrow; ~115 MB
+# of parquet at 512 dims) all but the last file of each part have left before the commit.
 ROW_GROUP_BYTES = 32 << 20
-FILE_BYTES = 1 << 30
+FILE_BYTES = 256 << 20
 # Parts of a split written side by side (_write_split): pyarrow's encoder, most of the parquet
 # stage, runs on one core per row group; at 1M x 512 on 2 cores this stage took 16.5 s in one part.
 # Only a split whose targets take PART_MIN_BYTES or more is cut (each part makes its own files):
@@ -130,8 +132,9 @@ def merged_features(source_features, image_column: str, dim: int, images: str):
 class _SplitWriter:
     """Parquet files of one part of a split (the row groups `part` numbers), closed at about FILE_BYTES."""
 
-    def __init__(self, workdir: Path, split: str, part: int, schema: pa.Schema):
+    def __init__(self, workdir: Path, split: str, part: int, schema: pa.Schema, on_file: Callable[[Path], None]):
         self.split, self.part, self.schema, self.workdir = split, part, schema, workdir
+        self.on_file = on_file
         self.files: list[Path] = []
         self.num_rows = 0
         self.num_bytes = 0  # in memory (Arrow), as `datasets` counts a split's size
@@ -156,6 +159,7 @@ class _SplitWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer, self._bytes = None, 0
+            self.on_file(self.files[-1])
 
     def finish(self) -> list[Path]:
         """Every file written, in row order."""
@@ -182,15 +186,22 @@ def _repo_paths(split: str, files: list[Path]) -> list[tuple[Path, str]]:
 
 
 def write_splits(
-    source: MergeSource, targets: MergedTargets, workdir: Path, token: str | None, progress: Progress
+    source: MergeSource,
+    targets: MergedTargets,
+    workdir: Path,
+    token: str | None,
+    progress: Progress,
+    on_file: Callable[[Path], None] = lambda path: None,
 ) -> tuple[list[tuple[Path, str]], dict[str, SplitRecord]]:
-    """The merged split with its `targets`, and every other split of the source with empty targets."""
+    """The merged split with its `targets`, and every other split of the source with empty targets.
+    `on_file` is called with each file as soon as it is complete (from the thread that wrote it)."""
     merged_split = targets.plan.split
     trim_heap()
     uploads: list[tuple[Path, str]] = []
     splits: dict[str, SplitRecord] = {}
     for split in [merged_split, *sorted(s for s in source.layout.splits if s != merged_split)]:
-        writers = _write_split(source, split, targets if split == merged_split else None, workdir, token, progress)
+        join = targets if split == merged_split else None
+        writers = _write_split(source, split, join, workdir, token, progress, on_file)
         written = _repo_paths(split, [path for writer in writers for path in writer.finish()])
         if written:
             uploads.extend(written)
@@ -208,7 +219,13 @@ def _release_memory() -> None:
 
 
 def _write_split(
-    source: MergeSource, split: str, join: MergedTargets | None, workdir: Path, token: str | None, progress: Progress
+    source: MergeSource,
+    split: str,
+    join: MergedTargets | None,
+    workdir: Path,
+    token: str | None,
+    progress: Progress,
+    on_file: Callable[[Path], None],
 ) -> list[_SplitWriter]:
     """One split's parquet files, joined with the merged targets (`join`) or with empty targets: in
     PARTS contiguous parts side by side, each read, joined and encoded on a thread of its own."""
@@ -216,7 +233,7 @@ def _write_split(
     units = parquet_units(layout.repo, layout.revision, layout.splits[split], token)
     target_bytes = join.ids.num_rows * 4 * join.plan.dim if join is not None else 0
     parts = _contiguous_parts(units, PARTS if target_bytes >= PART_MIN_BYTES else 1)
-    writers = [_SplitWriter(workdir, split, k, source.features.arrow_schema) for k in range(len(parts))]
+    writers = [_SplitWriter(workdir, split, k, source.features.arrow_schema, on_file) for k in range(len(parts))]
 
     def write_part(k: int) -> None:
         tables = _split_tables(source, parts[k], join, token, bar)

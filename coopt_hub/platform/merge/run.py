@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coopt_hub import __version__
-from coopt_hub.core.layout import TARGETS_PATH
+from coopt_hub.core.layout import DATA_DIR, TARGETS_PATH
 from coopt_hub.core.manifest import (
     MANIFEST_VERSION,
     Manifest,
@@ -205,7 +205,7 @@ def _write_files(
     progress: Progress,
 ) -> _MergedFiles:
     """The merged targets file in `workdir`, then the parquet files joined with it; the targets file
-    uploads meanwhile (the parquet stage only reads it)."""
+    uploads meanwhile (the parquet stage only reads it), then each parquet file once it is written."""
     path = workdir / "targets.safetensors"
     with MergedTargets(path, selection.plan, selection.done, choice.reference) as targets:
         try:
@@ -216,8 +216,10 @@ def _write_files(
             raise
         targets.file.flush()
         early = EarlyUpload(hub, repo, [(path, TARGETS_PATH)])
-        progress.info("Writing parquet files (the targets file uploads meanwhile).")
-        data_files, splits = write_splits(source, targets, workdir, hub.token, progress)
+        progress.info("Writing parquet files (the targets file, then each parquet file, upload meanwhile).")
+        # Named `-of-N` once all are written: uploaded under their local names, committed under those.
+        data_files, splits = write_splits(source, targets, workdir, hub.token, progress,
+                                          on_file=lambda local: early.add(local, f"{DATA_DIR}/{local.name}"))
     return _MergedFiles(data_files, path, shards, splits, selection.plan.split, early)
 
 
