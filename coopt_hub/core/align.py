@@ -114,7 +114,7 @@ def uniformity(features, t: float = 2.0, block: int = 1024) -> float:
     starts = range(0, n - 1, block)
     workers = min(_blas_threads(), len(starts))
     # A single block keeps BLAS's threads for its product; several share the cores a block each.
-    with one_blas_thread() if workers > 1 else contextlib.nullcontext():
+    with _one_blas_thread() if workers > 1 else contextlib.nullcontext():
         parts = _on_cores(lambda start: _log_pair_sum(x, start, block, t, lower), starts, workers)
     log_total = -math.inf
     for part in parts:  # in block order, so the figure does not depend on the number of threads
@@ -148,7 +148,7 @@ _Result = TypeVar("_Result")
 
 def _on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], workers: int) -> list[_Result]:
     """[function(item) for item in items] on up to `workers` threads, for callers that hold BLAS to one
-    thread (one_blas_thread), so the items, not BLAS, share the cores.
+    thread (_one_blas_thread), so the items, not BLAS, share the cores.
 
     Why not BLAS's threads: LAPACK's symmetric eigendecomposition on OpenBLAS's threads is ~20x
     slower than on one (measured at 1024 x 1024 on 2 shared cores: 5.2 CPU-s, 10 s wall, against
@@ -165,13 +165,9 @@ def _on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], work
         return list(pool.map(function, items))
 
 
-def one_blas_thread():
-    """A context in which BLAS runs on one thread (process-wide, restored on exit; nests). For a
-    stage whose other threads keep the other cores busy: OpenBLAS's idle threads spin on a busy
-    machine (a merge's shard stage at 1M x 512 on 2 cores: 20-25 CPU s with one BLAS thread, 30
-    with two, for the same work)."""
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread (process-wide, restored on exit; nests)."""
     return _blas().limit(limits=1, user_api="blas")
-
 
 
 def _blas_threads() -> int:
@@ -182,7 +178,7 @@ def _blas_threads() -> int:
 def _lapack(function: Callable[..., _Result], *args) -> _Result:
     """function(*args) on one BLAS thread, for decompositions and solves outside select_alignment
     (the SVD of 256 x 256 took 0.47 s on two busy threads, 0.03 s on one)."""
-    with one_blas_thread():
+    with _one_blas_thread():
         return function(*args)
 
 
@@ -302,7 +298,7 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
     names = _methods(methods, x.shape[0], x.shape[1], y.shape[1])
     split = _Split.of(x.shape[0], folds, seed, precision)
     # One BLAS thread per core: the folds run side by side (_on_cores); the rest is small next to them.
-    with one_blas_thread():
+    with _one_blas_thread():
         moments = _Moments.of(x, y, split)
         scored = _cross_validate(x, split, moments, names)
         best = min(scored, key=lambda s: s.error)  # the first of equals: METHODS order puts ridge first

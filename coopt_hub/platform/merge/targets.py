@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from coopt_hub.core import faults
 from coopt_hub.core.ahead import ahead
-from coopt_hub.core.align import AlignmentFit, one_blas_thread, select_alignment
+from coopt_hub.core.align import AlignmentFit, select_alignment
 from coopt_hub.core.halves import to_float16, to_float32
 from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
@@ -191,15 +191,12 @@ def merge_targets(
             yield status, local, directory, _realignment(status, status.header, choice)
 
     merged = []
-    # Three threads keep the cores busy (the range reads, the next map, the re-alignment): BLAS takes one.
-    with one_blas_thread():
-        for status, local, directory, realignment in ahead(downloads(), name="coopt-merge-download"):
-            progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
-            remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
-            merged.append(_merge_shard(status, directory, remote, realignment, targets, choice, verification,
-                                       progress))
-            shutil.rmtree(local)
-            faults.reach("merge-shard")
+    for status, local, directory, realignment in ahead(downloads(), name="coopt-merge-download"):
+        progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
+        remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
+        merged.append(_merge_shard(status, directory, remote, realignment, targets, choice, verification, progress))
+        shutil.rmtree(local)
+        faults.reach("merge-shard")
     if verification is not None:
         verification.refuse_failures()
     return tuple(merged)
