@@ -182,19 +182,16 @@ def merge_targets(
     # are read where they lie, range by range, and a re-aligned shard's aligned tensor is never fetched.
     on_disk = verification is not None
 
-    def downloads() -> Iterator[tuple[ShardStatus, Path, Path, _Realignment]]:
-        # The next shard's map is chosen here too, while one streams: it needs only the anchors the
-        # reference was chosen from, and the header status read (the files' must equal it, _check_shard).
+    def downloads() -> Iterator[tuple[ShardStatus, Path, Path]]:
         for status in sorted(targets.done, key=lambda s: s.shard):
             local = workdir / f"shard-{status.shard}"
-            directory = download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
-            yield status, local, directory, _realignment(status, status.header, choice)
+            yield status, local, download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
 
     merged = []
-    for status, local, directory, realignment in ahead(downloads(), name="coopt-merge-download"):
+    for status, local, directory in ahead(downloads(), name="coopt-merge-download"):
         progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
         remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
-        merged.append(_merge_shard(status, directory, remote, realignment, targets, choice, verification, progress))
+        merged.append(_merge_shard(status, directory, remote, targets, choice, verification, progress))
         shutil.rmtree(local)
         faults.reach("merge-shard")
     if verification is not None:
@@ -206,7 +203,6 @@ def _merge_shard(
     status: ShardStatus,
     directory: Path,
     remote: RemoteFile | None,
-    realignment: _Realignment,
     targets: MergedTargets,
     choice: ReferenceChoice,
     verification: MergeVerifier | None,
@@ -217,7 +213,7 @@ def _merge_shard(
     try:
         with ShardReader(directory, verify=True, targets=remote) as shard:
             _check_shard(status, shard.header)
-            _report(status, realignment, choice, progress)
+            realignment = _realignment(status, shard.header, choice, progress)
             _stream_rows(status, shard, realignment, targets, progress)
             if verification is not None:
                 verification.check(status, shard.mapped(), shard.anchors)
@@ -226,7 +222,7 @@ def _merge_shard(
     return _manifest_entry(status, shard.header, realignment, choice)
 
 
-def _realignment(status: ShardStatus, header: ShardHeader, choice: ReferenceChoice) -> _Realignment:
+def _realignment(status: ShardStatus, header: ShardHeader, choice: ReferenceChoice, progress: Progress) -> _Realignment:
     """Kept as pushed when the participant aligned to the reference's prior; the raw outputs for the
     reference itself; otherwise the map select_alignment chooses on held-out anchors, from the
     shard's projected anchors to the reference's."""
@@ -235,21 +231,13 @@ def _realignment(status: ShardStatus, header: ShardHeader, choice: ReferenceChoi
     if aligned_to == reference.header.fingerprint:
         return _Realignment(realigned=False)
     if status.shard == reference.shard:
-        return _Realignment(realigned=True)
-    return _Realignment(realigned=True, fit=select_alignment(*choice.paired_anchors(status.shard)))
-
-
-def _report(status: ShardStatus, realignment: _Realignment, choice: ReferenceChoice, progress: Progress) -> None:
-    """What the merge does with the shard's targets, when it does more than keep them."""
-    if not realignment.realigned:
-        return
-    fit = realignment.fit
-    if fit is None:
         progress.info(f"Shard {status.shard}: the reference, aligned by its participant to another prior; "
                       "its own raw outputs are its targets.")
-    else:
-        progress.info(f"Shard {status.shard}: re-aligning to shard {choice.reference.shard} ({fit.method}; residual "
-                      f"{fit.cv_residual:.4f} held out, {fit.residual:.4f} in-sample).")
+        return _Realignment(realigned=True)
+    fit = select_alignment(*choice.paired_anchors(status.shard))
+    progress.info(f"Shard {status.shard}: re-aligning to shard {reference.shard} ({fit.method}; residual "
+                  f"{fit.cv_residual:.4f} held out, {fit.residual:.4f} in-sample).")
+    return _Realignment(realigned=True, fit=fit)
 
 
 def _manifest_entry(
