@@ -1,5 +1,6 @@
 """Atomic file writes: a reader sees the old file or the new one, never a part of either. And
-positioned reads (read_at), which share no file offset between threads.
+positioned reads (read_at), which share no file offset between threads, of runs of consecutive
+rows (consecutive_runs).
 
 The new content goes to a temporary file beside the target (unique per process and thread, so
 ranks sharing a work directory never write the same one), is flushed to disk, then renamed over
@@ -13,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 
 @contextmanager
@@ -52,3 +55,12 @@ def read_at(fileno: int, buffer: memoryview, offset: int) -> int:
             break
         done += count
     return done
+
+
+def consecutive_runs(positions: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Index ranges [first, stop) of `positions` over which the values go up by exactly one: the
+    rows one read or write can take."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    for first, stop in zip(np.r_[0, breaks], np.r_[breaks, positions.size]):
+        if stop > first:
+            yield int(first), int(stop)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coopt_hub.core.align import AlignmentFit, fit_transform, normalize, select_alignment
-from coopt_hub.core.files import read_at
+from coopt_hub.core.files import consecutive_runs, read_at
 from coopt_hub.core.layout import TARGETS_PATH
 from coopt_hub.core.memory import trim_heap
 from coopt_hub.core.progress import LogProgress, Progress
@@ -126,11 +126,10 @@ def _read_rows(path: Path, start: int, entry: dict, positions: np.ndarray) -> np
     out = np.empty((positions.size, *shape[1:]), dtype=dtype)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     view = memoryview(out.reshape(-1)).cast("B")
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
     with open(path, "rb") as handle:
-        for first, stop in zip(np.r_[0, breaks], np.r_[breaks, positions.size]):
+        for first, stop in consecutive_runs(positions):
             offset = start + entry["data_offsets"][0] + int(positions[first]) * row_bytes
-            wanted = view[int(first) * row_bytes:int(stop) * row_bytes]
+            wanted = view[first * row_bytes:stop * row_bytes]
             if read_at(handle.fileno(), wanted, offset) != wanted.nbytes:
                 raise VerificationError(f"{path.name} ends before row {int(positions[stop - 1])}.",
                                         hint="The version's targets file is damaged; merge again.")

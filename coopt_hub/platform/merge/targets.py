@@ -15,6 +15,7 @@ import pyarrow as pa
 from coopt_hub.core import faults
 from coopt_hub.core.ahead import ahead
 from coopt_hub.core.align import AlignmentFit, select_alignment
+from coopt_hub.core.files import consecutive_runs
 from coopt_hub.core.halves import to_float16, to_float32
 from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
@@ -140,7 +141,7 @@ def write_at(file: TensorFile, name: str, positions: np.ndarray, values: np.ndar
     storage units holds runs of consecutive ids: a write per run. A plan that assigns single rows
     scatters them: a window of the file at a time is read, its rows set in one numpy assignment
     and written back, rather than a write per row."""
-    runs = list(_runs(positions))
+    runs = list(consecutive_runs(positions))
     if len(runs) * SHORT_RUN_ROWS <= positions.size:
         for first, stop in runs:
             file.write_rows(name, int(positions[first]), values[first:stop])
@@ -309,10 +310,3 @@ def _aligned(status: ShardStatus, rows: ShardRows, realignment: _Realignment) ->
         )
     return aligned
 
-
-def _runs(positions: np.ndarray) -> Iterator[tuple[int, int]]:
-    """Index ranges [first, stop) of `positions` over which the values go up by exactly one."""
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    for first, stop in zip(np.r_[0, breaks], np.r_[breaks, positions.size]):
-        if stop > first:
-            yield int(first), int(stop)
