@@ -135,6 +135,7 @@ class _SplitWriter:
     def __init__(self, workdir: Path, split: str, part: int, schema: pa.Schema, on_file: Callable[[Path], None]):
         self.split, self.part, self.schema, self.workdir = split, part, schema, workdir
         self.on_file = on_file
+        self._compression = _compression(schema)
         self.files: list[Path] = []
         self.num_rows = 0
         self.num_bytes = 0  # in memory (Arrow), as `datasets` counts a split's size
@@ -144,7 +145,7 @@ class _SplitWriter:
     def write(self, table: pa.Table) -> None:
         if self._writer is None:
             self.files.append(self.workdir / f"{self.split}-{self.part}-{len(self.files)}.parquet")
-            self._writer = pq.ParquetWriter(self.files[-1], self.schema, compression=_compression(self.schema))
+            self._writer = pq.ParquetWriter(self.files[-1], self.schema, compression=self._compression)
         self._writer.write_table(table, row_group_size=table.num_rows)
         # The encoder's buffers (levels, pages: about the row group's size again) go back to the
         # system now, not whenever the allocator decides, which would be after the next row group is built.

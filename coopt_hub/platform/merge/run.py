@@ -151,7 +151,7 @@ class _MergedFiles:
     shards: tuple[MergedShard, ...]
     splits: dict[str, SplitRecord]
     split: str  # the merged one
-    early: EarlyUpload  # the targets file, uploading since it was written
+    early: EarlyUpload  # the targets file, then each parquet file, uploading since it was written
 
     @property
     def uploads(self) -> list[tuple[Path, str]]:
@@ -232,7 +232,7 @@ def _write_files(
         targets.file.flush()
         early = EarlyUpload(hub, repo, [(path, TARGETS_PATH)])
         progress.info("Writing parquet files (the targets file, then each parquet file, upload meanwhile).")
-        # Named `-of-N` once all are written: uploaded under their local names, committed under those.
+        # Named `-of-N` only once all are written: uploaded under their local names, committed under the final ones.
         data_files, splits = write_splits(source, targets, workdir, hub.token, progress,
                                           on_file=lambda local: early.add(local, f"{DATA_DIR}/{local.name}"))
     return _MergedFiles(data_files, path, shards, splits, selection.plan.split, early)
