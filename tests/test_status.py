@@ -11,8 +11,9 @@ from helpers_hub import FakePrior, skipping
 
 from coopt_hub.cli import cli
 from coopt_hub.core.layout import TARGETS_FILE, remote_paths, shard_branch
+from coopt_hub.errors import ShardFileError
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.status import DONE, MISSING, STALE, collaboration_status
+from coopt_hub.platform.status import DONE, MISSING, STALE, collaboration_status, remote_targets
 
 GOOD = FakePrior("good-net", output_dim=40, rank=18)
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -70,6 +71,17 @@ def test_status_without_ranking_reads_the_same_shards_and_scores_none(hub, mixed
     assert ranked.ranking is not None and ranked.shards[0].score is not None
     assert unranked.ranking is None and all(s.score is None for s in unranked.shards)
     assert [replace(s, score=None) for s in ranked.shards] == list(unranked.shards)
+
+
+def test_a_missing_targets_file_read_where_it_lies_is_named_with_what_to_do(hub, mixed):
+    """remote_targets (the merge's range reads) on a branch with nothing pushed: the shard's error,
+    naming the file and the command its owner runs."""
+    commit = hub.head(mixed.repo, shard_branch(4))
+    remote = remote_targets(hub, mixed.repo, 4, commit)
+    assert remote.name == f"{shard_branch(4)}@{commit[:12]}/{remote_paths(4).targets}"
+    with pytest.raises(ShardFileError, match=r"is missing from .*") as caught:
+        remote.open()
+    assert "optimize --shard 4 --push" in caught.value.hint
 
 
 def test_status_json(mixed):

@@ -299,11 +299,15 @@ def download_shard(hub: Hub, repo: str, shard: int, commit: str, directory: Path
     try:
         hub.download(repo, paths.anchors, commit, local_dir=directory)
     except RemoteEntryNotFoundError as err:
-        raise ShardFileError(
-            f"{paths.anchors} is missing from {shard_branch(shard)}@{commit[:12]}.",
-            hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
-        ) from err
+        raise _missing(paths.anchors, shard, commit) from err
     return directory / shard_prefix(shard)
+
+
+def _missing(path: str, shard: int, commit: str) -> ShardFileError:
+    return ShardFileError(
+        f"{path} is missing from {shard_branch(shard)}@{commit[:12]}.",
+        hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
+    )
 
 
 def remote_targets(hub: Hub, repo: str, shard: int, commit: str) -> RemoteFile:
@@ -315,9 +319,6 @@ def remote_targets(hub: Hub, repo: str, shard: int, commit: str) -> RemoteFile:
         try:
             return open_remote(repo, commit, path, hub.token, hub.endpoint)
         except FileNotFoundError as err:
-            raise ShardFileError(
-                f"{path} is missing from {shard_branch(shard)}@{commit[:12]}.",
-                hint=f"The owner of shard {shard} must run `coopt-hub optimize --shard {shard} --push` again.",
-            ) from err
+            raise _missing(path, shard, commit) from err
 
     return RemoteFile(f"{shard_branch(shard)}@{commit[:12]}/{path}", opened)
