@@ -1,13 +1,18 @@
 """Time and memory of `coopt-hub merge --images reference` on synthetic targets at scale.
 
-    python benchmarks/merge.py [--rows 1000000] [--dim 512] [--shards 8] [--no-evaluate] [--workdir DIR]
-                               [--profile FILE]
+    python benchmarks/merge.py [--rows 1000000] [--dim 512] [--shards 8] [--realigned half|all] [--no-evaluate]
+                               [--workdir DIR] [--profile FILE]
 
 Starts its own embedded Hub over a temp dir, publishes a source split of --rows rows (a label column
 and a placeholder image column, in row groups), the plan, and --shards shard branches whose
-targets/anchors files are written with coopt_hub.storage. Half of the shards are aligned to a prior
-that is not the best, so the merge re-aligns them. Then `coopt-hub merge` runs in a subprocess, so
-that setup does not count, and its peak resident memory (VmHWM, Linux) is recorded as it exits.
+targets/anchors files are written with coopt_hub.storage. The synthetic priors share structure on
+the anchors (a common latent seen through each prior's own map, plus noise that grows with the shard
+index), so the merge ranks the last shard's prior best and none looks like noise. With --realigned
+half (the default), the shards below half were aligned by their participants to shard 0's prior, not
+the best, so the merge re-aligns them and keeps the others as pushed; with --realigned all, every
+shard was aligned to shard 0's prior: the merge fits a map for each but the best (the worst case).
+Then `coopt-hub merge` runs in a subprocess, so that setup does not count, and its peak resident
+memory (VmHWM, Linux) is recorded as it exits.
 The source has a label column, so the merge measures the targets' quality (platform.evaluate)
 unless --no-evaluate; the output says which. The CPU seconds are the merge process's own (user +
 system) and, apart, the embedded hub's while the merge runs (it serves the downloads and takes the
@@ -39,6 +44,7 @@ ROWS_PER_GROUP = 50_000
 ROWS_PER_FILE = 500_000
 TEST_ROWS = 10_000
 ANCHORS = 1024
+LATENT_DIM = 32  # what the synthetic priors share on the anchors
 
 
 def write_source(directory: Path, rows: int) -> dict[str, Path]:
@@ -83,14 +89,18 @@ def push(hub, repo: str, branch: str, files: dict[str, Path], message: str) -> s
     return hub.commit(repo, branch, lambda head: operations, message=message)
 
 
-def write_shards(hub, repo: str, plan, directory: Path, seed: int) -> None:
-    """One branch per shard; shards below half align to shard 0's prior, the rest to the best (the last)."""
+def write_shards(hub, repo: str, plan, directory: Path, seed: int, realigned: str = "half") -> None:
+    """One branch per shard. Each prior's anchor outputs are a shared latent seen through the prior's
+    own random map, plus noise growing with k: every prior agrees with the others on neighbours, and
+    the last is the most uniform (lowest V), so the merge takes it as the reference. The shards below
+    half (`realigned` "half"), or all of them ("all"), say they were aligned to shard 0's prior."""
     from coopt_hub.core.layout import remote_paths, shard_branch
     from coopt_hub.core.shardfile import AnchorOutputs, ShardHeader, ShardResult, write_shard
 
     rng = np.random.default_rng(seed)
     best = plan.num_shards - 1
     fingerprint = [f"{k:02d}" * 32 for k in range(plan.num_shards)]
+    latent = rng.standard_normal((ANCHORS, LATENT_DIM), dtype=np.float32)
     for k in range(plan.num_shards):
         ids = plan.shard_ids(k)
         raw = np.empty((ids.size, plan.dim), np.float16)
@@ -101,9 +111,10 @@ def write_shards(hub, repo: str, plan, directory: Path, seed: int) -> None:
             raw[start : start + len(block)] = block
             aligned[start : start + len(block)] = block
         output_dim = 256 * (1 + k % 3)
-        features = rng.standard_normal((ANCHORS, output_dim), dtype=np.float32)
+        mixing = rng.standard_normal((LATENT_DIM, output_dim), dtype=np.float32) / np.sqrt(LATENT_DIM)
+        features = latent @ mixing + (0.5 + 0.15 * k) * rng.standard_normal((ANCHORS, output_dim), dtype=np.float32)
         features /= np.linalg.norm(features, axis=1, keepdims=True)
-        reference_shard = 0 if k < plan.num_shards // 2 else best
+        reference_shard = 0 if realigned == "all" or k < plan.num_shards // 2 else best
         header = ShardHeader(
             shard=k,
             plan_hash=plan.plan_hash,
@@ -169,6 +180,7 @@ class MergeRun:
     system_seconds: float  # of which system (page faults, copies in and out of the kernel)
     server_cpu_seconds: float  # this process's meanwhile: the embedded hub serving the merge
     peak_mib: float
+    page_faults: int  # the merge process's minor page faults: on a VM each costs microseconds of system time
     summary: dict  # merge --json
 
 
@@ -190,7 +202,9 @@ def run_merge(repo: str, env: dict[str, str], scratch: Path, evaluate: bool, pro
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     system = after.ru_stime - before.ru_stime
     server = (server_after.ru_utime - server_before.ru_utime + server_after.ru_stime - server_before.ru_stime)
-    return MergeRun(seconds, cpu, system, server, int(hwm_file.read_text()) / 1024, json.loads(completed.stdout))
+    faults = after.ru_minflt - before.ru_minflt
+    return MergeRun(seconds, cpu, system, server, int(hwm_file.read_text()) / 1024, faults,
+                    json.loads(completed.stdout))
 
 
 def main() -> None:
@@ -199,6 +213,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="target dimension")
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--realigned", choices=("half", "all"), default="half",
+                        help="which shards were aligned by their participants to a prior other than the best, so "
+                             "that the merge re-aligns them: the lower half, or all (the worst case)")
     parser.add_argument("--no-evaluate", action="store_true", help="merge without measuring the targets' quality")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where the hub and scratch files go (default: a temp dir)"
@@ -229,7 +246,7 @@ def main() -> None:
             hub, "bench/coopt", source="bench/source", source_revision=None, split="train", image_column="image",
             shards=args.shards, anchors=ANCHORS, dim=args.dim, seed=args.seed, temperature=2.0,
         ).plan
-        write_shards(hub, "bench/coopt", plan, scratch, args.seed)
+        write_shards(hub, "bench/coopt", plan, scratch, args.seed, args.realigned)
         print(f"setup: {args.rows:,} rows x {args.dim} in {args.shards} shards ({plan.granularity} units), "
               f"{time.perf_counter() - started:.1f} s", flush=True)
 
@@ -238,7 +255,8 @@ def main() -> None:
         summary = merged.summary
         print(f"merged {summary['rows']:,} rows as {summary['tag']} (re-aligned shards {summary['realigned']}), "
               f"images={summary['images']}, target-quality evaluation {'off' if args.no_evaluate else 'on'}")
-        print(f"merge CPU seconds: {merged.cpu_seconds:.1f} ({merged.system_seconds:.1f} system), "
+        print(f"merge CPU seconds: {merged.cpu_seconds:.1f} ({merged.system_seconds:.1f} system, "
+              f"{merged.page_faults / 1e6:.2f}M page faults), "
               f"the embedded hub's meanwhile {merged.server_cpu_seconds:.1f} "
               f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
         print(f"merge seconds: {merged.seconds:.1f}")
