@@ -22,7 +22,7 @@ from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.merge.targets import _aligned, _Realignment, write_at
+from coopt_hub.platform.merge.targets import _aligned, _Maps, _Realignment, write_at
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -255,6 +255,8 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     assert not result.manifest.partial, "full merge: the manifest says partial"
     realigned = {s.shard: s for s in result.manifest.shards if s.realigned}
     assert set(realigned) == {0, 1}, "full merge: not exactly shards 0 and 1 re-aligned"
+    # Shard 2, which needs no map, merged first while the maps were fitted; the manifest keeps shard order.
+    assert [s.shard for s in result.manifest.shards] == [0, 1, 2], "full merge: the manifest's shards out of order"
     anchor_ids = np.asarray(plan.anchor_ids)
     v2 = load(collab.repo, "v2")["train"].with_format("numpy")[:]
     assert np.array_equal(v2["id"], np.arange(plan.num_rows)), "full merge: rows missing"
@@ -633,3 +635,45 @@ def test_float16_widening_matches_numpys_cast_on_every_bit_pattern():
     assert np.array_equal(to_float32(halves[:, ::3]).view(np.uint32), expected[:, ::3].view(np.uint32))
     assert np.array_equal(to_float32(halves.astype(">f2")).view(np.uint32), expected.view(np.uint32))
     assert to_float32(halves[:0]).shape == (0, 96)
+
+
+class _BlockingAnchors:
+    """A reference choice whose paired anchors record the thread that asked, and hold shard `held` until released."""
+
+    def __init__(self, held: int):
+        self.held, self.entered, self.release = held, threading.Event(), threading.Event()
+        self.calls: list[tuple[int, str]] = []
+
+    def paired_anchors(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append((shard, threading.current_thread().name))
+        if shard == self.held:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the held fit"
+        rng = np.random.default_rng(shard)
+        source = rng.standard_normal((64, 12))
+        return source, source @ rng.standard_normal((12, 8)) + 0.1 * rng.standard_normal((64, 8))
+
+
+def test_maps_are_fitted_on_a_thread_until_the_first_is_asked_for_and_then_in_turn():
+    choice = _BlockingAnchors(held=5)
+    with _Maps(choice, [3, 5, 6], background=True) as maps:
+        assert choice.entered.wait(30), "the maps were not fitted on a thread before any was asked for"
+        threading.Timer(0.2, choice.release.set).start()
+        first = maps.fit(3)  # waits for the fit under way (5); 6 is left for when it is asked for
+        assert [shard for shard, _ in choice.calls] == [3, 5], "a fit started after the first map was asked for"
+        assert not [t for t in threading.enumerate() if t.name.startswith("coopt-merge-fit")], \
+            "the fitting thread outlived the first request, so it could fit beside a product"
+        later = [maps.fit(6), maps.fit(5)]
+    assert choice.calls[2:] == [(6, threading.current_thread().name)], "shard 6 was not fitted in turn when asked for"
+    assert all(name.startswith("coopt-merge-fit") for _, name in choice.calls[:2]), "3 and 5 not fitted on the thread"
+    for shard, fit in zip((3, 6, 5), [first, *later]):
+        expected = select_alignment(*choice.paired_anchors(shard))
+        assert np.array_equal(fit.transform, expected.transform), f"shard {shard}: not select_alignment's map"
+
+
+def test_maps_are_fitted_only_when_asked_for_without_the_background():
+    choice = _BlockingAnchors(held=-1)
+    with _Maps(choice, [1, 2], background=False) as maps:
+        assert choice.calls == [], "a map was fitted before it was asked for"
+        maps.fit(2)
+    assert choice.calls == [(2, threading.current_thread().name)], "not fitted in turn on the asking thread"
