@@ -112,7 +112,8 @@ def test_the_train_split_holds_every_row_with_its_image_and_target(published, v1
 
 def test_targets_are_stored_as_dictionary_indices_without_a_codec_and_the_rest_with_snappy(hub, published):
     """The target column's pages are dictionary indices (its float32 values are float16s), which a
-    codec barely shrinks: stored uncompressed; every other column keeps pyarrow's default, snappy."""
+    codec barely shrinks: stored uncompressed, without statistics; every other column keeps
+    pyarrow's defaults, snappy and statistics."""
     from huggingface_hub import hf_hub_download
 
     repo, manifest = published.collab.repo, published.result.manifest
@@ -123,6 +124,8 @@ def test_targets_are_stored_as_dictionary_indices_without_a_codec_and_the_rest_w
     assert "RLE_DICTIONARY" in columns["target"].encodings
     assert {name: c.compression for name, c in columns.items() if name != "target"} == \
         dict.fromkeys(set(columns) - {"target"}, "SNAPPY")
+    assert not columns["target"].is_stats_set, "the targets have statistics"
+    assert columns["id"].is_stats_set and columns["id"].statistics.min == 0, "the ids lost their statistics"
 
 
 def test_rows_keep_their_ids_shards_and_labels(published, digits_source, v1_train):
