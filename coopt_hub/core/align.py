@@ -88,9 +88,9 @@ class AlignmentWarning(UserWarning):
 
 def normalize(x) -> np.ndarray:
     """Rows scaled to unit L2 norm, float32 (an all-zero row stays zero)."""
-    x = _matrix(x, "features").astype(np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+    x = _matrix(x, "features").astype(np.float32)  # a copy, divided in place: one array of the rows' size
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return x
 
 
 def uniformity(features, t: float = 2.0, block: int = 1024) -> float:
