@@ -20,6 +20,7 @@ from coopt_hub.core.manifest import MANIFEST_VERSION
 from coopt_hub.core.shardfile import AnchorOutputs, ShardResult
 from coopt_hub.platform.card import prior_label, size_category
 from coopt_hub.platform.merge.commit import MergeResult
+from coopt_hub.platform.evaluate import ProjectedAnchors, anchor_agreement
 from coopt_hub.platform.merge.run import merge
 
 GOOD = FakePrior("good-net", output_dim=40, rank=18)
@@ -110,6 +111,17 @@ def test_a_shard_aligned_to_another_prior_is_realigned_by_held_out_choice(merged
     assert shard["realigned_residual"] == pytest.approx(fit.residual, rel=1e-6), "in-sample residual"
     # Noise cannot be predicted: the held-out residual says so, the in-sample one would not.
     assert fit.cv_residual > 0.9
+
+
+def test_the_agreement_of_a_realigned_shard_reuses_its_map_to_the_same_figures(merged):
+    """The merge hands the map it re-aligned shard 2 by to the anchor agreement instead of choosing
+    it again: the recorded figures are those of choosing it afresh."""
+    collab, plan = merged.collab, merged.collab.plan
+    ids = np.asarray(plan.anchor_ids)
+    fresh = anchor_agreement(ProjectedAnchors(ids, merged.noise.anchor_projected),
+                             ProjectedAnchors(ids, collab.projected(GOOD, ids)[1]), shard=2)
+    recorded = {a["shard"]: a for a in merged.manifest["quality"]["agreement"]}[2]
+    assert recorded == json.loads(json.dumps(fresh.to_dict()))
 
 
 def test_a_reference_its_participant_aligned_elsewhere_publishes_its_own_outputs(hub, digits_source,

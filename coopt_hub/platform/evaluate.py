@@ -238,10 +238,12 @@ class TargetQuality:
 
 def measure_quality(
     sample: TargetSample, anchors: Mapping[int, ProjectedAnchors], reference: int, label_column: str | None,
-    progress: Progress, seed: int = SEED,
+    progress: Progress, seed: int = SEED, fits: Mapping[int, AlignmentFit] | None = None,
 ) -> TargetQuality:
-    """Every figure of `sample` and of each shard's `anchors` against `reference`'s."""
-    agreement = tuple(anchor_agreement(anchors[k], anchors[reference], k, seed)
+    """Every figure of `sample` and of each shard's `anchors` against `reference`'s. `fits`: maps the
+    caller chose already with select_alignment on the same anchors (a merge's re-alignments), reused."""
+    fits = fits or {}
+    agreement = tuple(anchor_agreement(anchors[k], anchors[reference], k, seed, fits.get(k))
                       for k in sorted(anchors) if k != reference)
     aligned = raw = majority = None
     if sample.labels is not None:
@@ -284,9 +286,13 @@ def _transferable(labels: np.ndarray, shards: np.ndarray) -> bool:
 
 
 def anchor_agreement(own: ProjectedAnchors, reference: ProjectedAnchors, shard: int,
-                     seed: int = SEED) -> AnchorAgreement:
+                     seed: int = SEED, fit: AlignmentFit | None = None) -> AnchorAgreement:
+    """How well `own`'s anchors predict `reference`'s through a map fitted without the anchors it
+    predicts. `fit`: select_alignment's choice on these anchors, when the caller has it (a merge
+    that re-aligned the shard); chosen here otherwise, or when it was chosen with another seed."""
     source, target = paired_anchors(own, reference)
-    fit = select_alignment(source, target, seed=seed)
+    if fit is None or fit.seed != seed:
+        fit = select_alignment(source, target, seed=seed)
     predicted = _held_out_predictions(source, target, fit, seed)
     k = min(NEIGHBOURS, source.shape[0] - 1)
     cosine = float(np.mean(np.sum(normalize(predicted) * normalize(target), axis=1)))

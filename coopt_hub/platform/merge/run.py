@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coopt_hub import __version__
+from coopt_hub.core.align import AlignmentFit
 from coopt_hub.core.layout import DATA_DIR, TARGETS_PATH
 from coopt_hub.core.manifest import (
     MANIFEST_VERSION,
@@ -152,6 +153,7 @@ class _MergedFiles:
     splits: dict[str, SplitRecord]
     split: str  # the merged one
     early: EarlyUpload  # the targets file, then each parquet file, uploading since it was written
+    fits: dict[int, AlignmentFit]  # the maps of the shards re-aligned by this merge
 
     @property
     def uploads(self) -> list[tuple[Path, str]]:
@@ -224,7 +226,7 @@ def _write_files(
     path = workdir / "targets.safetensors"
     with MergedTargets(path, selection.plan, selection.done, choice.reference) as targets:
         try:
-            shards = merge_targets(hub, repo, targets, choice, workdir, verification, progress)
+            shards, fits = merge_targets(hub, repo, targets, choice, workdir, verification, progress)
         except VerificationError:
             if verification is not None:
                 report_failed_verification(hub, repo, selection.status, verification.results, progress)
@@ -235,7 +237,7 @@ def _write_files(
         # Named `-of-N` only once all are written: uploaded under their local names, committed under the final ones.
         data_files, splits = write_splits(source, targets, workdir, hub.token, progress,
                                           on_file=lambda local: early.add(local, f"{DATA_DIR}/{local.name}"))
-    return _MergedFiles(data_files, path, shards, splits, selection.plan.split, early)
+    return _MergedFiles(data_files, path, shards, splits, selection.plan.split, early, fits)
 
 
 def _measure(files: _MergedFiles, choice: ReferenceChoice, source: MergeSource, progress: Progress) -> dict:
@@ -244,7 +246,7 @@ def _measure(files: _MergedFiles, choice: ReferenceChoice, source: MergeSource, 
     sample = read_target_sample(files.targets, [functools.partial(open, path, "rb") for path in files.merged_parquet],
                                 label)
     anchors = {k: choice.projected(k) for k in choice.anchors}
-    quality = measure_quality(sample, anchors, choice.reference.shard, label, progress)
+    quality = measure_quality(sample, anchors, choice.reference.shard, label, progress, fits=files.fits)
     if quality.aligned is not None and quality.aligned.leave_one_shard_out is not None:
         aligned, raw = quality.aligned.leave_one_shard_out, quality.raw.leave_one_shard_out
         progress.info(f"Leave-one-shard-out probe accuracy: aligned {aligned.accuracy:.3f}, "

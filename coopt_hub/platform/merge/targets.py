@@ -175,11 +175,12 @@ def merge_targets(
     workdir: Path,
     verification: MergeVerifier | None,
     progress: Progress,
-) -> tuple[MergedShard, ...]:
+) -> tuple[tuple[MergedShard, ...], dict[int, AlignmentFit]]:
     """Download, check and align one shard at a time into `targets`, aligned to `choice.reference`;
     the next shard downloads while one merges (at most two on disk besides it). The shards that
     need no map merge first, while the maps of the others are fitted (_Maps).
-    With `verification`, every shard is verified before the refusal that names each one that did not pass."""
+    With `verification`, every shard is verified before the refusal that names each one that did not pass.
+    Returns the manifest's entries, in shard order, and the maps fitted for the shards re-aligned here."""
 
     # Verification re-encodes rows picked at random, so it needs the targets on disk; otherwise they
     # are read where they lie, range by range, and a re-aligned shard's aligned tensor is never fetched.
@@ -193,17 +194,20 @@ def merge_targets(
             local = workdir / f"shard-{status.shard}"
             yield status, local, download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
 
-    merged = []
+    merged, fits = [], {}
     with _Maps(choice, [status.shard for status in mapped], background=verification is None) as maps:
         for status, local, directory in ahead(downloads(), name="coopt-merge-download"):
             progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
             remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
-            merged.append(_merge_shard(status, directory, remote, targets, choice, maps, verification, progress))
+            entry, fit = _merge_shard(status, directory, remote, targets, choice, maps, verification, progress)
+            merged.append(entry)
+            if fit is not None:
+                fits[status.shard] = fit
             shutil.rmtree(local)
             faults.reach("merge-shard")
     if verification is not None:
         verification.refuse_failures()
-    return tuple(sorted(merged, key=lambda entry: entry.shard))
+    return tuple(sorted(merged, key=lambda entry: entry.shard)), fits
 
 
 class _Maps:
@@ -246,9 +250,9 @@ def _merge_shard(
     maps: _Maps,
     verification: MergeVerifier | None,
     progress: Progress,
-) -> MergedShard:
+) -> tuple[MergedShard, AlignmentFit | None]:
     """Check one shard (its anchors in `directory`, its targets there too or `remote`) and write its
-    raw and aligned rows, a range at a time; return its manifest entry."""
+    raw and aligned rows, a range at a time; return its manifest entry and the map it was re-aligned by."""
     try:
         with ShardReader(directory, verify=True, targets=remote) as shard:
             _check_shard(status, shard.header)
@@ -258,7 +262,7 @@ def _merge_shard(
                 verification.check(status, shard.mapped(), shard.anchors)
     except ShardFileError as err:
         raise VerificationError(f"{_where(status)}: {err} Nothing was written.", hint=err.hint) from err
-    return _manifest_entry(status, shard.header, realignment, choice)
+    return _manifest_entry(status, shard.header, realignment, choice), realignment.fit
 
 
 def _needs_map(status: ShardStatus, header: ShardHeader, choice: ReferenceChoice) -> bool:
