@@ -22,7 +22,7 @@ from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.merge.targets import _aligned, _Maps, _Realignment, write_at
+from coopt_hub.platform.merge.targets import ReusedBuffers, _aligned, _Maps, _Realignment, write_at
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -638,6 +638,31 @@ def test_float16_widening_matches_numpys_cast_on_every_bit_pattern():
     assert np.array_equal(to_float32(halves[:, ::3]).view(np.uint32), expected[:, ::3].view(np.uint32))
     assert np.array_equal(to_float32(halves.astype(">f2")).view(np.uint32), expected.view(np.uint32))
     assert to_float32(halves[:0]).shape == (0, 96)
+    out = np.full(halves.shape, np.nan, np.float32)
+    assert to_float32(halves, out=out) is out and np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        to_float32(halves, out=np.empty((halves.shape[1], halves.shape[0]), np.float32))
+
+
+def test_a_reused_buffer_is_handed_out_again_only_once_no_arrow_array_holds_it():
+    import pyarrow as pa
+
+    buffers = ReusedBuffers(np.float32, keep=2)
+    first = buffers.take(1024)
+    first[:] = 1.0
+    table = pa.table({"target": pa.FixedSizeListArray.from_arrays(pa.array(first.reshape(4, 256).reshape(-1)), 256)})
+    del first
+    second = buffers.take(1024)
+    assert not np.shares_memory(second, buffers._buffers[0]), "a buffer an Arrow table still holds was handed out"
+    second[:] = 2.0
+    assert table.column("target").combine_chunks().flatten().to_numpy().tolist() == [1.0] * 1024
+    del table, second
+    again = buffers.take(512)
+    assert np.shares_memory(again, buffers._buffers[0]) and again.size == 512, "a free buffer was not reused"
+    held, extra = buffers.take(1024), buffers.take(1024)
+    assert len(buffers._buffers) == 2 and not any(np.shares_memory(extra, b) for b in buffers._buffers), \
+        "past `keep`, a request gets memory of its own, not kept"
+    assert held.size == 1024
 
 
 class _BlockingAnchors:

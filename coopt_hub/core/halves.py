@@ -75,14 +75,17 @@ class _HalfBits:
         return half
 
 
-def to_float32(halves: np.ndarray) -> np.ndarray:
+def to_float32(halves: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """halves.astype(float32), bit for bit (NaN payloads too): each value looked up by its 16 bits in
     the table of all 65536 widened by numpy once, a cache-sized block at a time (np.take into the
     output). ~2 ns a value whatever the values, where numpy's cast took 2.4 at unit scale and 17.7
-    below float16's normal range."""
+    below float16's normal range. `out`: a contiguous float32 array of halves' shape to fill."""
     halves = np.ascontiguousarray(halves, dtype=np.float16)
-    bits, out = halves.reshape(-1).view(np.uint16), np.empty(halves.shape, np.float32)
-    flat, table = out.reshape(-1), _widened()
+    if out is None:
+        out = np.empty(halves.shape, np.float32)
+    elif out.dtype != np.float32 or out.shape != halves.shape or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of shape {halves.shape}.")
+    bits, flat, table = halves.reshape(-1).view(np.uint16), out.reshape(-1), _widened()
     for start in range(0, bits.size, _HALF_BLOCK_VALUES):
         stop = start + _HALF_BLOCK_VALUES
         np.take(table, bits[start:stop], out=flat[start:stop])
