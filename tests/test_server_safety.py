@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import hashlib
 import json
 import logging
 import os
@@ -174,6 +175,18 @@ def test_lfs_upload_urls_are_signed(hub_server, dataset, hf_api):
     status, _, _ = raw(hub_server.endpoint, "PUT", put_path.replace(oid, "c" * 64), b"abc", token=None)
     assert status == 403
     assert not list(hub_server.root.rglob(oid))
+
+
+def test_a_spooled_body_is_hashed_as_it_arrives_across_the_spill_to_disk(tmp_path):
+    """An LFS upload is checked against its oid by the digest taken as its bytes arrived (no read-back)."""
+    from coopt_hub.server.http import Body
+
+    body, chunks = Body(tmp_path), [b"a" * 700_000, b"b" * 700_000, b"c"]  # spills past 1 MiB
+    for chunk in chunks:
+        body.write(chunk)
+    assert body.sha256() == hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert body.on_disk().read_bytes() == b"".join(chunks), "the spooled file is not what was hashed"
+    body.discard()
 
 
 def test_lfs_batch_needs_a_token(hub_server, dataset):

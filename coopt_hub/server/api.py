@@ -660,7 +660,8 @@ class HubApi:
 
     def lfs_upload(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:
         git_repo = self.storage.open(make_repo_id(*repo))
-        git_repo.receive_lfs(oid, int(request.param("size")), request.body.on_disk())
+        body = request.body
+        git_repo.receive_lfs(oid, int(request.param("size")), body.on_disk(), sha256=body.sha256())
         return Response(200)
 
     def lfs_verify(self, request: Request, repo: tuple[str, str, str], oid: str) -> Response:

@@ -7,6 +7,7 @@ this module knows nothing about repos.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -102,9 +103,11 @@ class Body:
         self._file: BinaryIO | None = None
         self.path: Path | None = None
         self.size = 0
+        self._digest = hashlib.sha256()
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        self._digest.update(chunk)
         if self._file is None and len(self._memory) + len(chunk) <= _IN_MEMORY_BYTES:
             self._memory += chunk
             return
@@ -119,6 +122,11 @@ class Body:
             self._file.write(self._memory)
             self._memory = bytearray()
         return self._file
+
+    def sha256(self) -> str:
+        """The hex sha256 of the body so far, hashed as it arrived: an LFS upload is checked against
+        its oid without reading the spooled file back (a 2 GB upload took ~1.5 s more to answer)."""
+        return self._digest.hexdigest()
 
     def on_disk(self) -> Path:
         """The body as a file (for moving into the LFS store without a copy)."""

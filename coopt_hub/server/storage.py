@@ -462,18 +462,23 @@ class GitRepo:
             return False
         return size is None or actual == size
 
-    def receive_lfs(self, oid: str, size: int, upload: Path) -> None:
+    def receive_lfs(self, oid: str, size: int, upload: Path, sha256: str | None = None) -> None:
         """Move an upload (a spooled request body on the same disk) into the store, only if its
-        bytes hash to `oid`: content-addressed, so never overwritten wrongly."""
-        digest = hashlib.sha256()
-        with open(upload, "rb") as f:
-            while piece := f.read(_CHUNK):
-                digest.update(piece)
-            received = f.tell()
+        bytes hash to `oid`: content-addressed, so never overwritten wrongly. `sha256`: the
+        upload's digest when its bytes were hashed as they arrived; otherwise it is read back."""
+        if sha256 is None:
+            digest = hashlib.sha256()
+            with open(upload, "rb") as f:
+                while piece := f.read(_CHUNK):
+                    digest.update(piece)
+                received = f.tell()
+            sha256 = digest.hexdigest()
+        else:
+            received = upload.stat().st_size
         if received != size:
             raise bad_request(f"LFS upload of {oid} has {received} bytes, expected {size}.")
-        if digest.hexdigest() != oid:
-            raise bad_request(f"LFS upload does not match its oid {oid} (got sha256 {digest.hexdigest()}).")
+        if sha256 != oid:
+            raise bad_request(f"LFS upload does not match its oid {oid} (got sha256 {sha256}).")
         final = self.lfs_path(oid)
         final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.replace(upload, final)
