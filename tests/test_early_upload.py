@@ -1,6 +1,7 @@
 """Uploading big files ahead of the commit that adds them (merge's targets file, then each parquet
 file as it is written, during the parquet stage)."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,33 @@ def test_a_failed_early_upload_is_said_and_left_to_the_commit(hub, new_repo_id, 
     assert early.operations(notes) == {}
     assert len(notes.warnings) == 1 and "data/targets.safetensors, data/train-0-0.parquet" in notes.warnings[0]
     assert "the commit uploads it" in notes.warnings[0]
+
+
+class _HeldHub:
+    """A hub whose upload of the targets file lasts until another file has started uploading."""
+
+    def __init__(self):
+        self.other_started = threading.Event()
+
+    def preupload(self, repo: str, branch: str, files):
+        from huggingface_hub import CommitOperationAdd
+
+        ((local, path),) = files
+        if path.endswith("targets.safetensors"):
+            assert self.other_started.wait(10), "the next file waited for the targets file's upload"
+        else:
+            self.other_started.set()
+        return [CommitOperationAdd(path, str(local))]
+
+
+def test_the_parquet_files_upload_beside_the_targets_file_not_behind_it(tmp_path: Path):
+    big, later = tmp_path / "targets.safetensors", tmp_path / "train-0-0.parquet"
+    big.write_bytes(b"x" * 1024)
+    later.write_bytes(b"y" * 1024)
+    notes = Notes()
+    early = EarlyUpload(_HeldHub(), "org/repo", [(big, "data/targets.safetensors")])
+    early.add(later, "data/train-0-0.parquet")
+    operations = early.operations(notes)
+    assert notes.warnings == [], notes.warnings
+    assert {local: op.path_in_repo for local, op in operations.items()} == {
+        big: "data/targets.safetensors", later: "data/train-0-0.parquet"}

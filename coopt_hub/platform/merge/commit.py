@@ -63,49 +63,65 @@ class Publication:
         return early
 
 
+# Files uploading at once ahead of the commit. The first is the merged targets (2 GB at 1M x 512):
+# with one upload at a time the parquet files queued behind it, and at 1M x 512 the merge then
+# waited ~6 s after its last file for the uploads.
+UPLOAD_WORKERS = 2
+
+
 class EarlyUpload:
-    """Big files uploaded one after another on a thread while the merge goes on (Hub.preupload),
-    each as soon as it is `add`ed, so that the commit adds them without uploading them then. If an
+    """Big files uploaded on UPLOAD_WORKERS threads while the merge goes on (Hub.preupload), each
+    as soon as it is `add`ed, so that the commit adds them without uploading them then. Once an
     upload fails, the files not uploaded yet are left to the commit, which uploads them itself."""
 
     def __init__(self, hub: Hub, repo: str, files: Iterable[tuple[Path, str]] = ()):
         self._queue: queue.SimpleQueue[tuple[Path, str] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._added: list[tuple[Path, str]] = []
         self._uploaded: dict[Path, CommitOperationAdd] = {}
-        self._failure: tuple[list[str], Exception] | None = None
+        self._error: Exception | None = None
         self._closed = False
-        # A daemon: a merge that fails meanwhile exits without waiting for the upload.
-        self._thread = threading.Thread(target=self._upload, args=(hub, repo), name="coopt-merge-upload", daemon=True)
-        self._thread.start()
+        # Daemons: a merge that fails meanwhile exits without waiting for the uploads.
+        self._threads = [threading.Thread(target=self._upload, args=(hub, repo), name=f"coopt-merge-upload-{k}",
+                                          daemon=True) for k in range(UPLOAD_WORKERS)]
+        for thread in self._threads:
+            thread.start()
         for local, path in files:
             self.add(local, path)
 
     def add(self, local: Path, path: str) -> None:
         """Upload `local` (complete: it must not change from now on) as if at `path`; Publication
         commits it under its final name."""
+        with self._lock:
+            self._added.append((local, path))
         self._queue.put((local, path))
 
     def _upload(self, hub: Hub, repo: str) -> None:
         while (item := self._queue.get()) is not None:
-            if self._failure is not None:
-                self._failure[0].append(item[1])
+            if self._error is not None:
                 continue
             try:
                 (operation,) = hub.preupload(repo, "main", [item])
-                self._uploaded[item[0]] = operation
             except Exception as err:  # noqa: BLE001 -- reported by operations(); the commit uploads the files
-                self._failure = ([item[1]], err)
+                with self._lock:
+                    self._error = self._error or err
+                continue
+            with self._lock:
+                self._uploaded[item[0]] = operation
 
     def operations(self, progress: Progress) -> dict[Path, CommitOperationAdd]:
         """Once every file added has been tried: local file -> its uploaded operation (none for a
-        file whose upload failed, or came after one that did)."""
+        file whose upload failed, or was not tried after one had)."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-        self._thread.join()
-        if self._failure is not None:
-            paths, error = self._failure
-            _, message, _ = describe_error(error)
-            progress.warn(f"Uploading {', '.join(paths)} ahead of the commit failed ({message}); "
+            for _ in self._threads:
+                self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._error is not None:
+            left = [path for local, path in self._added if local not in self._uploaded]
+            _, message, _ = describe_error(self._error)
+            progress.warn(f"Uploading {', '.join(left)} ahead of the commit failed ({message}); "
                           "the commit uploads it.")
         return dict(self._uploaded)
 
