@@ -162,14 +162,25 @@ class ReusedBuffers:
         """A flat array of `size` values (contents undefined), a view of a free buffer when there is one."""
         with self._lock:
             for buffer in self._buffers:
-                # References: this list, the loop name and getrefcount's argument; any more is a view
-                # or an Arrow array made from it, still alive.
-                if buffer.size >= size and sys.getrefcount(buffer) <= 3:
+                # Any reference beyond those of an unused buffer seen the same way is a view or an
+                # Arrow array made from it, still alive.
+                if buffer.size >= size and sys.getrefcount(buffer) <= _UNUSED_REFERENCES:
                     return buffer[:size]
             fresh = np.empty(size, self.dtype)
             if len(self._buffers) < self.keep:
                 self._buffers.append(fresh)
             return fresh
+
+
+def _unused_references() -> int:
+    """sys.getrefcount of an array held only by a list, read in a loop over it as ReusedBuffers.take
+    reads it (the count the interpreter gives for the list, the loop name and the argument)."""
+    for array in [np.empty(0)]:
+        return sys.getrefcount(array)
+    raise AssertionError("unreachable")
+
+
+_UNUSED_REFERENCES = _unused_references()
 
 
 def write_at(file: TensorFile, name: str, positions: np.ndarray, values: np.ndarray) -> None:
