@@ -16,7 +16,6 @@ unreferenced objects behind, never a partial commit.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -462,19 +461,11 @@ class GitRepo:
             return False
         return size is None or actual == size
 
-    def receive_lfs(self, oid: str, size: int, upload: Path, sha256: str | None = None) -> None:
+    def receive_lfs(self, oid: str, size: int, upload: Path, sha256: str) -> None:
         """Move an upload (a spooled request body on the same disk) into the store, only if its
         bytes hash to `oid`: content-addressed, so never overwritten wrongly. `sha256`: the
-        upload's digest when its bytes were hashed as they arrived; otherwise it is read back."""
-        if sha256 is None:
-            digest = hashlib.sha256()
-            with open(upload, "rb") as f:
-                while piece := f.read(_CHUNK):
-                    digest.update(piece)
-                received = f.tell()
-            sha256 = digest.hexdigest()
-        else:
-            received = upload.stat().st_size
+        upload's digest, taken as its bytes arrived (http.Body.sha256)."""
+        received = upload.stat().st_size
         if received != size:
             raise bad_request(f"LFS upload of {oid} has {received} bytes, expected {size}.")
         if sha256 != oid:
