@@ -176,8 +176,8 @@ def _unused_references() -> int:
     """sys.getrefcount of an array held only by a list, read in a loop over it as ReusedBuffers.take
     reads it (the count the interpreter gives for the list, the loop name and the argument)."""
     for array in [np.empty(0)]:
-        return sys.getrefcount(array)
-    raise AssertionError("unreachable")
+        count = sys.getrefcount(array)
+    return count
 
 
 _UNUSED_REFERENCES = _unused_references()
@@ -232,7 +232,7 @@ def merge_targets(
     # are read where they lie, range by range, and a re-aligned shard's aligned tensor is never fetched.
     on_disk = verification is not None
     by_shard = sorted(targets.done, key=lambda s: s.shard)
-    mapped = [status for status in by_shard if _needs_map(status, status.header, choice)]
+    mapped = [status for status in by_shard if _needs_map(status, choice)]
     order = [status for status in by_shard if status not in mapped] + mapped
 
     def downloads() -> Iterator[tuple[ShardStatus, Path, Path]]:
@@ -311,10 +311,10 @@ def _merge_shard(
     return _manifest_entry(status, shard.header, realignment, choice), realignment.fit
 
 
-def _needs_map(status: ShardStatus, header: ShardHeader, choice: ReferenceChoice) -> bool:
+def _needs_map(status: ShardStatus, choice: ReferenceChoice) -> bool:
     """Whether the shard is re-aligned here through a map: aligned by its participant to another
     prior than the reference's, and not the reference itself (whose raw outputs are its targets)."""
-    return _realigned(header, choice) and status.shard != choice.reference.shard
+    return _realigned(status.header, choice) and status.shard != choice.reference.shard
 
 
 def _realigned(header: ShardHeader, choice: ReferenceChoice) -> bool:
