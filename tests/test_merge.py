@@ -110,18 +110,20 @@ def test_the_train_split_holds_every_row_with_its_image_and_target(published, v1
     assert v1_train["target"].shape == (plan.num_rows, plan.dim)
 
 
-def test_targets_are_stored_as_dictionary_indices_without_a_codec_and_the_rest_with_snappy(hub, published):
-    """The target column's pages are dictionary indices (its float32 values are float16s), which a
-    codec barely shrinks: stored uncompressed, without statistics; every other column keeps
-    pyarrow's defaults, snappy and statistics."""
+def test_targets_are_stored_byte_stream_split_with_zstd_and_the_rest_with_snappy(hub, published):
+    """The target column's pages are byte-stream-split float32s (widened float16s: their low bytes are
+    zeros, which zstd removes), without statistics; every other column keeps pyarrow's defaults,
+    dictionary, snappy and statistics."""
     from huggingface_hub import hf_hub_download
 
     repo, manifest = published.collab.repo, published.result.manifest
     path = hf_hub_download(repo, manifest.splits["train"].files[0], repo_type="dataset", revision=manifest.tag)
     group = pq.ParquetFile(path).metadata.row_group(0)
     columns = {group.column(i).path_in_schema.split(".")[0]: group.column(i) for i in range(group.num_columns)}
-    assert columns["target"].compression == "UNCOMPRESSED"
-    assert "RLE_DICTIONARY" in columns["target"].encodings
+    assert columns["target"].compression == "ZSTD"
+    assert "BYTE_STREAM_SPLIT" in columns["target"].encodings
+    assert "RLE_DICTIONARY" not in columns["target"].encodings
+    assert "RLE_DICTIONARY" in columns["id"].encodings
     assert {name: c.compression for name, c in columns.items() if name != "target"} == \
         dict.fromkeys(set(columns) - {"target"}, "SNAPPY")
     assert not columns["target"].is_stats_set, "the targets have statistics"

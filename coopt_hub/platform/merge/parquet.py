@@ -169,19 +169,25 @@ class _SplitWriter:
 
 
 def _column_options(schema: pa.Schema) -> dict[str, Any]:
-    """The writer's options by column. The targets: no codec, for their pages are dictionary indices
-    (float16 values take at most 65536 distinct float32s) that snappy shrank by 1% for ~7% of the
-    encoding time (1M x 512: 0.91 GiB either way); and no statistics, a float vector column's min
-    and max being of no use to a reader (~4% of its encoding time). Every other column keeps
-    pyarrow's defaults: snappy and statistics. pyarrow takes both by the parquet paths of the leaf
-    columns (target.list.element, image.bytes), read here from the parquet schema of an empty file."""
+    """The writer's options by column. The targets: byte-stream-split pages compressed with zstd
+    at level 1, and no statistics. Their float32 values are widened float16s, so the lowest byte
+    of every value is zero and the next holds 3 bits: split into one stream per byte, zstd all but
+    removes those. Measured on 65,536 x 512 targets (unit vectors, and the same re-aligned by a
+    random map): 0.70-0.86 s to encode and 56.4 MiB, where pyarrow's default dictionary encoding
+    (every value hashed into a table of up to 65,536 float32s) took 1.30-1.37 s for 60.9 MiB;
+    reading back takes the same time. A float vector column's min and max are of no use to a
+    reader (~4% of its encoding time). Every other column keeps pyarrow's defaults: dictionary,
+    snappy and statistics. pyarrow takes the options by the parquet paths of the leaf columns
+    (target.list.element, image.bytes), read here from the parquet schema of an empty file."""
     empty = io.BytesIO()
     pq.write_table(schema.empty_table(), empty)
     leaves = pq.ParquetFile(io.BytesIO(empty.getvalue())).schema
     paths = [leaves.column(i).path for i in range(len(leaves))]
-    targets = {path for path in paths if path.split(".")[0] == "target"}
-    return {"compression": {path: "none" if path in targets else "snappy" for path in paths},
-            "write_statistics": [path for path in paths if path not in targets]}
+    targets = [path for path in paths if path.split(".")[0] == "target"]
+    others = [path for path in paths if path not in targets]
+    return {"compression": {path: "zstd" if path in targets else "snappy" for path in paths},
+            "compression_level": dict.fromkeys(targets, 1),
+            "use_dictionary": others, "use_byte_stream_split": targets, "write_statistics": others}
 
 
 def _repo_paths(split: str, files: list[Path]) -> list[tuple[Path, str]]:
