@@ -8,6 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from coopt_hub.core import shardfile
 from coopt_hub.core.layout import ANCHORS_FILE, TARGETS_FILE, remote_paths, shard_branch, shard_prefix
 from coopt_hub.core.shardfile import (
     AnchorOutputs,
@@ -416,3 +417,11 @@ def test_all_finite_reads_the_bits_as_isfinite_does(dtype: str):
     largest = np.array([np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal, -0.0], dtype)
     assert all_finite(largest) and all_finite(largest[::2])  # a strided view too
     assert all_finite(np.arange(5)) and all_finite(np.zeros(0, dtype))
+    # Read a block at a time: a bad value in any block, the first and last value of one included.
+    block = shardfile._FINITE_BLOCK_BYTES // width
+    many = np.resize(finite, (3 * block + 7) // 16 * 16).reshape(-1, 16)  # 2-D, as targets are
+    assert all_finite(many)
+    for where in (block - 1, block, 2 * block + 1, many.size - 1):
+        spoiled = many.copy()
+        spoiled.reshape(-1)[where] = np.nan
+        assert not all_finite(spoiled) and not all_finite(spoiled.T)

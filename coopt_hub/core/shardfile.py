@@ -911,14 +911,27 @@ def _check_skipped(path: str, header: ShardHeader, ids: np.ndarray) -> None:
 def all_finite(array: np.ndarray) -> bool:
     """np.isfinite(array).all(), read from the bits of a float array: a value is NaN or infinite when
     its exponent bits are all set, that is when its bits less the sign reach those of infinity. One
-    integer maximum, where isfinite made a boolean array first (float16: 0.27 ns a value against 1.28)."""
+    integer maximum, where isfinite made a boolean array first (float16: 0.27 ns a value against 1.28),
+    a cache-sized block at a time into one scratch buffer: the bits less the sign of a whole range
+    (16 MiB at 16,384 x 512 float16) were a fresh array, whose pages the kernel zeroed on first touch."""
     if array.dtype.kind != "f" or array.size == 0:
         return True
-    bits = np.ascontiguousarray(array).view(array.dtype.str.replace("f", "u"))  # same size and byte order
+    bits = np.ascontiguousarray(array).reshape(-1).view(array.dtype.str.replace("f", "u"))  # same size and order
     width = 8 * array.dtype.itemsize
     exponent = {16: 5, 32: 8, 64: 11}[width]
-    infinity = ((1 << exponent) - 1) << (width - 1 - exponent)
-    return bool((bits & bits.dtype.type((1 << (width - 1)) - 1)).max() < infinity)
+    infinity = bits.dtype.type(((1 << exponent) - 1) << (width - 1 - exponent))
+    magnitude_bits = bits.dtype.type((1 << (width - 1)) - 1)
+    block = _FINITE_BLOCK_BYTES // bits.itemsize
+    scratch = np.empty(min(block, bits.size), bits.dtype)
+    for start in range(0, bits.size, block):
+        part = bits[start:start + block]
+        magnitude = np.bitwise_and(part, magnitude_bits, out=scratch[:part.size])
+        if magnitude.max() >= infinity:
+            return False
+    return True
+
+
+_FINITE_BLOCK_BYTES = 256 << 10
 
 
 def _check_values(path: str, tensors: dict[str, np.ndarray], after: int = -1) -> None:
@@ -960,8 +973,14 @@ def header_problems(plan: Plan, k: int, header: ShardHeader) -> list[str]:
 
 
 def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
-    """The sample ids shard k's rows must have, sorted: the plan's, less those the header records as skipped."""
-    return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64))
+    """The sample ids shard k's rows must have, sorted: the plan's, less those the header records as
+    skipped. Both lists are sorted and unique (the plan's by construction, the header's checked as it
+    was read), so nothing is sorted again: np.unique of 125,000 ids per shard and call was 1.6% of a
+    1M-row merge's CPU samples."""
+    ids = plan.shard_ids(k)
+    if not header.skipped_ids:
+        return ids
+    return np.setdiff1d(ids, np.asarray(header.skipped_ids, dtype=np.int64), assume_unique=True)
 
 
 class TensorFile:
