@@ -20,7 +20,9 @@ from threadpoolctl import threadpool_info
 
 found = [info for info in threadpool_info() if info["internal_api"] == "openblas"]
 library = ctypes.CDLL(found[0]["filepath"]) if found else None
-read = library.openblas_thread_timeout() if library is not None and hasattr(library, "openblas_thread_timeout") else None
+read = None
+if library is not None and hasattr(library, "openblas_thread_timeout"):
+    read = library.openblas_thread_timeout()
 print(json.dumps({"environment": os.environ.get("OPENBLAS_THREAD_TIMEOUT"), "openblas": read}))
 """
 
