@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -33,6 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "a plugin or an early import is to blame."
         )
     _share_the_cores()
+    _take_ctrl_c()
     tmp = Path(tempfile.mkdtemp(prefix="coopt-hub-tests-"))
     server = HubServer(tmp / "hub", tokens=[HUB_TOKEN]).start()
     os.environ.update(server.env())
@@ -44,6 +46,15 @@ def pytest_configure(config: pytest.Config) -> None:
     })
     config.stash[_SERVER] = server
     config.stash[_TMP] = tmp
+
+
+def _take_ctrl_c() -> None:
+    """A shell without job control starts a background command (`.ci/run &`) with SIGINT ignored, and
+    every process it starts inherits that: the Ctrl-C tests' commands then never see their Ctrl-C (all
+    three failed so, while passing from a terminal). Python's own handler here, reset to the default
+    in each command the tests start, makes the suite behave the same either way."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _share_the_cores() -> None:
