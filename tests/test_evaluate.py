@@ -82,6 +82,26 @@ def test_raw_targets_of_different_spaces_do_not_transfer_between_shards(rotated)
     assert rotated.majority < 0.15, "the majority baseline of ten balanced classes"
 
 
+def test_both_kinds_probed_side_by_side_give_the_figures_of_one_after_the_other():
+    """measure_quality probes the aligned and the raw targets on two threads, one BLAS and one
+    OpenMP thread each, on float16 targets as a merge stores them: the figures are those of each
+    kind probed alone, and the process's thread limits are as they were."""
+    from threadpoolctl import threadpool_info
+
+    latent, labels = clustered(1200, 24, seed=3)
+    shards = np.arange(latent.shape[0]) % 3
+    aligned = latent.astype(np.float16)
+    raw = np.concatenate([latent[shards == k] @ rotation(24, seed=20 + k) for k in range(3)]).astype(np.float16)
+    order = np.concatenate([np.flatnonzero(shards == k) for k in range(3)])
+    aligned, labels, shards = aligned[order], labels[order], shards[order]
+    alone = [evaluate_module.target_scores(x, labels, shards, seed=0) for x in (aligned, raw)]
+    limits = {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()}  # scikit-learn's loaded now
+    both = evaluate_module._both_scores((aligned, raw), labels, shards, seed=0)
+    assert {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()} == limits
+    assert [scores.to_dict() for scores in both] == [scores.to_dict() for scores in alone]
+    assert both[0].leave_one_shard_out.accuracy > 0.95 > 0.4 > both[1].leave_one_shard_out.accuracy
+
+
 def test_agreement_on_anchors_recovers_a_rotation(rotated):
     assert [a.shard for a in rotated.agreement] == [1, 2], "every shard but the reference"
     for agreement in rotated.agreement:
