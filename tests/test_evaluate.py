@@ -102,6 +102,38 @@ def test_both_kinds_probed_side_by_side_give_the_figures_of_one_after_the_other(
     assert both[0].leave_one_shard_out.accuracy > 0.95 > 0.4 > both[1].leave_one_shard_out.accuracy
 
 
+def test_the_parts_over_all_rows_never_run_two_at_once(monkeypatch):
+    """Both kinds' per-shard parts share two threads; the parts over (nearly) all rows, the largest
+    in memory, run one at a time, and every part runs once."""
+    import threading
+    import time
+
+    latent, labels = clustered(900, 16, seed=4)
+    shards = np.arange(latent.shape[0]) % 3
+    running, spans, lock = [], [], threading.Lock()
+
+    def timed(call):
+        def wrapper(x, *args):
+            with lock:
+                running.append(x.shape[0])
+                spans.append(sorted(running))
+            try:
+                time.sleep(0.01)  # long enough for the other thread to start a part meanwhile
+                return call(x, *args)
+            finally:
+                with lock:
+                    running.remove(x.shape[0])
+        return wrapper
+
+    monkeypatch.setattr(evaluate_module, "probe_scores", timed(evaluate_module.probe_scores))
+    monkeypatch.setattr(evaluate_module, "leave_one_group_out_probe", timed(evaluate_module.leave_one_group_out_probe))
+    x = latent.astype(np.float16)
+    evaluate_module._both_scores((x, x), labels, shards, seed=0)
+    assert len(spans) == 2 * (3 + 2), "each kind: three shards, all rows, leave-one-shard-out"
+    assert all(sum(rows == 900 for rows in span) <= 1 for span in spans)
+    assert any(len(span) == 2 for span in spans), "two parts ran side by side"
+
+
 def test_agreement_on_anchors_recovers_a_rotation(rotated):
     assert [a.shard for a in rotated.agreement] == [1, 2], "every shard but the reference"
     for agreement in rotated.agreement:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -260,23 +261,59 @@ def measure_quality(
 
 def _both_scores(targets: Sequence[np.ndarray], labels: np.ndarray, shards: np.ndarray,
                  seed: int) -> list[TargetScores]:
-    """target_scores of each of `targets` (the aligned and the raw ones), each on its own thread with
-    one BLAS and one OpenMP thread. The probes' fits are series of small products, which two threads
-    slow down rather than share: on 2 cores, 20,000 x 512 float16 targets of 8 shards, both suites
-    side by side took 8.1-9.2 s and 15-17 CPU-s, one after the other on both threads 13.0-14.9 s and
-    24-27 CPU-s, with the same figures. Peak memory: ~2x one suite's (+170 MiB, where one suite adds 86)."""
-    with threadpool_limits(limits=1), ThreadPoolExecutor(len(targets), thread_name_prefix="coopt-probe") as pool:
-        return list(pool.map(lambda x: target_scores(x, labels, shards, seed), targets))
+    """target_scores of each of `targets` (the aligned and the raw ones), on two threads with one
+    BLAS and one OpenMP thread each: the probes' fits are series of small products, which two
+    threads slow down rather than share. One thread takes the parts over (nearly) all rows, one at
+    a time (two at once took a 1M x 512 merge's peak RSS from ~510 to ~590 MiB), then helps with the
+    per-shard parts, which the other thread takes from the start; so both end within a small part.
+    On 2 cores, 20,000 x 512 float16 targets of 8 shards: ~8-9 s and 15-17 CPU-s, where one kind
+    after the other on both threads took 13.0-14.9 s and 24-27 CPU-s; the same figures."""
+    parts = [_scores_parts(x, labels, shards, seed) for x in targets]
+    large = [(kind, name) for name in ("overall", "across") for kind, named in enumerate(parts) if name in named]
+    small = deque((kind, name) for kind, named in enumerate(parts) for name in named if (kind, name) not in large)
+    results: list[dict] = [{} for _ in parts]
+
+    def work(own: list[tuple[int, object]]) -> None:
+        while own or small:
+            try:
+                kind, name = own.pop(0) if own else small.popleft()
+            except IndexError:  # the other thread took the last one
+                return
+            call, *args = parts[kind][name]
+            results[kind][name] = call(*args)
+
+    trim_heap()  # what the caller freed before (a merge: its parquet stage's buffers)
+    with threadpool_limits(limits=1), ThreadPoolExecutor(2, thread_name_prefix="coopt-probe") as pool:
+        for running in [pool.submit(work, large), pool.submit(work, [])]:
+            running.result()
+    trim_heap()  # the fits' temporaries
+    return [_gathered(named) for named in results]
 
 
 def target_scores(x: np.ndarray, labels: np.ndarray, shards: np.ndarray, seed: int = SEED) -> TargetScores:
     """The label figures of targets `x` over all rows, per shard, and leaving each shard out. Float16
     targets are widened a few rows at a time (core.quality), never as a whole."""
-    per_shard = {int(k): probe_scores(x[shards == k], labels[shards == k], seed) for k in np.unique(shards)}
-    trim_heap()  # the fits' temporaries, before the largest ones (the probes over every sampled row)
-    return TargetScores(overall=probe_scores(x, labels, seed), shards=per_shard,
-                        leave_one_shard_out=leave_one_group_out_probe(x, labels, shards)
-                        if _transferable(labels, shards) else None)
+    return _gathered({name: call(*args) for name, (call, *args) in _scores_parts(x, labels, shards, seed).items()})
+
+
+def _scores_parts(x: np.ndarray, labels: np.ndarray, shards: np.ndarray, seed: int) -> dict[object, tuple]:
+    """target_scores as independent calls, (function, *arguments) by name, the smallest first: each
+    shard (by its number), all rows ("overall"), then leave-one-shard-out ("across")."""
+    parts: dict[object, tuple] = {int(k): (_shard_scores, x, labels, shards, int(k), seed) for k in np.unique(shards)}
+    parts["overall"] = (probe_scores, x, labels, seed)
+    if _transferable(labels, shards):
+        parts["across"] = (leave_one_group_out_probe, x, labels, shards)
+    return parts
+
+
+def _shard_scores(x: np.ndarray, labels: np.ndarray, shards: np.ndarray, shard: int, seed: int) -> ProbeScores:
+    rows = shards == shard  # indexed out when the part runs: a queued part holds no copy
+    return probe_scores(x[rows], labels[rows], seed)
+
+
+def _gathered(results: dict[object, object]) -> TargetScores:
+    return TargetScores(overall=results.pop("overall"), leave_one_shard_out=results.pop("across", None),
+                        shards=dict(sorted(results.items())))
 
 
 def probe_scores(x: np.ndarray, labels: np.ndarray, seed: int = SEED) -> ProbeScores:
