@@ -143,6 +143,19 @@ def test_agreement_on_anchors_recovers_a_rotation(rotated):
         assert agreement.chance == pytest.approx(knn_chance(80, 10))
 
 
+def test_agreements_two_at_a_time_are_those_of_one_after_the_other():
+    rng = np.random.default_rng(6)
+    latent, ids = rng.standard_normal((120, 8)), np.arange(120)
+    anchors = {k: ProjectedAnchors(ids, latent @ rng.standard_normal((8, 24))
+                                   + 0.1 * k * rng.standard_normal((120, 24)))
+               for k in range(4)}
+    fits = {1: evaluate_module.select_alignment(*evaluate_module.paired_anchors(anchors[1], anchors[2]), seed=0)}
+    together = evaluate_module._agreements(anchors, 2, 0, fits)
+    alone = [evaluate_module.anchor_agreement(anchors[k], anchors[2], k, 0, fits.get(k)) for k in (0, 1, 3)]
+    assert [a.to_dict() for a in together] == [a.to_dict() for a in alone]
+    assert [a.shard for a in together] == [0, 1, 3]
+
+
 def test_unrelated_anchors_agree_at_chance():
     rng = np.random.default_rng(0)
     ids = np.arange(120)
