@@ -26,6 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from coopt_hub.core.align import fit_pca_basis, normalize, uniformity
+from coopt_hub.core.halves import to_float32
 from coopt_hub.errors import ConfigError
 
 # Probes on more rows than this cost more than they tell (a 20k-row accuracy has a standard error
@@ -239,15 +240,16 @@ _WIDEN_BLOCK = 4096  # rows widened at a time by _rows: 4 MiB of float16 at 512 
 
 def _rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
     """x[index] (positions or a mask) for a probe. Float16 rows come back as float32, widened a block
-    at a time: scikit-learn would take float16 to float64, and widening all the rows up front would
-    keep a float32 copy of every row beside each fit's own (40 MB at 20,000 x 512). Exact either way:
-    every float16 is a float32."""
+    at a time (core.halves, bit for bit as numpy casts): scikit-learn would take float16 to float64,
+    and widening all the rows up front would keep a float32 copy of every row beside each fit's own
+    (40 MB at 20,000 x 512)."""
     if x.dtype != np.float16:
         return x[index]
     positions = np.flatnonzero(index) if index.dtype == bool else index
     out = np.empty((positions.size, *x.shape[1:]), dtype=np.float32)
     for start in range(0, positions.size, _WIDEN_BLOCK):
-        out[start:start + _WIDEN_BLOCK] = x[positions[start:start + _WIDEN_BLOCK]]
+        stop = min(start + _WIDEN_BLOCK, positions.size)
+        to_float32(x[positions[start:stop]], out=out[start:stop])
     return out
 
 
