@@ -114,8 +114,8 @@ def uniformity(features, t: float = 2.0, block: int = 1024) -> float:
     starts = range(0, n - 1, block)
     workers = min(_blas_threads(), len(starts))
     # A single block keeps BLAS's threads for its product; several share the cores a block each.
-    with _one_blas_thread() if workers > 1 else contextlib.nullcontext():
-        parts = _on_cores(lambda start: _log_pair_sum(x, start, block, t, lower), starts, workers)
+    with one_blas_thread() if workers > 1 else contextlib.nullcontext():
+        parts = on_cores(lambda start: _log_pair_sum(x, start, block, t, lower), starts, workers)
     log_total = -math.inf
     for part in parts:  # in block order, so the figure does not depend on the number of threads
         log_total = np.logaddexp(log_total, part)
@@ -134,7 +134,7 @@ def _log_pair_sum(x: np.ndarray, start: int, block: int, t: float, lower: np.nda
     # Shifted by the block's largest cosine (at most 1: above is rounding), the largest exponent
     # is 0, so exp cannot underflow; 4 passes over the buffer after the product instead of 8
     # (1.05 instead of 1.18 CPU-s at 10,000 x 1024, measured). Those passes run on one core per
-    # block, hence the blocks on every core (_on_cores).
+    # block, hence the blocks on every core (on_cores).
     top = min(float(cosines.max()), 1.0)
     cosines -= top
     cosines *= 2.0 * t
@@ -146,9 +146,9 @@ _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
 
 
-def _on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], workers: int) -> list[_Result]:
+def on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], workers: int) -> list[_Result]:
     """[function(item) for item in items] on up to `workers` threads, for callers that hold BLAS to one
-    thread (_one_blas_thread), so the items, not BLAS, share the cores.
+    thread (one_blas_thread), so the items, not BLAS, share the cores.
 
     Why not BLAS's threads: LAPACK's symmetric eigendecomposition on OpenBLAS's threads is ~20x
     slower than on one (measured at 1024 x 1024 on 2 shared cores: 5.2 CPU-s, 10 s wall, against
@@ -165,7 +165,7 @@ def _on_cores(function: Callable[[_Item], _Result], items: Iterable[_Item], work
         return list(pool.map(function, items))
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """A context in which BLAS runs on one thread (process-wide, restored on exit; nests)."""
     return _blas().limit(limits=1, user_api="blas")
 
@@ -178,7 +178,7 @@ def _blas_threads() -> int:
 def _lapack(function: Callable[..., _Result], *args) -> _Result:
     """function(*args) on one BLAS thread, for decompositions and solves outside select_alignment
     (the SVD of 256 x 256 took 0.47 s on two busy threads, 0.03 s on one)."""
-    with _one_blas_thread():
+    with one_blas_thread():
         return function(*args)
 
 
@@ -297,8 +297,8 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
     x, y, target_norm = _paired(source, target)
     names = _methods(methods, x.shape[0], x.shape[1], y.shape[1])
     split = _Split.of(x.shape[0], folds, seed, precision)
-    # One BLAS thread per core: the folds run side by side (_on_cores); the rest is small next to them.
-    with _one_blas_thread():
+    # One BLAS thread per core: the folds run side by side (on_cores); the rest is small next to them.
+    with one_blas_thread():
         moments = _Moments.of(x, y, split)
         scored = _cross_validate(x, split, moments, names)
         best = min(scored, key=lambda s: s.error)  # the first of equals: METHODS order puts ridge first
@@ -311,7 +311,7 @@ def select_alignment(source, target, methods: str | Sequence[str] = "auto", fold
         # fold): one job list, so neither waits for the other's cores.
         jobs = [refit] + [functools.partial(_held_out_cosines, x, y, split, s.predictors[k], k)
                           for s in scored for k in range(split.folds)]
-        (transform, params, residual), *cosines = _on_cores(lambda job: job(), jobs, split.workers)
+        (transform, params, residual), *cosines = on_cores(lambda job: job(), jobs, split.workers)
         candidates = tuple(
             Candidate(s.method, params if s is best else s.params, math.sqrt(s.error) / target_norm,
                       float(np.concatenate(cosines[i * split.folds:(i + 1) * split.folds]).mean()))
@@ -359,7 +359,7 @@ def _methods(methods: str | Sequence[str], rows: int, d_in: int, d_out: int) -> 
 class _Split:
     """Seeded folds: fold k holds order[k::folds]. The cosine sample, order[:COSINE_ROWS], is thus a
     seeded uniform sample spread evenly over the folds. workers: the threads per-fold work is spread
-    over, as many as BLAS may use (_on_cores); precision: the dtype folds are scored in."""
+    over, as many as BLAS may use (on_cores); precision: the dtype folds are scored in."""
 
     order: np.ndarray
     folds: int
@@ -412,7 +412,7 @@ class _Moments:
     def of(cls, x: np.ndarray, y: np.ndarray, split: _Split) -> _Moments:
         tests = [split.test(k) for k in range(split.folds)]
         primal = x.shape[1] <= x.shape[0] - max(test.size for test in tests)
-        folds = _on_cores(lambda test: _Totals.of(x[test], y[test], gram=primal), tests, split.workers)
+        folds = on_cores(lambda test: _Totals.of(x[test], y[test], gram=primal), tests, split.workers)
         totals = _Totals(sum(f.gram for f in folds) if primal else None, sum(f.cross for f in folds),
                          sum(f.xx for f in folds), sum(f.yy for f in folds))
         return cls(tuple(folds), totals)
@@ -465,7 +465,7 @@ class _Scored:
 
 
 def _cross_validate(x: np.ndarray, split: _Split, moments: _Moments, names: tuple[str, ...]) -> list[_Scored]:
-    folds = _on_cores(lambda k: _fold(x, split, moments, k), range(split.folds), split.workers)
+    folds = on_cores(lambda k: _fold(x, split, moments, k), range(split.folds), split.workers)
     # The grid is relative to the Gram scale (its mean eigenvalue), so it does not depend on units.
     scale = moments.totals.xx / x.shape[1] or 1.0
     ridge = _score_ridge(folds, scale)
@@ -506,7 +506,7 @@ def _score_ridge(folds: list[_Fold], scale: float) -> _Scored:
 
 def _score_procrustes(moments: _Moments, workers: int) -> _Scored:
     totals, error, predictors = moments.totals, 0.0, []
-    fits = _on_cores(lambda held: _procrustes(totals.cross - held.cross, totals.xx - held.xx),
+    fits = on_cores(lambda held: _procrustes(totals.cross - held.cross, totals.xx - held.xx),
                      moments.folds, workers)
     for held, (rotation, scale) in zip(moments.folds, fits):
         # R is orthogonal, so ||X_h s R - Y_h||^2 = s^2 ||X_h||^2 - 2 s tr(R^T X_h^T Y_h) + ||Y_h||^2.
@@ -523,7 +523,7 @@ def _score_reduced_rank(folds: list[_Fold], ridge: _Scored, workers: int) -> lis
     if top < 2:
         return []
     errors, bases = 0.0, []
-    for fold_errors, basis in _on_cores(lambda fold: _reduced_rank_errors(fold, strength), folds, workers):
+    for fold_errors, basis in on_cores(lambda fold: _reduced_rank_errors(fold, strength), folds, workers):
         errors = errors + fold_errors[: top - 1]
         bases.append(basis)
     rank = int(np.argmin(errors)) + 1
@@ -718,7 +718,7 @@ def _paired(source, target) -> tuple[np.ndarray, np.ndarray, float]:
         raise ValueError(f"source and target must have the same rows (the anchors), "
                          f"got {x.shape[0]} and {y.shape[0]}.")
     # The two conversions are memory-bound passes (0.14 s at 10,000 x 1024 each way): one per core.
-    x, y = _on_cores(lambda named: _finite_float64(*named), [(x, "source"), (y, "target")], _blas_threads())
+    x, y = on_cores(lambda named: _finite_float64(*named), [(x, "source"), (y, "target")], _blas_threads())
     target_norm = float(np.linalg.norm(y))
     if target_norm == 0:
         raise ValueError("The alignment target is all zeros.")

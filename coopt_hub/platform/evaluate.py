@@ -32,7 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from coopt_hub.core.align import AlignmentFit, fit_transform, normalize, select_alignment
+from coopt_hub.core.align import (
+    AlignmentFit,
+    fit_transform,
+    normalize,
+    on_cores,
+    one_blas_thread,
+    select_alignment,
+)
 from coopt_hub.core.files import consecutive_runs, read_at
 from coopt_hub.core.layout import TARGETS_PATH
 from coopt_hub.core.memory import trim_heap
@@ -340,8 +347,9 @@ def _agreements(anchors: Mapping[int, ProjectedAnchors], reference: int, seed: i
     1,024 anchors are too small to share. 7 shards of 1,024 x 512 anchors on 2 cores: 2.8-3.0 s and
     4.6-4.9 CPU-s, where one shard after the other took 3.5-3.7 s and 6.3-6.8 CPU-s; the same figures."""
     shards = [k for k in sorted(anchors) if k != reference]
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(2, thread_name_prefix="coopt-agree") as pool:
-        return tuple(pool.map(lambda k: anchor_agreement(anchors[k], anchors[reference], k, seed, fits.get(k)), shards))
+    with one_blas_thread():
+        return tuple(on_cores(lambda k: anchor_agreement(anchors[k], anchors[reference], k, seed, fits.get(k)),
+                              shards, workers=2))
 
 
 def anchor_agreement(own: ProjectedAnchors, reference: ProjectedAnchors, shard: int,

@@ -263,7 +263,7 @@ class _Maps:
     (the fit under way finishes, the rest are fitted when asked for), so no fit runs beside a
     product: that kept more BLAS buffers resident (a 1M x 512 merge with its evaluation peaked at
     592-608 MiB, against 569). Not in the `background` when the merge verifies shards: verification
-    fits maps too, and BLAS's thread limit (align._one_blas_thread) is process-wide, so contexts
+    fits maps too, and BLAS's thread limit (align.one_blas_thread) is process-wide, so contexts
     entered on two threads could restore it out of order."""
 
     def __init__(self, choice: ReferenceChoice, shards: list[int], background: bool):
