@@ -102,6 +102,46 @@ def test_both_kinds_probed_side_by_side_give_the_figures_of_one_after_the_other(
     assert both[0].leave_one_shard_out.accuracy > 0.95 > 0.4 > both[1].leave_one_shard_out.accuracy
 
 
+_LATE_SCIKIT_LEARN = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_info
+from coopt_hub.platform import evaluate
+assert "sklearn" not in sys.modules, "loaded by the probe, as in a merge"
+seen, probe = [], evaluate.probe_scores
+
+def recorded(*args):
+    scores = probe(*args)
+    seen.append([(pool["user_api"], pool["filepath"], pool["num_threads"]) for pool in threadpool_info()])
+    return scores
+
+evaluate.probe_scores = recorded
+rng = np.random.default_rng(0)
+x = rng.standard_normal((600, 8)).astype(np.float16)
+evaluate._both_scores((x, x), rng.integers(0, 3, 600), np.arange(600) % 2, seed=0)
+print(json.dumps(seen))
+"""
+
+
+def test_probes_side_by_side_run_one_blas_and_one_openmp_thread_each_when_scikit_learn_loads_late():
+    """A merge loads scikit-learn only once it probes, and with it scipy's BLAS and an OpenMP
+    runtime: the limit around the two probe threads covers those too (each part would otherwise
+    run OpenMP and scipy's BLAS on as many threads as cores, two such parts on two cores)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}  # defaults above one
+    completed = subprocess.run([sys.executable, "-c", _LATE_SCIKIT_LEARN], env=env, capture_output=True, text=True,
+                               check=True)
+    seen = json.loads(completed.stdout)
+    assert len(seen) == 2 * 3, "each kind: two shards and all rows"
+    pools = {(api, path) for part in seen for api, path, _ in part}
+    assert {api for api, _ in pools} == {"blas", "openmp"}
+    assert len([path for api, path in pools if api == "blas"]) >= 2, "numpy's BLAS and scipy's"
+    assert all(threads == 1 for part in seen for _, _, threads in part), seen
+
+
 def test_the_parts_over_all_rows_never_run_two_at_once(monkeypatch):
     """Both kinds' per-shard parts share two threads; the parts over (nearly) all rows, the largest
     in memory, run one at a time, and every part runs once."""

@@ -18,6 +18,7 @@ Pure: numpy and scikit-learn. Every figure is deterministic for given inputs and
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -265,6 +266,15 @@ class _FittedProbe:
     def predict(self, x: np.ndarray) -> np.ndarray:
         # In place (copy=False): every caller predicts rows it indexed out, a copy of its own.
         return self.classifier.predict(self.scaler.transform(x, copy=False))
+
+
+def load_probe_libraries() -> None:
+    """Import the scikit-learn modules the probe uses (~1-2 s), and with them the BLAS (scipy's) and
+    OpenMP runtime they load. A thread limit covers only the libraries loaded when it is entered, and
+    one entered per fit on two threads restores BLAS's process-wide count out of order; so callers
+    that run probes side by side load these first, then enter one limit around all of them."""
+    for module in ("sklearn.linear_model", "sklearn.model_selection", "sklearn.preprocessing"):
+        importlib.import_module(module)
 
 
 def _fit_probe(x: np.ndarray, y: np.ndarray) -> _FittedProbe:

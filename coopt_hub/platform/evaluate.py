@@ -52,6 +52,7 @@ from coopt_hub.core.quality import (
     knn_chance,
     knn_overlap,
     leave_one_group_out_probe,
+    load_probe_libraries,
     sample_rows,
 )
 from coopt_hub.errors import ConfigError, VerificationError
@@ -280,16 +281,20 @@ def _both_scores(targets: Sequence[np.ndarray], labels: np.ndarray, shards: np.n
     results: list[dict] = [{} for _ in parts]
 
     def work(own: list[tuple[int, object]]) -> None:
-        while own or small:
-            try:
-                kind, name = own.pop(0) if own else small.popleft()
-            except IndexError:  # the other thread took the last one
-                return
-            call, *args = parts[kind][name]
-            results[kind][name] = call(*args)
+        with threadpool_limits(limits=1, user_api="openmp"):  # OpenMP's thread count is each thread's own
+            while own or small:
+                try:
+                    kind, name = own.pop(0) if own else small.popleft()
+                except IndexError:  # the other thread took the last one
+                    return
+                call, *args = parts[kind][name]
+                results[kind][name] = call(*args)
 
     trim_heap()  # what the caller freed before (a merge: its parquet stage's buffers)
-    with threadpool_limits(limits=1), ThreadPoolExecutor(2, thread_name_prefix="coopt-probe") as pool:
+    # Loaded before the limits are entered, which cover only the libraries loaded by then: scipy's
+    # BLAS and scikit-learn's OpenMP runtime come with it (a merge loads it here).
+    load_probe_libraries()
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(2, thread_name_prefix="coopt-probe") as pool:
         for running in [pool.submit(work, large), pool.submit(work, [])]:
             running.result()
     trim_heap()  # the fits' temporaries
