@@ -17,7 +17,8 @@ The source has a label column, so the merge measures the targets' quality (platf
 unless --no-evaluate; the output says which. The CPU seconds are the merge process's own (user +
 system) and, apart, the embedded hub's while the merge runs (it serves the downloads and takes the
 uploads on the same cores); the load average is printed with them: on a shared machine the wall
-time is not the merge's alone.
+time is not the merge's alone. Their sum over the machine's cores (`CPU floor:`) is the least wall
+time in which that work could finish, however well its stages overlapped.
 
 The goal at 1,000,000 x 512: <= 35 s and <= 600 MiB, the memory flat in the rows (check at 4x).
 The last two lines are `merge seconds: <x>` and `peak RSS MiB: <x>`.
@@ -259,6 +260,10 @@ def main() -> None:
               f"{merged.page_faults / 1e6:.2f}M page faults), "
               f"the embedded hub's meanwhile {merged.server_cpu_seconds:.1f} "
               f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        cores = os.cpu_count() or 1
+        print(f"CPU floor: (merge + hub CPU seconds) / {cores} cores = "
+              f"{(merged.cpu_seconds + merged.server_cpu_seconds) / cores:.1f} s, the least wall time of this work "
+              "however it were overlapped")
         print(f"merge seconds: {merged.seconds:.1f}")
         print(f"peak RSS MiB: {merged.peak_mib:.0f}")
         server.stop()
