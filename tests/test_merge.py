@@ -22,7 +22,14 @@ from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
-from coopt_hub.platform.merge.targets import ReusedBuffers, _aligned, _Maps, _Realignment, write_at
+from coopt_hub.platform.merge.targets import (
+    ReusedBuffers,
+    _aligned,
+    _Maps,
+    _Realignment,
+    _side_by_side,
+    write_at,
+)
 
 # Worse to better: fewer latent dimensions seen means a more collapsed prior and a higher V.
 WEAK = FakePrior("weak-net", output_dim=20, rank=6)
@@ -707,3 +714,70 @@ def test_maps_are_fitted_only_when_asked_for_without_the_background():
         assert choice.calls == [], "a map was fitted before it was asked for"
         maps.fit(2)
     assert choice.calls == [(2, threading.current_thread().name)], "not fitted in turn on the asking thread"
+
+
+def test_lanes_run_side_by_side_each_in_its_order():
+    seen, lock = [], threading.Lock()
+    both_started = threading.Barrier(2, timeout=30)  # broken unless the two lanes' first items overlap
+
+    def run(lane, stop):
+        for position, item in enumerate(lane):
+            if position == 0:
+                both_started.wait()
+            with lock:
+                seen.append((item, threading.current_thread().name))
+
+    _side_by_side([["k0", "k1"], ["m0", "m1", "m2"]], run, name="test-lane")
+    assert [item for item, _ in seen if item[0] == "k"] == ["k0", "k1"]
+    assert [item for item, _ in seen if item[0] == "m"] == ["m0", "m1", "m2"]
+    assert len({name for item, name in seen if item[0] == "k"} | {name for item, name in seen if item[0] == "m"}) == 2
+
+
+def test_a_failing_lane_stops_the_other_at_its_next_item_and_its_error_is_raised():
+    done, other_started = [], threading.Event()
+
+    def run(lane, stop):
+        for item in lane:
+            if stop.is_set():
+                return
+            if item == "bad":
+                assert other_started.wait(30), "the other lane did not start"
+                raise VerificationError("Shard 1: bad.")
+            other_started.set()
+            assert stop.wait(30), "the other lane's failure did not set stop"  # the item under way finishes
+            done.append(item)
+
+    with pytest.raises(VerificationError, match="Shard 1: bad"):
+        _side_by_side([["bad"], ["m0", "m1", "m2"]], run, name="test-lane")
+    assert done == ["m0"], "the other lane went on after the failure"
+
+
+def test_when_both_lanes_fail_the_first_lanes_error_is_raised():
+    def run(lane, stop):
+        raise VerificationError(f"Shard {lane[0]}: bad.")
+
+    with pytest.raises(VerificationError, match="Shard 4: bad"):
+        _side_by_side([[4], [0]], run, name="test-lane")
+
+
+def test_an_interrupt_while_the_lanes_run_stops_each_at_its_next_item(monkeypatch):
+    from coopt_hub.platform.merge import targets as targets_module
+
+    all_started, done = threading.Barrier(3, timeout=30), []
+
+    def interrupted(futures):  # Ctrl-C while this thread waits for the lanes
+        all_started.wait()
+        raise KeyboardInterrupt
+
+    def run(lane, stop):
+        for item in lane:
+            if stop.is_set():
+                return
+            all_started.wait()
+            assert stop.wait(30), "the interrupt did not set stop"
+            done.append(item)
+
+    monkeypatch.setattr(targets_module, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _side_by_side([["k0", "k1"], ["m0", "m1"]], run, name="test-lane")
+    assert sorted(done) == ["k0", "m0"], "a lane went on after the interrupt, or did not finish its item"

@@ -7,10 +7,11 @@ from __future__ import annotations
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,7 @@ from coopt_hub.platform.verify import ALIGN_CHUNK_ROWS
 SHORT_RUN_ROWS = 64
 SCATTER_WINDOW_ROWS = 16384  # 16 MiB per fp16 tensor at 512 dimensions
 _RERUN_HINT = "That participant must run `coopt-hub optimize --shard K --push` again."
+_Item = TypeVar("_Item")
 
 
 def _where(status: ShardStatus) -> str:
@@ -109,6 +111,7 @@ class MergedTargets:
         )
         self.file.write_rows("ids", 0, self.ids.present_ids)
         self._widened = ReusedBuffers(np.float32)
+        self._writing = threading.Lock()  # two shards merge side by side (merge_targets' lanes)
 
     def __enter__(self) -> MergedTargets:
         return self
@@ -139,10 +142,13 @@ class MergedTargets:
                 pa.array(shard[keep], pa.int32()))
 
     def write(self, rows: ShardRows, aligned: np.ndarray) -> None:
-        """One range of a shard: its raw rows and `aligned`, at its ids' places."""
+        """One range of a shard: its raw rows and `aligned`, at its ids' places. Safe from several
+        threads: the file's position is shared, and a scattered write reads and rewrites a window
+        that another shard's rows may share."""
         positions = self.ids.position[rows.ids]
-        for name, values in (("raw", rows.raw), ("targets", aligned)):
-            write_at(self.file, name, positions, values)
+        with self._writing:
+            for name, values in (("raw", rows.raw), ("targets", aligned)):
+                write_at(self.file, name, positions, values)
 
 
 class ReusedBuffers:
@@ -222,10 +228,14 @@ def merge_targets(
     verification: MergeVerifier | None,
     progress: Progress,
 ) -> tuple[tuple[MergedShard, ...], dict[int, AlignmentFit]]:
-    """Download, check and align one shard at a time into `targets`, aligned to `choice.reference`;
-    the next shard downloads while one merges (at most two on disk besides it). The shards that
-    need no map merge first, while the maps of the others are fitted (_Maps).
-    With `verification`, every shard is verified before the refusal that names each one that did not pass.
+    """Download, check and align the shards into `targets`, aligned to `choice.reference`, in two
+    lanes side by side: the shards kept as pushed, whose merge waits on reading them, and those
+    re-aligned here through a map, whose merge waits on the product (at 1M x 512: ~1.0-1.3 s and
+    ~1.5 s a shard). In each lane the next shard downloads while one merges. The maps are fitted
+    on a thread (_Maps) until the first is asked for. With `verification` (which fits maps of its
+    own, under BLAS's process-wide thread limit), one shard at a time, the kept ones first, and
+    every shard is verified before the refusal that names each one that did not pass; without it
+    the first problem stops the other lane at its next shard and is raised.
     Returns the manifest's entries, in shard order, and the maps fitted for the shards re-aligned here."""
 
     # Verification re-encodes rows picked at random, so it needs the targets on disk; otherwise they
@@ -233,35 +243,72 @@ def merge_targets(
     on_disk = verification is not None
     by_shard = sorted(targets.done, key=lambda s: s.shard)
     mapped = [status for status in by_shard if _needs_map(status, choice)]
-    order = [status for status in by_shard if status not in mapped] + mapped
+    kept = [status for status in by_shard if status not in mapped]
+    lanes = [kept + mapped] if verification is not None else [lane for lane in (kept, mapped) if lane]
 
-    def downloads() -> Iterator[tuple[ShardStatus, Path, Path]]:
-        for status in order:
+    def downloads(lane: list[ShardStatus]) -> Iterator[tuple[ShardStatus, Path, Path]]:
+        for status in lane:
             local = workdir / f"shard-{status.shard}"
             yield status, local, download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
 
     merged, fits = [], {}
     with _Maps(choice, [status.shard for status in mapped], background=verification is None) as maps:
-        for status, local, directory in ahead(downloads(), name="coopt-merge-download"):
-            progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
-            remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
-            entry, fit = _merge_shard(status, directory, remote, targets, choice, maps, verification, progress)
-            merged.append(entry)
-            if fit is not None:
-                fits[status.shard] = fit
-            shutil.rmtree(local)
-            faults.reach("merge-shard")
+
+        def merge_lane(lane: list[ShardStatus], stop: threading.Event) -> None:
+            for status, local, directory in ahead(downloads(lane), name="coopt-merge-download"):
+                if stop.is_set():
+                    return
+                progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
+                remote = None if on_disk else remote_targets(hub, repo, status.shard, status.commit)
+                entry, fit = _merge_shard(status, directory, remote, targets, choice, maps, verification, progress)
+                merged.append(entry)
+                if fit is not None:
+                    fits[status.shard] = fit
+                shutil.rmtree(local)
+                faults.reach("merge-shard")
+
+        _side_by_side(lanes, merge_lane, name="coopt-merge-lane")
     if verification is not None:
         verification.refuse_failures()
     return tuple(sorted(merged, key=lambda entry: entry.shard)), fits
 
 
+def _side_by_side(lanes: list[list[_Item]], run: Callable[[list[_Item], threading.Event], None], name: str) -> None:
+    """run(lane, stop) for each of `lanes`, each on its own thread (the only lane on this one). When
+    one raises, or this thread is interrupted, `stop` is set, which `run` checks between items, and
+    the first error (in lane order) is raised once every lane has returned."""
+    stop = threading.Event()
+
+    def guarded(lane: list[_Item]) -> None:
+        try:
+            run(lane, stop)
+        except BaseException:
+            stop.set()
+            raise
+
+    if len(lanes) <= 1:
+        for lane in lanes:
+            guarded(lane)
+        return
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix=name) as pool:
+        running = [pool.submit(guarded, lane) for lane in lanes]
+        try:
+            wait(running)
+        except BaseException:  # an interrupt (Ctrl-C) here: the lanes stop at their next item too
+            stop.set()
+            raise
+    errors = [error for error in (future.exception() for future in running) if error is not None]
+    if errors:
+        raise errors[0]
+
+
 class _Maps:
     """The alignment maps of the shards re-aligned here (select_alignment, ~0.5-1 s each at 1024
-    anchors x 512 dims), fitted in turn on a thread (`background`) while the shards that need none
-    merge: those only read, hash and write. The first shard that asks for its map stops the thread
-    (the fit under way finishes, the rest are fitted when asked for), so no fit runs beside a
-    product: that kept more BLAS buffers resident (a 1M x 512 merge with its evaluation peaked at
+    anchors x 512 dims), fitted in turn on a thread (`background`) from the start, while the first
+    shards download. The first shard that asks for its map stops the thread (the fit under way
+    finishes, the rest are fitted when asked for: in merge_targets' lane of the re-aligned shards,
+    beside the other lane, which only reads, hashes and writes), so no fit runs beside a product:
+    that kept more BLAS buffers resident (a 1M x 512 merge with its evaluation peaked at
     592-608 MiB, against 569). Not in the `background` when the merge verifies shards: verification
     fits maps too, and BLAS's thread limit (align.one_blas_thread) is process-wide, so contexts
     entered on two threads could restore it out of order."""
