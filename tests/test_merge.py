@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -267,7 +268,7 @@ def test_partial_then_better_prior_makes_v2_and_v1_still_loads(hub, collab, monk
     assert not result.manifest.partial, "full merge: the manifest says partial"
     realigned = {s.shard: s for s in result.manifest.shards if s.realigned}
     assert set(realigned) == {0, 1}, "full merge: not exactly shards 0 and 1 re-aligned"
-    # Shard 2, which needs no map, merged first while the maps were fitted; the manifest keeps shard order.
+    # Shard 2, which needs no map, merged beside shards 0 and 1 (two lanes); the manifest keeps shard order.
     assert [s.shard for s in result.manifest.shards] == [0, 1, 2], "full merge: the manifest's shards out of order"
     anchor_ids = np.asarray(plan.anchor_ids)
     v2 = load(collab.repo, "v2")["train"].with_format("numpy")[:]
@@ -781,3 +782,42 @@ def test_an_interrupt_while_the_lanes_run_stops_each_at_its_next_item(monkeypatc
     with pytest.raises(KeyboardInterrupt):
         _side_by_side([["k0", "k1"], ["m0", "m1"]], run, name="test-lane")
     assert sorted(done) == ["k0", "m0"], "a lane went on after the interrupt, or did not finish its item"
+
+
+def test_a_second_interrupt_still_waits_for_the_lanes(monkeypatch):
+    """Interrupted again while the lanes finish their items, it still returns only once they have:
+    the merge's scratch files are theirs until then."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coopt_hub.platform.merge import targets as targets_module
+
+    all_started, done = threading.Barrier(3, timeout=30), []
+
+    class InterruptedOnce(ThreadPoolExecutor):
+        interrupted = False
+
+        def shutdown(self, wait=True, **kwargs):
+            if not InterruptedOnce.interrupted:
+                InterruptedOnce.interrupted = True
+                raise KeyboardInterrupt  # the second Ctrl-C, before the lanes are joined
+            super().shutdown(wait=wait, **kwargs)
+
+    def interrupted(futures):  # the first Ctrl-C
+        all_started.wait()
+        raise KeyboardInterrupt
+
+    def run(lane, stop):
+        for item in lane:
+            if stop.is_set():
+                return
+            all_started.wait()
+            assert stop.wait(30), "the interrupt did not set stop"
+            time.sleep(0.2)  # the item takes a while to finish
+            done.append(item)
+
+    monkeypatch.setattr(targets_module, "wait", interrupted)
+    monkeypatch.setattr(targets_module, "ThreadPoolExecutor", InterruptedOnce)
+    with pytest.raises(KeyboardInterrupt):
+        _side_by_side([["k0", "k1"], ["m0", "m1"]], run, name="test-lane")
+    assert InterruptedOnce.interrupted
+    assert sorted(done) == ["k0", "m0"], "returned before the lanes had finished their items"

@@ -87,9 +87,9 @@ class IdLayout:
 
 class MergedTargets:
     """The merged targets file of the shards `done`, aligned to `reference`'s prior: `ids`, `targets`
-    (aligned) and `raw`, laid out up front in id order, filled shard by shard (`merge_targets`), then
-    read back in runs of ids to join the source's rows. Open from construction to the end of its
-    `with` block."""
+    (aligned) and `raw`, laid out up front in id order, filled shard by shard (`merge_targets`, two
+    shards at a time), then read back in runs of ids to join the source's rows. Open from
+    construction to the end of its `with` block."""
 
     def __init__(self, path: Path, plan: Plan, done: list[ShardStatus], reference: ShardStatus):
         self.path, self.plan, self.done, self.reference = path, plan, done, reference
@@ -235,7 +235,8 @@ def merge_targets(
     on a thread (_Maps) until the first is asked for. With `verification` (which fits maps of its
     own, under BLAS's process-wide thread limit), one shard at a time, the kept ones first, and
     every shard is verified before the refusal that names each one that did not pass; without it
-    the first problem stops the other lane at its next shard and is raised.
+    a problem stops the other lane at its next shard, and is raised (the kept lane's first, should
+    both lanes fail).
     Returns the manifest's entries, in shard order, and the maps fitted for the shards re-aligned here."""
 
     # Verification re-encodes rows picked at random, so it needs the targets on disk; otherwise they
@@ -246,8 +247,10 @@ def merge_targets(
     kept = [status for status in by_shard if status not in mapped]
     lanes = [kept + mapped] if verification is not None else [lane for lane in (kept, mapped) if lane]
 
-    def downloads(lane: list[ShardStatus]) -> Iterator[tuple[ShardStatus, Path, Path]]:
+    def downloads(lane: list[ShardStatus], stop: threading.Event) -> Iterator[tuple[ShardStatus, Path, Path]]:
         for status in lane:
+            if stop.is_set():
+                return
             local = workdir / f"shard-{status.shard}"
             yield status, local, download_shard(hub, repo, status.shard, status.commit, local, targets=on_disk)
 
@@ -255,7 +258,7 @@ def merge_targets(
     with _Maps(choice, [status.shard for status in mapped], background=verification is None) as maps:
 
         def merge_lane(lane: list[ShardStatus], stop: threading.Event) -> None:
-            for status, local, directory in ahead(downloads(lane), name="coopt-merge-download"):
+            for status, local, directory in ahead(downloads(lane, stop), name="coopt-merge-download"):
                 if stop.is_set():
                     return
                 progress.info(f"Shard {status.shard}: checking {status.branch}@{status.commit[:12]}.")
@@ -275,8 +278,9 @@ def merge_targets(
 
 def _side_by_side(lanes: list[list[_Item]], run: Callable[[list[_Item], threading.Event], None], name: str) -> None:
     """run(lane, stop) for each of `lanes`, each on its own thread (the only lane on this one). When
-    one raises, or this thread is interrupted, `stop` is set, which `run` checks between items, and
-    the first error (in lane order) is raised once every lane has returned."""
+    one raises, or this thread is interrupted, `stop` is set, which `run` checks between items;
+    once every lane has returned, the error of the first lane that failed, in lane order, is raised
+    (a second lane's error is dropped: a merge refused names one shard, as one lane's would)."""
     stop = threading.Event()
 
     def guarded(lane: list[_Item]) -> None:
@@ -290,13 +294,22 @@ def _side_by_side(lanes: list[list[_Item]], run: Callable[[list[_Item], threadin
         for lane in lanes:
             guarded(lane)
         return
-    with ThreadPoolExecutor(len(lanes), thread_name_prefix=name) as pool:
+    pool = ThreadPoolExecutor(len(lanes), thread_name_prefix=name)
+    try:
         running = [pool.submit(guarded, lane) for lane in lanes]
-        try:
-            wait(running)
-        except BaseException:  # an interrupt (Ctrl-C) here: the lanes stop at their next item too
-            stop.set()
-            raise
+        wait(running)
+    except BaseException:  # an interrupt (Ctrl-C) here: the lanes stop at their next item too
+        stop.set()
+        raise
+    finally:
+        # Returns only once the lanes have: the caller's files are theirs until then, however many
+        # interrupts come meanwhile.
+        while True:
+            try:
+                pool.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                stop.set()
     errors = [error for error in (future.exception() for future in running) if error is not None]
     if errors:
         raise errors[0]
