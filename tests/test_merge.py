@@ -761,27 +761,35 @@ def test_when_both_lanes_fail_the_first_lanes_error_is_raised():
         _side_by_side([[4], [0]], run, name="test-lane")
 
 
-def test_an_interrupt_while_the_lanes_run_stops_each_at_its_next_item(monkeypatch):
-    from coopt_hub.platform.merge import targets as targets_module
+class _InterruptedLanes:
+    """Two lanes whose first items start together with a Ctrl-C in the thread waiting for them (a
+    stand-in for concurrent.futures.wait), then finish once stop is set, taking `seconds`."""
 
-    all_started, done = threading.Barrier(3, timeout=30), []
+    def __init__(self, seconds: float = 0.0):
+        self.all_started, self.done, self.seconds = threading.Barrier(3, timeout=30), [], seconds
 
-    def interrupted(futures):  # Ctrl-C while this thread waits for the lanes
-        all_started.wait()
+    def wait(self, futures):
+        self.all_started.wait()
         raise KeyboardInterrupt
 
-    def run(lane, stop):
+    def run(self, lane, stop):
         for item in lane:
             if stop.is_set():
                 return
-            all_started.wait()
+            self.all_started.wait()
             assert stop.wait(30), "the interrupt did not set stop"
-            done.append(item)
+            time.sleep(self.seconds)
+            self.done.append(item)
 
-    monkeypatch.setattr(targets_module, "wait", interrupted)
+
+def test_an_interrupt_while_the_lanes_run_stops_each_at_its_next_item(monkeypatch):
+    from coopt_hub.platform.merge import targets as targets_module
+
+    lanes = _InterruptedLanes()
+    monkeypatch.setattr(targets_module, "wait", lanes.wait)
     with pytest.raises(KeyboardInterrupt):
-        _side_by_side([["k0", "k1"], ["m0", "m1"]], run, name="test-lane")
-    assert sorted(done) == ["k0", "m0"], "a lane went on after the interrupt, or did not finish its item"
+        _side_by_side([["k0", "k1"], ["m0", "m1"]], lanes.run, name="test-lane")
+    assert sorted(lanes.done) == ["k0", "m0"], "a lane went on after the interrupt, or did not finish its item"
 
 
 def test_a_second_interrupt_still_waits_for_the_lanes(monkeypatch):
@@ -790,8 +798,6 @@ def test_a_second_interrupt_still_waits_for_the_lanes(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from coopt_hub.platform.merge import targets as targets_module
-
-    all_started, done = threading.Barrier(3, timeout=30), []
 
     class InterruptedOnce(ThreadPoolExecutor):
         interrupted = False
@@ -802,22 +808,10 @@ def test_a_second_interrupt_still_waits_for_the_lanes(monkeypatch):
                 raise KeyboardInterrupt  # the second Ctrl-C, before the lanes are joined
             super().shutdown(wait=wait, **kwargs)
 
-    def interrupted(futures):  # the first Ctrl-C
-        all_started.wait()
-        raise KeyboardInterrupt
-
-    def run(lane, stop):
-        for item in lane:
-            if stop.is_set():
-                return
-            all_started.wait()
-            assert stop.wait(30), "the interrupt did not set stop"
-            time.sleep(0.2)  # the item takes a while to finish
-            done.append(item)
-
-    monkeypatch.setattr(targets_module, "wait", interrupted)
+    lanes = _InterruptedLanes(seconds=0.2)  # the items take a while to finish
+    monkeypatch.setattr(targets_module, "wait", lanes.wait)
     monkeypatch.setattr(targets_module, "ThreadPoolExecutor", InterruptedOnce)
     with pytest.raises(KeyboardInterrupt):
-        _side_by_side([["k0", "k1"], ["m0", "m1"]], run, name="test-lane")
+        _side_by_side([["k0", "k1"], ["m0", "m1"]], lanes.run, name="test-lane")
     assert InterruptedOnce.interrupted
-    assert sorted(done) == ["k0", "m0"], "returned before the lanes had finished their items"
+    assert sorted(lanes.done) == ["k0", "m0"], "returned before the lanes had finished their items"
