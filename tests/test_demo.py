@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-# The demo runs once for the module (the first test waits for it), in several minutes.
+# The demo runs once for the module (the first test waits for it), in several minutes. Under
+# pytest-xdist a module fixture runs once per worker that gets one of the module's tests: the README's
+# test command (`--dist loadscope`) keeps a module's tests on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
