@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -127,10 +130,6 @@ def test_probes_side_by_side_run_one_blas_and_one_openmp_thread_each_when_scikit
     """A merge loads scikit-learn only once it probes, and with it scipy's BLAS and an OpenMP
     runtime: the limit around the two probe threads covers those too (each part would otherwise
     run OpenMP and scipy's BLAS on as many threads as cores, two such parts on two cores)."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}  # defaults above one
     completed = subprocess.run([sys.executable, "-c", _LATE_SCIKIT_LEARN], env=env, capture_output=True, text=True,
                                check=True)
