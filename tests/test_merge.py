@@ -17,13 +17,15 @@ from coopt_hub.core.align import select_alignment
 from coopt_hub.core.halves import to_float16, to_float32
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
-from coopt_hub.core.shardfile import ShardRows, TensorFile
+from coopt_hub.core.plan import Unit, make_plan
+from coopt_hub.core.shardfile import ShardRows, TensorFile, expected_ids
 from coopt_hub.errors import ConflictError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
 from coopt_hub.platform.merge.commit import MergeResult
 from coopt_hub.platform.merge.run import merge
 from coopt_hub.platform.merge.targets import (
+    IdLayout,
     ReusedBuffers,
     _aligned,
     _Maps,
@@ -580,6 +582,36 @@ def test_rows_written_at_their_positions_give_the_bytes_of_a_write_per_row(tmp_p
     expected = before.copy()
     expected[positions] = values
     assert files["at"].endswith(expected.tobytes())
+
+
+@pytest.mark.parametrize("units", [60, 5], ids=["by units", "by rows"])
+def test_the_id_layout_places_every_id_as_a_slot_per_id_would(units):
+    """IdLayout keeps the plan's units and the absent ids, not a slot per id: each id's shard and
+    merged row are those of a table over every id, with a shard missing and rows skipped (among
+    them ids of other shards, which do not count) and a few units empty."""
+    sizes = np.random.default_rng(1).integers(0, 900, units)
+    sizes[:2] = 0
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    plan = make_plan(source_repo="org/src", source_revision="b" * 40, split="train", image_column="image",
+                     units=[Unit("data/train.parquet", g, int(a), int(n)) for g, (a, n) in enumerate(zip(starts, sizes))],
+                     num_shards=4, anchors=8, dim=4, seed=0, temperature=2.0)
+    assert plan.granularity == ("row_group" if units == 60 else "row")
+    rng = np.random.default_rng(2)
+    merged = []
+    for k in (0, 1, 3):  # shard 2 is missing
+        own = plan.shard_ids(k)
+        skipped = np.union1d(rng.choice(own, 25, replace=False), rng.choice(plan.shard_ids((k + 1) % 4), 3))
+        merged.append(SimpleNamespace(shard=k, header=SimpleNamespace(skipped_ids=skipped.tolist())))
+    table = np.full(plan.num_rows, -1)
+    for status in merged:
+        table[expected_ids(plan, status.shard, status.header)] = status.shard
+    present = np.flatnonzero(table >= 0)
+
+    layout = IdLayout(plan, merged)
+    assert layout.num_rows == present.size
+    assert np.array_equal(layout.shard_of(np.arange(plan.num_rows)), table)
+    assert np.array_equal(layout.position(present), np.arange(present.size))
+    assert np.array_equal(np.concatenate(list(layout.present_ids(block=1000))), present)
 
 
 def test_targets_narrowed_to_float16_have_the_bits_of_numpys_cast():
