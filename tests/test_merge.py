@@ -18,7 +18,7 @@ from coopt_hub.core.halves import to_float16, to_float32
 from coopt_hub.core.layout import MANIFEST_PATH, TARGETS_FILE, TARGETS_PATH
 from coopt_hub.core.manifest import next_tag
 from coopt_hub.core.plan import Unit, make_plan
-from coopt_hub.core.shardfile import ShardRows, TensorFile, expected_ids
+from coopt_hub.core.shardfile import ExpectedIds, ShardRows, TensorFile, expected_ids
 from coopt_hub.errors import ConflictError, VerificationError
 from coopt_hub.hub.client import Hub
 from coopt_hub.platform.merge import parquet as merge_module
@@ -584,11 +584,10 @@ def test_rows_written_at_their_positions_give_the_bytes_of_a_write_per_row(tmp_p
     assert files["at"].endswith(expected.tobytes())
 
 
-@pytest.mark.parametrize("units", [60, 5], ids=["by units", "by rows"])
-def test_the_id_layout_places_every_id_as_a_slot_per_id_would(units):
-    """IdLayout keeps the plan's units and the absent ids, not a slot per id: each id's shard and
-    merged row are those of a table over every id, with a shard missing and rows skipped (among
-    them ids of other shards, which do not count) and a few units empty."""
+def _plan_with_skipped_rows(units: int) -> tuple:
+    """A plan of 4 shards over `units` storage units of random sizes (the first two empty): by units
+    at 60, by rows at 5; and shards 0, 1 and 3 as merged (2 is missing), each having skipped 25 of
+    its rows and recorded 3 ids of the next shard as skipped, which do not count."""
     sizes = np.random.default_rng(1).integers(0, 900, units)
     sizes[:2] = 0
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -598,10 +597,18 @@ def test_the_id_layout_places_every_id_as_a_slot_per_id_would(units):
     assert plan.granularity == ("row_group" if units == 60 else "row")
     rng = np.random.default_rng(2)
     merged = []
-    for k in (0, 1, 3):  # shard 2 is missing
+    for k in (0, 1, 3):
         own = plan.shard_ids(k)
         skipped = np.union1d(rng.choice(own, 25, replace=False), rng.choice(plan.shard_ids((k + 1) % 4), 3))
         merged.append(SimpleNamespace(shard=k, header=SimpleNamespace(skipped_ids=skipped.tolist())))
+    return plan, merged
+
+
+@pytest.mark.parametrize("units", [60, 5], ids=["by units", "by rows"])
+def test_the_id_layout_places_every_id_as_a_slot_per_id_would(units):
+    """IdLayout keeps the plan's units and the absent ids, not a slot per id: each id's shard and
+    merged row are those of a table over every id."""
+    plan, merged = _plan_with_skipped_rows(units)
     table = np.full(plan.num_rows, -1)
     for status in merged:
         table[expected_ids(plan, status.shard, status.header)] = status.shard
@@ -612,6 +619,22 @@ def test_the_id_layout_places_every_id_as_a_slot_per_id_would(units):
     assert np.array_equal(layout.shard_of(np.arange(plan.num_rows)), table)
     assert np.array_equal(layout.position(present), np.arange(present.size))
     assert np.array_equal(np.concatenate(list(layout.present_ids(block=1000))), present)
+
+
+@pytest.mark.parametrize("units", [60, 5], ids=["by units", "by rows"])
+def test_a_shards_expected_ids_by_range_are_the_slices_of_all_of_them(units):
+    """ExpectedIds gives a range of a shard's rows without all of them: every range (across units,
+    within one, at unit edges, empty, past the end) is the slice of expected_ids."""
+    plan, merged = _plan_with_skipped_rows(units)
+    rng = np.random.default_rng(3)
+    for status in merged:
+        every = expected_ids(plan, status.shard, status.header)
+        by_range = ExpectedIds(plan, status.shard, status.header)
+        edges = np.cumsum([0] + [u.num_rows for u in plan.shard_units(status.shard)]) if units == 60 else []
+        bounds = [(0, every.size), (0, 0), (every.size, every.size + 10), (every.size - 5, every.size + 5),
+                  *((int(e), int(e) + 700) for e in edges[:6]), *(sorted(rng.integers(0, every.size, 2)) for _ in range(40))]
+        for start, stop in bounds:
+            assert np.array_equal(by_range.rows(int(start), int(stop)), every[start:stop]), (status.shard, start, stop)
 
 
 def test_targets_narrowed_to_float16_have_the_bits_of_numpys_cast():

@@ -980,6 +980,45 @@ def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
     return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64), assume_unique=True)
 
 
+
+class ExpectedIds:
+    """expected_ids(plan, k, header) a range of the shard's rows at a time. For a plan by storage
+    units, made from the shard's units and skipped ids as each range is asked for, so that a merge
+    holds no array over all of a shard's rows; a plan that assigns single rows has its shards drawn
+    from a permutation of every id, so their ids are made once, as expected_ids does."""
+
+    def __init__(self, plan: Plan, k: int, header: ShardHeader):
+        self._all: np.ndarray | None = None
+        if plan.granularity == "row":
+            self._all = expected_ids(plan, k, header)
+            return
+        units = plan.shard_units(k)
+        self._starts = np.array([u.start for u in units], dtype=np.int64)
+        self._stops = np.array([u.stop for u in units], dtype=np.int64)
+        skipped = np.asarray(header.skipped_ids, dtype=np.int64)
+        unit = np.searchsorted(self._stops, skipped, side="right")
+        own = unit < len(units)
+        own[own] = skipped[own] >= self._starts[unit[own]]  # ids of other shards are not this one's to skip
+        self._skipped = skipped[own]
+        kept = self._stops - self._starts - np.bincount(unit[own], minlength=len(units))
+        self._first_row = np.concatenate([[0], np.cumsum(kept)])  # the shard's row of each unit's first id
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The ids of the shard's rows start..stop-1, as expected_ids(...)[start:stop]."""
+        if self._all is not None:
+            return self._all[start:stop]
+        stop = min(stop, int(self._first_row[-1]))
+        if stop <= start:
+            return np.zeros(0, dtype=np.int64)
+        first = int(np.searchsorted(self._first_row, start, side="right")) - 1
+        last = int(np.searchsorted(self._first_row, stop, side="left")) - 1
+        ids = np.concatenate([np.arange(a, b, dtype=np.int64)
+                              for a, b in zip(self._starts[first:last + 1], self._stops[first:last + 1])])
+        ids = np.setdiff1d(ids, self._skipped, assume_unique=True)
+        offset = start - int(self._first_row[first])
+        return ids[offset:offset + stop - start]
+
+
 class TensorFile:
     """A safetensors file whose header is written first and whose tensors are filled in row ranges.
 

@@ -25,6 +25,7 @@ from coopt_hub.core.manifest import MergedShard
 from coopt_hub.core.plan import Plan
 from coopt_hub.core.progress import Progress
 from coopt_hub.core.shardfile import (
+    ExpectedIds,
     RemoteFile,
     ShardHeader,
     ShardReader,
@@ -60,10 +61,10 @@ def _check_shard(status: ShardStatus, header: ShardHeader) -> None:
                                 hint=_RERUN_HINT)
 
 
-def _check_rows(status: ShardStatus, rows: ShardRows, plan_ids: np.ndarray) -> None:
+def _check_rows(status: ShardStatus, rows: ShardRows, plan_ids: ExpectedIds) -> None:
     """The range's ids are `plan_ids` (the plan's less the shard's skipped ids) for those rows; status
     checked that the header's row count is theirs."""
-    if not np.array_equal(rows.ids, plan_ids[rows.start : rows.start + rows.ids.size]):
+    if not np.array_equal(rows.ids, plan_ids.rows(rows.start, rows.start + rows.ids.size)):
         raise VerificationError(
             f"{_where(status)}: its sample ids are not the plan's ids for shard {status.shard} less those it "
             "skipped (a sample is missing, duplicated or belongs to another shard).",
@@ -488,7 +489,7 @@ def _stream_rows(
     """Every range of `shard` into `targets`. A problem found in a range is raised only after the
     reader has compared the checksums (at the end of the ranges), so that bad ids or values that
     come from damage are reported as damage."""
-    plan_ids = expected_ids(targets.plan, status.shard, status.header)
+    plan_ids = ExpectedIds(targets.plan, status.shard, status.header)
     problem: VerificationError | None = None
     with progress.bar(shard.num_rows, f"Shard {status.shard}: merging", unit="rows") as bar:
         # The next range is read, hashed and checked while this one is aligned and written. A shard
