@@ -1004,19 +1004,24 @@ class ExpectedIds:
         self._first_row = np.concatenate([[0], np.cumsum(kept)])  # the shard's row of each unit's first id
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """The ids of the shard's rows start..stop-1, as expected_ids(...)[start:stop]."""
+        """The ids of the shard's rows start..stop-1, as expected_ids(...)[start:stop]: from each unit
+        the range reaches, only the ids those rows can have (a unit's first row is its start id, and
+        each skipped id shifts the rest by one)."""
         if self._all is not None:
             return self._all[start:stop]
-        stop = min(stop, int(self._first_row[-1]))
-        if stop <= start:
-            return np.zeros(0, dtype=np.int64)
-        first = int(np.searchsorted(self._first_row, start, side="right")) - 1
-        last = int(np.searchsorted(self._first_row, stop, side="left")) - 1
-        ids = np.concatenate([np.arange(a, b, dtype=np.int64)
-                              for a, b in zip(self._starts[first:last + 1], self._stops[first:last + 1])])
-        ids = np.setdiff1d(ids, self._skipped, assume_unique=True)
-        offset = start - int(self._first_row[first])
-        return ids[offset:offset + stop - start]
+        parts = []
+        first = max(int(np.searchsorted(self._first_row, start, side="right")) - 1, 0)
+        for u in range(first, self._starts.size):
+            low, high = start - int(self._first_row[u]), stop - int(self._first_row[u])  # rows within the unit
+            if high <= 0:
+                break
+            unit_start, unit_stop = int(self._starts[u]), int(self._stops[u])
+            skipped = self._skipped[np.searchsorted(self._skipped, unit_start):np.searchsorted(self._skipped, unit_stop)]
+            window = np.arange(unit_start + max(low, 0), min(unit_stop, unit_start + high + skipped.size), dtype=np.int64)
+            kept = np.setdiff1d(window, skipped, assume_unique=True)
+            row = kept - unit_start - np.searchsorted(skipped, kept)
+            parts.append(kept[(row >= low) & (row < high)])
+        return np.concatenate([np.zeros(0, dtype=np.int64), *parts])
 
 
 class TensorFile:
