@@ -980,15 +980,17 @@ def expected_ids(plan: Plan, k: int, header: ShardHeader) -> np.ndarray:
     return np.setdiff1d(plan.shard_ids(k), np.asarray(header.skipped_ids, dtype=np.int64), assume_unique=True)
 
 
-
 class ExpectedIds:
     """expected_ids(plan, k, header) a range of the shard's rows at a time. For a plan by storage
     units, made from the shard's units and skipped ids as each range is asked for, so that a merge
     holds no array over all of a shard's rows; a plan that assigns single rows has its shards drawn
-    from a permutation of every id, so their ids are made once, as expected_ids does."""
+    from a permutation of every id, so their ids are made once, as expected_ids does.
+
+    `skipped`: the header's skipped ids that are this shard's, sorted (None for a plan by rows)."""
 
     def __init__(self, plan: Plan, k: int, header: ShardHeader):
         self._all: np.ndarray | None = None
+        self.skipped: np.ndarray | None = None
         if plan.granularity == "row":
             self._all = expected_ids(plan, k, header)
             return
@@ -999,7 +1001,7 @@ class ExpectedIds:
         unit = np.searchsorted(self._stops, skipped, side="right")
         own = unit < len(units)
         own[own] = skipped[own] >= self._starts[unit[own]]  # ids of other shards are not this one's to skip
-        self._skipped = skipped[own]
+        self.skipped = skipped[own]
         kept = self._stops - self._starts - np.bincount(unit[own], minlength=len(units))
         self._first_row = np.concatenate([[0], np.cumsum(kept)])  # the shard's row of each unit's first id
 
@@ -1016,7 +1018,7 @@ class ExpectedIds:
             if high <= 0:
                 break
             unit_start, unit_stop = int(self._starts[u]), int(self._stops[u])
-            skipped = self._skipped[np.searchsorted(self._skipped, unit_start):np.searchsorted(self._skipped, unit_stop)]
+            skipped = self.skipped[np.searchsorted(self.skipped, unit_start):np.searchsorted(self.skipped, unit_stop)]
             window = np.arange(unit_start + max(low, 0), min(unit_stop, unit_start + high + skipped.size), dtype=np.int64)
             kept = np.setdiff1d(window, skipped, assume_unique=True)
             row = kept - unit_start - np.searchsorted(skipped, kept)

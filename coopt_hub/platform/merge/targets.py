@@ -88,7 +88,6 @@ class IdLayout:
     def __init__(self, plan: Plan, shards: list[ShardStatus]):
         self.plan = plan
         merged = {status.shard: status for status in shards}
-        self._stops = np.array([unit.stop for unit in plan.units], dtype=np.int64)
         self._per_row: np.ndarray | None = None
         if plan.granularity == "row":
             self._per_row = np.full(plan.num_rows, -1, dtype=np.min_scalar_type(-plan.num_shards))
@@ -97,13 +96,10 @@ class IdLayout:
             singles = [np.flatnonzero(self._per_row < 0)]
             absent_units = np.zeros(0, dtype=bool)
         else:
+            self._stops = np.array([unit.stop for unit in plan.units], dtype=np.int64)
             self._unit_shards = np.array([k if k in merged else -1 for k in plan.unit_shards], dtype=np.int32)
             absent_units = self._unit_shards < 0
-            singles = []
-            for k, status in sorted(merged.items()):
-                skipped = np.asarray(status.header.skipped_ids, dtype=np.int64)
-                skipped = skipped[(skipped >= 0) & (skipped < plan.num_rows)]
-                singles.append(skipped[self._unit_shards[self._unit_of(skipped)] == k])
+            singles = [ExpectedIds(plan, k, status.header).skipped for k, status in merged.items()]
         # Absent ids: whole units (runs, in id order) and single ids (sorted; never inside those runs).
         self._run_starts = np.array([u.start for u, gone in zip(plan.units, absent_units) if gone], dtype=np.int64)
         run_rows = np.array([u.num_rows for u, gone in zip(plan.units, absent_units) if gone], dtype=np.int64)
@@ -111,14 +107,11 @@ class IdLayout:
         self._singles = np.sort(np.concatenate([np.zeros(0, np.int64), *singles]))
         self.num_rows = plan.num_rows - int(run_rows.sum()) - int(self._singles.size)
 
-    def _unit_of(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self._stops, ids, side="right")
-
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
         """The shard of each of `ids` (valid sample ids), -1 for an id no merged shard holds."""
         if self._per_row is not None:
             return self._per_row[ids].astype(np.int32)
-        shard = self._unit_shards[self._unit_of(ids)]
+        shard = self._unit_shards[np.searchsorted(self._stops, ids, side="right")]
         if self._singles.size:
             at = np.minimum(np.searchsorted(self._singles, ids), self._singles.size - 1)
             shard[self._singles[at] == ids] = -1
